@@ -1,0 +1,1 @@
+"""Benchmarks: each ``bench_*.py`` module measures ratios side by side in one run (``make bench``)."""

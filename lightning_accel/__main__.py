@@ -1,0 +1,5 @@
+"""``python -m lightning_accel``: the same as the ``lightning-accel`` command."""
+
+from lightning_accel.cli import main
+
+main()

@@ -1,0 +1,108 @@
+"""Tiny models, data and callbacks shared by the tests (importable, so that ddp_spawn workers can unpickle them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyNet(nn.Module):
+    """A conv, a batch norm and two linear layers: every module kind the callbacks select, in a few KB."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc1 = nn.Linear(channels * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class TinyModule(LightningModule):
+    """TinyNet trained with SGD (momentum) or Adam on random 8x8 images."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class RandomImages(LightningDataModule):
+    """Seeded random 1x8x8 images with 4 classes, in a fixed order (no shuffling) for reproducible runs."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 8, 8, generator=generator)
+        self.y = torch.randint(0, 4, (n,), generator=generator)
+        self.batch_size = batch_size
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+class SaveRankState(Callback):
+    """Writes each rank's parameters and buffers to ``<directory>/rank<N>.pt`` when training ends."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = {name: tensor.detach().cpu().clone() for name, tensor in pl_module.state_dict().items()}
+        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def fast_trainer_kwargs(**overrides) -> dict:
+    """Trainer flags that keep a test quick and quiet."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs

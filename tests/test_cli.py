@@ -1,0 +1,64 @@
+"""The lightning-accel command: every example YAML parses, and the demo config trains to its accuracy."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_accel import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_CONFIGS = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI warns when pytest's own argv sits beside ``args``; give it the command's argv instead."""
+    monkeypatch.setattr(sys, "argv", ["lightning-accel"])
+
+
+def test_example_configs_exist():
+    names = {path.name for path in EXAMPLE_CONFIGS}
+    assert {"baseline.yaml", "accelerate.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", EXAMPLE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_yaml_parses(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(["--config", str(config)], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_python_dash_m_shows_subcommands():
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_accel", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout
+
+
+def test_bad_config_value_is_a_readable_error(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--trainer.max_epochs=many"])
+    assert exit_info.value.code != 0
+    assert "max_epochs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_config_trains_to_095_and_reports_logs(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            "examples/digits/accelerate.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    test_accuracy = cli.trainer.callback_metrics["test/acc"].item()
+    assert test_accuracy >= 0.95
+    assert any((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
