@@ -1,7 +1,25 @@
 """lightning_accel: Lightning callbacks that make training faster and models smaller and faster."""
 
 from lightning_accel.cli import AccelCLI, build_cli
+from lightning_accel.pruning import (
+    MagnitudePruning,
+    apply_masks_,
+    compute_masks,
+    mask_sparsity,
+    sparsity_at,
+    tensor_sparsity,
+)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["AccelCLI", "__version__", "build_cli"]
+__all__ = [
+    "AccelCLI",
+    "MagnitudePruning",
+    "__version__",
+    "apply_masks_",
+    "build_cli",
+    "compute_masks",
+    "mask_sparsity",
+    "sparsity_at",
+    "tensor_sparsity",
+]

@@ -81,14 +81,44 @@ class RandomImages(LightningDataModule):
 
 
 class SaveRankState(Callback):
-    """Writes each rank's parameters and buffers to ``<directory>/rank<N>.pt`` when training ends."""
+    """Writes each rank's parameters, buffers and callback states to ``<directory>/rank<N>.pt`` at train end.
+
+    Keys are ``model/<name>`` for the model's state dict and ``callback/<state_key>/...`` for every other
+    callback's (flattened) state, so that a test can compare ranks tensor by tensor.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state = {name: tensor.detach().cpu().clone() for name, tensor in pl_module.state_dict().items()}
+        state = {f"model/{name}": t.detach().cpu().clone() for name, t in pl_module.state_dict().items()}
+        for callback in trainer.callbacks:
+            if callback is not self:
+                state.update(flatten(callback.state_dict(), f"callback/{callback.state_key}"))
         torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def flatten(state, prefix: str) -> dict:
+    """Flatten nested dicts into ``prefix/key/...`` entries (tensors and plain values)."""
+    if isinstance(state, dict):
+        flat = {}
+        for key, value in state.items():
+            flat.update(flatten(value, f"{prefix}/{key}"))
+        return flat
+    return {prefix: state}
+
+
+def assert_states_equal(a: dict, b: dict, atol: float = 0.0) -> None:
+    """Assert two flattened states have the same keys and equal values (exactly, or within ``atol``)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            if atol and a[key].is_floating_point():
+                torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+            else:
+                assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
 
 
 def fast_trainer_kwargs(**overrides) -> dict:

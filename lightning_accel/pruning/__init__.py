@@ -1,0 +1,28 @@
+"""Magnitude pruning on a schedule: pure schedules and masks, and the MagnitudePruning callback."""
+
+from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
+from lightning_accel.pruning.masks import (
+    apply_masks_,
+    channel_mask,
+    compute_masks,
+    mask_sparsity,
+    n_m_mask,
+    parse_pattern,
+    tensor_sparsity,
+    unstructured_masks,
+)
+from lightning_accel.pruning.schedule import sparsity_at
+
+__all__ = [
+    "DEFAULT_END_FRACTION",
+    "MagnitudePruning",
+    "apply_masks_",
+    "channel_mask",
+    "compute_masks",
+    "mask_sparsity",
+    "n_m_mask",
+    "parse_pattern",
+    "sparsity_at",
+    "tensor_sparsity",
+    "unstructured_masks",
+]

@@ -1,0 +1,300 @@
+"""The MagnitudePruning callback: decides *when* to recompute and apply masks; the math lives in masks.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_accel._distributed import decide_on_rank_zero
+from lightning_accel._modules import describe_selection, select_weights, validate_patterns
+from lightning_accel.pruning.masks import (
+    SCOPES,
+    apply_masks_,
+    compute_masks,
+    parse_pattern,
+    tensor_sparsity,
+)
+from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
+
+#: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
+#: the rest for fine-tuning at the final sparsity.
+DEFAULT_END_FRACTION = 0.75
+
+_STATE_VERSION = 1
+
+
+class MagnitudePruning(Callback):
+    """Prune the smallest-magnitude weights on a schedule until an exact fraction of them is zero.
+
+    The sparsity at each step is absolute (never compounding), masks are recomputed every ``every_n_steps``
+    optimizer steps, and pruned weights are zeroed after every optimizer step, so they are exactly zero whatever the
+    optimizer state. Parameters keep their names: checkpoints load into the plain model. The masks and schedule
+    position are saved in checkpoints, so a resumed run continues the same schedule. Under DDP, rank 0 computes the
+    masks and broadcasts them.
+
+    Args:
+        target_sparsity: Final fraction of zeros among the selected weights, in [0, 1). For an ``"N:M"`` pattern it
+            must equal ``1 - N/M`` (0.5 for ``"2:4"``).
+        schedule: ``"cubic"`` (Zhu & Gupta 2017: fast early, slow near the target), ``"linear"`` or ``"one_shot"``
+            (the target at ``start_step`` at once).
+        initial_sparsity: Sparsity at ``start_step`` for the gradual schedules.
+        start_step: Optimizer step at which pruning starts.
+        end_step: Optimizer step at which the target is reached. ``None`` means 75% of the fit's
+            ``trainer.estimated_stepping_batches``, which leaves the last quarter for fine-tuning.
+        every_n_steps: Recompute the masks every this many optimizer steps between ``start_step`` and ``end_step``.
+        pattern: ``"unstructured"`` (single elements), ``"channels"`` (whole output channels/rows by L2 norm), or
+            ``"N:M"`` such as ``"2:4"`` (N nonzeros in every M consecutive input weights, the layout sparse tensor
+            cores accelerate).
+        scope: For unstructured pruning, ``"global"`` ranks all selected weights together, ``"layer"`` prunes the
+            same fraction of each. Structured patterns always work per layer.
+        include: Glob patterns over parameter names to prune. ``None`` selects the weight of every ``nn.Linear`` and
+            ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
+        exclude: Glob patterns over parameter names to leave dense (e.g. ``["*classifier*"]``).
+        log_per_layer: Also log ``sparsity/layer/<name>`` for each selected parameter.
+
+    Example:
+        >>> from lightning import Trainer
+        >>> trainer = Trainer(callbacks=[MagnitudePruning(target_sparsity=0.9)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float,
+        schedule: Literal["one_shot", "linear", "cubic"] = "cubic",
+        initial_sparsity: float = 0.0,
+        start_step: int = 0,
+        end_step: int | None = None,
+        every_n_steps: int = 10,
+        pattern: str = "unstructured",
+        scope: Literal["global", "layer"] = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        log_per_layer: bool = False,
+    ) -> None:
+        validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step)
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
+        self.pattern = parse_pattern(pattern)
+        if self.pattern.kind == "N:M" and not math.isclose(target_sparsity, self.pattern.sparsity, abs_tol=1e-6):
+            raise ValueError(
+                f"`target_sparsity` must equal 1 - N/M = {self.pattern.sparsity} for pattern {pattern!r}, "
+                f"got {target_sparsity!r}"
+            )
+        self.target_sparsity = float(target_sparsity)
+        self.schedule = schedule
+        self.initial_sparsity = float(initial_sparsity)
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every_n_steps = every_n_steps
+        self.scope = scope
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
+        self.log_per_layer = log_per_layer
+
+        self._params: dict[str, nn.Parameter] = {}
+        self._masks: dict[str, Tensor] | None = None  # keep-masks (True = kept), on the parameters' devices
+        self._pruned: dict[str, Tensor] = {}  # ~masks, cached for the per-step zeroing
+        self._mask_sparsity = 0.0  # the sparsity the current masks were computed for
+        self._last_step = -1
+        self._resolved_end_step: int | None = end_step
+        self._hook_handles: list[Any] = []
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints; instances pruning different parameters can coexist."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    # --- the schedule -------------------------------------------------------------------------------------------
+
+    def sparsity_at(self, step: int) -> float:
+        """Return the sparsity this callback's schedule asks for at optimizer step ``step``."""
+        end_step = self._resolved_end_step if self._resolved_end_step is not None else self.start_step + 1
+        return sparsity_at(step, self.target_sparsity, self.schedule, self.initial_sparsity, self.start_step, end_step)
+
+    def _resolve_end_step(self, trainer: Trainer) -> int:
+        if self.end_step is not None:
+            return self.end_step
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "`end_step` must be set when the number of training steps is unknown (max_steps=-1 with an "
+                f"unbounded max_epochs or an iterable dataset), got end_step={self.end_step!r}"
+            )
+        return max(self.start_step + 1, int(DEFAULT_END_FRACTION * total))
+
+    def _is_due(self, step: int, target: float) -> bool:
+        if target == self._mask_sparsity:
+            return False
+        on_grid = (step - self.start_step) % self.every_n_steps == 0
+        return on_grid or step >= self._resolved_end_step or self.schedule == "one_shot"
+
+    # --- Lightning hooks ----------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Select the parameters to prune and check that the pattern fits them."""
+        self._params = select_weights(pl_module, self.include, self.exclude)
+        if not self._params:
+            raise ValueError(
+                f"MagnitudePruning selected no parameter of {type(pl_module).__name__} with "
+                f"{describe_selection(self.include, self.exclude)}"
+            )
+        if self.pattern.kind == "N:M":
+            misfits = [
+                f"{name} {tuple(p.shape)}"
+                for name, p in self._params.items()
+                if p.dim() < 2 or p[0].numel() % self.pattern.m
+            ]
+            if misfits:
+                raise ValueError(
+                    f"`pattern` '{self.pattern.n}:{self.pattern.m}' needs rows (all but the first dimension) with a "
+                    f"multiple of {self.pattern.m} elements; these selected parameters have other shapes: "
+                    f"{', '.join(misfits)}. Leave them dense with `exclude`."
+                )
+        if self._masks is not None:
+            self._check_masks_fit(self._masks)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve the schedule, re-apply restored masks, and zero pruned weights after every optimizer step."""
+        self._resolved_end_step = self._resolve_end_step(trainer)
+        if self._masks is None:
+            self._set_masks({name: torch.ones_like(p, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
+        else:
+            self._set_masks(self._masks, self._mask_sparsity)
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        rank_zero_info(
+            f"MagnitudePruning: {len(self._params)} parameters, {self.schedule} schedule to "
+            f"{self.target_sparsity:.2%} {self.pattern.kind} sparsity between steps {self.start_step} and "
+            f"{self._resolved_end_step}"
+        )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Recompute the masks when the schedule is due (rank 0 decides, every rank applies)."""
+        step = trainer.global_step
+        if step == self._last_step:  # later micro-batches of one accumulated step
+            return
+        self._last_step = step
+        target = self.sparsity_at(step)
+        if not self._is_due(step, target):
+            return
+        masks = None
+        if trainer.is_global_zero:
+            masks = compute_masks(self._params, target, self.pattern_string, self.scope, previous=self._masks)
+            masks = {name: mask.cpu() for name, mask in masks.items()}
+        self._set_masks(decide_on_rank_zero(trainer, masks), target)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero the gradients of pruned weights, so that optimizer state does not build up for them."""
+        for name, pruned in self._pruned.items():
+            grad = self._params[name].grad
+            if grad is not None:
+                grad.masked_fill_(pruned, 0)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Log the scheduled and the measured sparsity."""
+        for name, value in self._metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop zeroing, and say so if training ended before the target was reached."""
+        self._remove_hooks()
+        reached = self._metrics.get("sparsity/actual", 0.0)
+        if self._mask_sparsity < self.target_sparsity:
+            rank_zero_warn(
+                f"MagnitudePruning: training ended at step {trainer.global_step}, before the schedule reached its "
+                f"target at step {self._resolved_end_step}; sparsity is {reached:.2%}, target "
+                f"{self.target_sparsity:.2%}. Lower `end_step` or train longer."
+            )
+        else:
+            rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {self.target_sparsity:.2%})")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Remove the optimizer hooks so that a later fit starts clean."""
+        self._remove_hooks()
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (bool tensors on CPU), the sparsity they were computed for, and the schedule position."""
+        return {
+            "version": _STATE_VERSION,
+            "pattern": self.pattern_string,
+            "masks": {name: mask.cpu() for name, mask in (self._masks or {}).items()},
+            "mask_sparsity": self._mask_sparsity,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the masks and schedule position; refuse masks from another pattern or model."""
+        pattern = state_dict.get("pattern", self.pattern_string)
+        if pattern != self.pattern_string:
+            raise ValueError(
+                f"The checkpoint's MagnitudePruning state was made with pattern {pattern!r}, but this callback uses "
+                f"pattern {self.pattern_string!r}. Resume with the same pattern, or start a new run."
+            )
+        masks = state_dict.get("masks") or None
+        if masks is not None and self._params:
+            self._check_masks_fit(masks)
+        self._masks = masks
+        self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
+        self._last_step = int(state_dict.get("last_step", -1))
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+
+    @property
+    def pattern_string(self) -> str:
+        """The pattern as given: ``"unstructured"``, ``"channels"`` or ``"N:M"``."""
+        return f"{self.pattern.n}:{self.pattern.m}" if self.pattern.kind == "N:M" else self.pattern.kind
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current keep-masks by parameter name (``True`` keeps the element); empty before training."""
+        return dict(self._masks or {})
+
+    def _check_masks_fit(self, masks: dict[str, Tensor]) -> None:
+        if set(masks) != set(self._params):
+            raise ValueError(
+                "The checkpoint's MagnitudePruning masks belong to other parameters: the checkpoint has "
+                f"{sorted(masks)}, this model selects {sorted(self._params)}."
+            )
+        wrong = [
+            f"{name}: checkpoint {tuple(masks[name].shape)} vs model {tuple(p.shape)}"
+            for name, p in self._params.items()
+            if masks[name].shape != p.shape
+        ]
+        if wrong:
+            raise ValueError(f"The checkpoint's MagnitudePruning masks do not fit this model's shapes: {wrong}")
+
+    def _set_masks(self, masks: dict[str, Tensor], sparsity: float) -> None:
+        self._masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self._params.items()}
+        self._pruned = {name: ~mask for name, mask in self._masks.items()}
+        self._mask_sparsity = sparsity
+        apply_masks_(self._params, self._masks)
+        self._metrics = {"sparsity/target": sparsity, "sparsity/actual": tensor_sparsity(self._params)}
+        if self.log_per_layer:
+            for name, p in self._params.items():
+                self._metrics[f"sparsity/layer/{name}"] = tensor_sparsity({name: p})
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Sequence[Any], kwargs: Any) -> None:
+        with torch.no_grad():
+            for name, pruned in self._pruned.items():
+                self._params[name].masked_fill_(pruned, 0)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()

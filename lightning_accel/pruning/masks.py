@@ -1,0 +1,201 @@
+"""Magnitude masks for each pruning pattern, and applying them in place. Pure tensor code, no Lightning.
+
+A mask is a bool tensor shaped like its weight: ``True`` keeps the element, ``False`` prunes it. Every
+function accepts the previous masks, so that pruned weights stay pruned as the sparsity grows, and each keeps
+exactly ``round(sparsity * n)`` zeros of the ``n`` elements it governs (ties broken by position, deterministically).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Scope = Literal["global", "layer"]
+SCOPES: tuple[str, ...] = ("global", "layer")
+
+# Score that ranks an already pruned element below every real magnitude (magnitudes are >= 0).
+_PRUNED_SCORE = -1.0
+
+
+class Pattern(NamedTuple):
+    """A parsed pruning pattern: ``kind`` is "unstructured", "channels" or "N:M" (with ``n`` and ``m``)."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @property
+    def sparsity(self) -> float | None:
+        """The sparsity an N:M pattern implies, ``1 - N/M``; ``None`` for the other patterns."""
+        return (self.m - self.n) / self.m if self.kind == "N:M" else None
+
+
+def parse_pattern(pattern: str) -> Pattern:
+    """Parse ``"unstructured"``, ``"channels"`` or ``"N:M"`` (e.g. ``"2:4"``, with 0 < N < M).
+
+    Raises:
+        ValueError: naming ``pattern``, the allowed forms and the given value.
+    """
+    if pattern in ("unstructured", "channels"):
+        return Pattern(pattern)
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(
+            f"`pattern` must be 'unstructured', 'channels' or 'N:M' with integers 0 < N < M (e.g. '2:4'), "
+            f"got {pattern!r}"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"`pattern` 'N:M' needs 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    return Pattern("N:M", n, m)
+
+
+def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
+    """Absolute magnitudes in float32, with previously pruned elements ranked lowest."""
+    score = weight.detach().abs().float()
+    if previous is not None:
+        score = score.masked_fill(~previous, _PRUNED_SCORE)
+    return score
+
+
+def _keep_all_but_smallest(scores: Tensor, k: int) -> Tensor:
+    """Bool mask over a 1-D ``scores`` that drops exactly the ``k`` smallest entries."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(scores, k, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def unstructured_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: Scope = "global",
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Prune the smallest-magnitude elements: one threshold over all weights, or the same fraction in each.
+
+    Args:
+        weights: Tensors by name.
+        sparsity: Fraction of zeros to reach, in [0, 1).
+        scope: ``"global"`` ranks all elements together; ``"layer"`` prunes ``sparsity`` of each tensor.
+        previous: Earlier masks by name; elements they pruned stay pruned.
+
+    Returns:
+        Bool keep-masks by name.
+    """
+    previous = previous or {}
+    scores = {name: _scores(w, previous.get(name)).flatten() for name, w in weights.items()}
+    if scope == "layer":
+        return {
+            name: _keep_all_but_smallest(s, round(sparsity * s.numel())).view_as(weights[name])
+            for name, s in scores.items()
+        }
+    if scope != "global":
+        raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
+    if not scores:
+        return {}
+    flat = torch.cat([s.to(next(iter(scores.values())).device) for s in scores.values()])
+    keep = _keep_all_but_smallest(flat, round(sparsity * flat.numel()))
+    sizes = [s.numel() for s in scores.values()]
+    return {
+        name: part.view_as(weights[name]).to(weights[name].device)
+        for name, part in zip(scores, keep.split(sizes), strict=True)
+    }
+
+
+def channel_mask(weight: Tensor, sparsity: float, previous: Tensor | None = None) -> Tensor:
+    """Prune whole output channels (rows of a linear weight) with the smallest L2 norm.
+
+    Exactly ``round(sparsity * out_channels)`` channels are zeroed.
+    """
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    norms = rows.norm(dim=1)
+    if previous is not None:
+        norms = norms.masked_fill(~previous.reshape(weight.shape[0], -1).any(dim=1), _PRUNED_SCORE)
+    keep_rows = _keep_all_but_smallest(norms, round(sparsity * weight.shape[0]))
+    return keep_rows.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+
+def n_m_mask(weight: Tensor, n: int, m: int, sparsity: float, previous: Tensor | None = None) -> Tensor:
+    """Keep ``n`` of every ``m`` consecutive input weights (per output row), reached gradually.
+
+    The candidates are the ``m - n`` smallest magnitudes of each group. At ``sparsity == 1 - n/m`` all of them
+    are pruned, which is the N:M layout sparse tensor cores run. Below it, only the ``round(sparsity * numel)``
+    smallest candidates are pruned, so a schedule can approach the pattern gradually.
+
+    Raises:
+        ValueError: when a row's length (the product of all but the first dimension) is not a multiple of ``m``.
+    """
+    row_length = weight[0].numel() if weight.dim() > 1 else weight.numel()
+    if weight.dim() < 2 or row_length % m:
+        raise ValueError(
+            f"pattern '{n}:{m}' needs weights whose rows (all but the first dimension) have a multiple of {m} "
+            f"elements, got shape {tuple(weight.shape)}; exclude this parameter with `exclude`"
+        )
+    groups = _scores(weight, previous).reshape(-1, m)
+    rank_in_group = groups.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    candidate = rank_in_group < (m - n)
+    limit = min(round(sparsity * weight.numel()), int(candidate.sum()))
+    candidate_scores = groups.masked_fill(~candidate, math.inf).flatten()
+    return _keep_all_but_smallest(candidate_scores, limit).view_as(weight)
+
+
+def compute_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    pattern: str = "unstructured",
+    scope: Scope = "global",
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Compute magnitude keep-masks for ``weights`` at ``sparsity`` with the given pattern.
+
+    Args:
+        weights: Tensors by name.
+        sparsity: Fraction of zeros to reach, in [0, 1). For ``"N:M"`` it is at most ``1 - N/M``.
+        pattern: ``"unstructured"``, ``"channels"`` or ``"N:M"`` such as ``"2:4"``.
+        scope: ``"global"`` or ``"layer"``; only unstructured pruning has a global threshold, the structured
+            patterns always work per tensor.
+        previous: Earlier masks by name; what they pruned stays pruned.
+
+    Returns:
+        Bool keep-masks by name, shaped like the weights.
+
+    Example:
+        >>> w = {"fc.weight": torch.tensor([[0.1, -2.0], [0.5, 0.0]])}
+        >>> compute_masks(w, 0.5)["fc.weight"]
+        tensor([[False,  True],
+                [ True, False]])
+    """
+    parsed = parse_pattern(pattern)
+    previous = previous or {}
+    if parsed.kind == "unstructured":
+        return unstructured_masks(weights, sparsity, scope, previous)
+    if parsed.kind == "channels":
+        return {name: channel_mask(w, sparsity, previous.get(name)) for name, w in weights.items()}
+    return {name: n_m_mask(w, parsed.n, parsed.m, sparsity, previous.get(name)) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero, in place, every element of ``params`` that its mask prunes. Parameters keep their identity."""
+    for name, mask in masks.items():
+        params[name].masked_fill_(~mask, 0)
+
+
+def mask_sparsity(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of pruned elements over all masks together."""
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    return pruned / total if total else 0.0
+
+
+def tensor_sparsity(tensors: Mapping[str, Tensor]) -> float:
+    """Fraction of exact zeros over all tensors together (what the weights really hold)."""
+    total = sum(t.numel() for t in tensors.values())
+    zeros = sum(int((t == 0).sum()) for t in tensors.values())
+    return zeros / total if total else 0.0
