@@ -62,3 +62,24 @@ def test_demo_config_trains_to_095_and_reports_logs(tmp_path, monkeypatch, caplo
     test_accuracy = cli.trainer.callback_metrics["test/acc"].item()
     assert test_accuracy >= 0.95
     assert any((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_pruning_config_reaches_90_percent_within_2_points_of_the_dense_baseline(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    accuracy = {}
+    for name in ("baseline", "pruning"):
+        cli = build_cli(
+            [
+                "fit",
+                "--config",
+                f"examples/digits/{name}.yaml",
+                f"--trainer.default_root_dir={tmp_path / name}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+        accuracy[name] = cli.trainer.callback_metrics["test/acc"].item()
+    weights = [p for n, p in cli.model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    zeros = sum(int((p == 0).sum()) for p in weights)
+    assert zeros / sum(p.numel() for p in weights) == pytest.approx(0.9, abs=1e-4)
+    assert accuracy["pruning"] >= accuracy["baseline"] - 0.02

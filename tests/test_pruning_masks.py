@@ -69,7 +69,8 @@ def test_n_m_keeps_n_of_every_m_consecutive_inputs(weights):
     assert torch.equal(groups.sum(dim=1), torch.full((groups.shape[0],), 2))
     # Within each group the kept pair holds the two largest magnitudes.
     magnitudes = weights["fc.weight"].abs().reshape(-1, 4)
-    assert (magnitudes[groups].reshape(-1, 2).min(dim=1).values >= magnitudes[~groups].reshape(-1, 2).max(dim=1).values).all()
+    smallest_kept = magnitudes[groups].reshape(-1, 2).min(dim=1).values
+    assert (smallest_kept >= magnitudes[~groups].reshape(-1, 2).max(dim=1).values).all()
 
 
 def test_n_m_is_reached_gradually(weights):

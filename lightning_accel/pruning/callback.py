@@ -33,10 +33,11 @@ class MagnitudePruning(Callback):
     """Prune the smallest-magnitude weights on a schedule until an exact fraction of them is zero.
 
     The sparsity at each step is absolute (never compounding), masks are recomputed every ``every_n_steps``
-    optimizer steps, and pruned weights are zeroed after every optimizer step, so they are exactly zero whatever the
-    optimizer state. Parameters keep their names: checkpoints load into the plain model. The masks and schedule
-    position are saved in checkpoints, so a resumed run continues the same schedule. Under DDP, rank 0 computes the
-    masks and broadcasts them.
+    optimizer steps, and pruned weights are zeroed after every optimizer step (a post-step hook on each optimizer),
+    so they are exactly zero whatever momentum or Adam state would do, and untouched by steps the GradScaler skips.
+    Parameters keep their names: checkpoints load into the plain model. The masks and schedule position are saved
+    in checkpoints, so a resumed run continues the same schedule. Under DDP, rank 0 computes the masks and
+    broadcasts them.
 
     Args:
         target_sparsity: Final fraction of zeros among the selected weights, in [0, 1). For an ``"N:M"`` pattern it
@@ -101,7 +102,9 @@ class MagnitudePruning(Callback):
 
         self._params: dict[str, nn.Parameter] = {}
         self._masks: dict[str, Tensor] | None = None  # keep-masks (True = kept), on the parameters' devices
-        self._pruned: dict[str, Tensor] = {}  # ~masks, cached for the per-step zeroing
+        # The masks as 0/1 in each parameter's dtype: multiplying by them is ~10x faster than masked_fill_ on CPU,
+        # which matters because it runs after every optimizer step.
+        self._multipliers: dict[str, Tensor] = {}
         self._mask_sparsity = 0.0  # the sparsity the current masks were computed for
         self._last_step = -1
         self._resolved_end_step: int | None = end_step
@@ -193,19 +196,13 @@ class MagnitudePruning(Callback):
             masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
 
-    def on_before_optimizer_step(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Zero the gradients of pruned weights, so that optimizer state does not build up for them."""
-        for name, pruned in self._pruned.items():
-            grad = self._params[name].grad
-            if grad is not None:
-                grad.masked_fill_(pruned, 0)
-
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the scheduled and the measured sparsity."""
+        """Log the scheduled and the measured sparsity on the steps the trainer writes logs."""
+        # ``self.log`` costs far more than the masking itself, so skip the steps whose values would be dropped.
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
         for name, value in self._metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
 
@@ -281,7 +278,7 @@ class MagnitudePruning(Callback):
 
     def _set_masks(self, masks: dict[str, Tensor], sparsity: float) -> None:
         self._masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self._params.items()}
-        self._pruned = {name: ~mask for name, mask in self._masks.items()}
+        self._multipliers = {name: mask.to(self._params[name].dtype) for name, mask in self._masks.items()}
         self._mask_sparsity = sparsity
         apply_masks_(self._params, self._masks)
         self._metrics = {"sparsity/target": sparsity, "sparsity/actual": tensor_sparsity(self._params)}
@@ -291,8 +288,8 @@ class MagnitudePruning(Callback):
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Sequence[Any], kwargs: Any) -> None:
         with torch.no_grad():
-            for name, pruned in self._pruned.items():
-                self._params[name].masked_fill_(pruned, 0)
+            for name, multiplier in self._multipliers.items():
+                self._params[name].mul_(multiplier)
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:

@@ -65,9 +65,16 @@ def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
 
 def _keep_all_but_smallest(scores: Tensor, k: int) -> Tensor:
     """Bool mask over a 1-D ``scores`` that drops exactly the ``k`` smallest entries."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
+    n = scores.numel()
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # topk cost grows with k: select whichever side of the split is smaller.
+    if k <= n // 2:
+        keep = torch.ones_like(scores, dtype=torch.bool)
         keep[torch.topk(scores, k, largest=False, sorted=False).indices] = False
+    else:
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[torch.topk(scores, n - k, largest=True, sorted=False).indices] = True
     return keep
 
 

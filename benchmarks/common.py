@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: timing fits side by side on the digits example."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from lightning import Callback, Trainer, seed_everything
+
+from examples.digits import DigitsClassifier, DigitsDataModule
+
+
+class TrainTimer(Callback):
+    """Wall time from the first to the last training batch (setup and validation excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self._start
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    """A Trainer without logger, checkpoints, progress bar or validation, for timing."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return Trainer(**(defaults | kwargs))
+
+
+def seconds_per_step(make_callbacks, steps: int) -> float:
+    """Train the digits CNN for ``steps`` optimizer steps and return the seconds per step."""
+    seed_everything(0, verbose=False)
+    timer = TrainTimer()
+    trainer = quiet_trainer(max_steps=steps, callbacks=[*make_callbacks(), timer])
+    trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule())
+    return timer.seconds / steps
+
+
+def interleaved_ratio(make_candidate, make_reference, steps: int, repeats: int) -> tuple[float, float, float]:
+    """Time candidate and reference alternately ``repeats`` times; return (candidate s/step, reference s/step, ratio).
+
+    Alternating the two and taking medians keeps drift in machine load from favouring either side.
+    """
+    seconds_per_step(make_reference, steps // 4)  # warm-up: first-call allocations, thread pools
+    candidate, reference = [], []
+    for _ in range(repeats):
+        reference.append(seconds_per_step(make_reference, steps))
+        candidate.append(seconds_per_step(make_candidate, steps))
+    c, r = statistics.median(candidate), statistics.median(reference)
+    return c, r, c / r
