@@ -39,24 +39,36 @@ def quiet_trainer(**kwargs) -> Trainer:
     return Trainer(**(defaults | kwargs))
 
 
-def seconds_per_step(make_callbacks, steps: int) -> float:
-    """Train the digits CNN for ``steps`` optimizer steps and return the seconds per step."""
+def digits_task():
+    """The digits CNN and its data module: the default workload."""
+    return DigitsClassifier(), DigitsDataModule()
+
+
+def seconds_per_step(make_callbacks, steps: int, make_task=digits_task, **trainer_kwargs) -> float:
+    """Train ``make_task()``'s model for ``steps`` optimizer steps and return the seconds per step."""
     seed_everything(0, verbose=False)
     timer = TrainTimer()
-    trainer = quiet_trainer(max_steps=steps, callbacks=[*make_callbacks(), timer])
-    trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule())
+    trainer = quiet_trainer(max_steps=steps, callbacks=[*make_callbacks(), timer], **trainer_kwargs)
+    model, data = make_task()
+    trainer.fit(model, datamodule=data)
     return timer.seconds / steps
 
 
-def interleaved_ratio(make_candidate, make_reference, steps: int, repeats: int) -> tuple[float, float, float]:
+def interleaved_ratio(
+    make_candidate, make_reference, steps: int, repeats: int, make_task=digits_task, **trainer_kwargs
+) -> tuple[float, float, float]:
     """Time candidate and reference alternately ``repeats`` times; return (candidate s/step, reference s/step, ratio).
 
     Alternating the two and taking medians keeps drift in machine load from favouring either side.
     """
-    seconds_per_step(make_reference, steps // 4)  # warm-up: first-call allocations, thread pools
+
+    def time_one(make_callbacks, n):
+        return seconds_per_step(make_callbacks, n, make_task, **trainer_kwargs)
+
+    time_one(make_reference, max(1, steps // 4))  # warm-up: first-call allocations, thread pools, kernels
     candidate, reference = [], []
     for _ in range(repeats):
-        reference.append(seconds_per_step(make_reference, steps))
-        candidate.append(seconds_per_step(make_candidate, steps))
+        reference.append(time_one(make_reference, steps))
+        candidate.append(time_one(make_candidate, steps))
     c, r = statistics.median(candidate), statistics.median(reference)
     return c, r, c / r

@@ -1,6 +1,7 @@
 """lightning_accel: Lightning callbacks that make training faster and models smaller and faster."""
 
 from lightning_accel.cli import AccelCLI, build_cli
+from lightning_accel.precision import MixedPrecision, NonFiniteLossError, choose_precision
 from lightning_accel.pruning import (
     MagnitudePruning,
     apply_masks_,
@@ -15,9 +16,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AccelCLI",
     "MagnitudePruning",
+    "MixedPrecision",
+    "NonFiniteLossError",
     "__version__",
     "apply_masks_",
     "build_cli",
+    "choose_precision",
     "compute_masks",
     "mask_sparsity",
     "sparsity_at",

@@ -121,6 +121,21 @@ def assert_states_equal(a: dict, b: dict, atol: float = 0.0) -> None:
             assert a[key] == b[key], key
 
 
+class CheckZerosAfterEveryStep(Callback):
+    """After each batch (after the optimizer step), counts pruned weights that are not exactly zero."""
+
+    def __init__(self, pruning) -> None:
+        self.pruning = pruning
+        self.violations = 0
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.pruning.masks.items():
+            self.violations += int((params[name][~mask] != 0).sum())
+        self.checked += 1
+
+
 def fast_trainer_kwargs(**overrides) -> dict:
     """Trainer flags that keep a test quick and quiet."""
     kwargs = dict(

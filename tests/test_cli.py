@@ -83,3 +83,38 @@ def test_pruning_config_reaches_90_percent_within_2_points_of_the_dense_baseline
     zeros = sum(int((p == 0).sum()) for p in weights)
     assert zeros / sum(p.numel() for p in weights) == pytest.approx(0.9, abs=1e-4)
     assert accuracy["pruning"] >= accuracy["baseline"] - 0.02
+
+
+@pytest.mark.slow
+def test_amp_config_trains_under_bf16_and_its_half_export_keeps_test_accuracy(tmp_path, monkeypatch):
+    import torch
+    from lightning import Trainer
+
+    from examples.digits import DigitsClassifier
+
+    monkeypatch.chdir(ROOT)
+    export = tmp_path / "digits.bf16.pt"
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            "examples/digits/amp.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.export_half",
+            str(export),
+            "--test_after_fit=false",
+        ]
+    )
+    assert cli.trainer.precision == "bf16-mixed"
+    evaluate = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trained = evaluate.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"]
+
+    fp32_file = tmp_path / "digits.fp32.pt"
+    torch.save(cli.model.state_dict(), fp32_file)
+    assert export.stat().st_size < 0.55 * fp32_file.stat().st_size
+    restored = DigitsClassifier()
+    restored.load_state_dict(torch.load(export, weights_only=True))
+    assert restored.net.classifier[1].weight.dtype == torch.float32
+    from_half = evaluate.test(restored, datamodule=cli.datamodule, verbose=False)[0]["test/acc"]
+    assert abs(from_half - trained) <= 0.005

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_accel import MagnitudePruning, mask_sparsity, tensor_sparsity
 from tests.helpers import (
+    CheckZerosAfterEveryStep,
     RandomImages,
     SaveRankState,
     TinyModule,
@@ -19,21 +20,6 @@ from tests.helpers import (
 )
 
 STEPS_PER_EPOCH = 8  # RandomImages: 64 samples / batch 8
-
-
-class CheckZerosAfterEveryStep(Callback):
-    """After each batch (after the optimizer step), counts pruned weights that are not exactly zero."""
-
-    def __init__(self, pruning: MagnitudePruning) -> None:
-        self.pruning = pruning
-        self.violations = 0
-        self.checked = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        params = dict(pl_module.named_parameters())
-        for name, mask in self.pruning.masks.items():
-            self.violations += int((params[name][~mask] != 0).sum())
-        self.checked += 1
 
 
 class RecordMaskSparsity(Callback):
