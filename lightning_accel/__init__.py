@@ -10,6 +10,12 @@ from lightning_accel.pruning import (
     sparsity_at,
     tensor_sparsity,
 )
+from lightning_accel.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    calibrate_,
+    export_onnx,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -18,11 +24,15 @@ __all__ = [
     "MagnitudePruning",
     "MixedPrecision",
     "NonFiniteLossError",
+    "PostTrainingQuantization",
+    "QuantizationAwareTraining",
     "__version__",
     "apply_masks_",
     "build_cli",
+    "calibrate_",
     "choose_precision",
     "compute_masks",
+    "export_onnx",
     "mask_sparsity",
     "sparsity_at",
     "tensor_sparsity",

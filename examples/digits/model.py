@@ -48,6 +48,8 @@ class DigitsClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = DigitsCNN(channels)
+        # Lets Lightning show layer shapes, and lets QuantizationAwareTraining trace the model for ONNX export.
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
         # Keys carry a suffix because ModuleDict keys may not shadow nn.Module methods such as ``train``.
         self.accuracy = nn.ModuleDict(
             {

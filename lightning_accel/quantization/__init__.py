@@ -1,0 +1,32 @@
+"""Int8 quantization: fake-quant preparation, calibration, the QAT/PTQ callbacks and ONNX export."""
+
+from lightning_accel.quantization.callback import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    calibrate_,
+)
+from lightning_accel.quantization.export import export_onnx, store_int8_weights, to_deployable
+from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from lightning_accel.quantization.prepare import (
+    activation_quantizers,
+    is_prepared,
+    prepare_qat_,
+    quantized_modules,
+    set_qat_phase,
+)
+
+__all__ = [
+    "ActivationFakeQuant",
+    "PostTrainingQuantization",
+    "QuantizationAwareTraining",
+    "WeightFakeQuant",
+    "activation_quantizers",
+    "calibrate_",
+    "export_onnx",
+    "is_prepared",
+    "prepare_qat_",
+    "quantized_modules",
+    "set_qat_phase",
+    "store_int8_weights",
+    "to_deployable",
+]

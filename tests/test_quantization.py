@@ -1,0 +1,222 @@
+"""Fake quantization without Lightning: qparams, prepare, BatchNorm folding, calibration and ONNX export."""
+
+import builtins
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from lightning_accel import calibrate_, export_onnx
+from lightning_accel.quantization import (
+    activation_quantizers,
+    is_prepared,
+    prepare_qat_,
+    quantized_modules,
+    set_qat_phase,
+)
+from lightning_accel.quantization.fake_quant import affine_qparams
+from tests.helpers import TinyNet
+from tests.quant_models import ResidualNet, WideCNN, snr_db
+
+
+def calibrated(model, batches=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(16, 1, 8, 8, generator=generator),) for _ in range(batches)]
+    return calibrate_(model, data, num_batches=batches), data
+
+
+def run_onnx(path, **inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+def test_affine_qparams_cover_the_range_and_represent_zero_exactly():
+    scale, zero_point = affine_qparams(torch.tensor(-1.0), torch.tensor(3.0))
+    assert scale == pytest.approx(4.0 / 255)
+    zero = torch.fake_quantize_per_tensor_affine(torch.zeros(1), scale, zero_point, 0, 255)
+    assert zero.item() == 0.0
+    positive_only = affine_qparams(torch.tensor(0.5), torch.tensor(2.0))
+    assert positive_only[1].item() == 0  # the range is widened to include 0
+
+
+def test_prepare_keeps_parameters_names_and_state_dict():
+    model = TinyNet()
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    prepared = prepare_qat_(model)
+    assert set(prepared) == {"conv", "fc1", "fc2"}
+    assert {n: id(p) for n, p in model.named_parameters()} == ids
+    assert list(model.state_dict()) == keys  # fake-quant buffers are not persistent
+    assert isinstance(model.conv, nn.Conv2d) and is_prepared(model)
+    assert prepare_qat_(model).keys() == prepared.keys()  # idempotent
+
+
+def test_prepare_respects_include_exclude_and_names_patterns_that_match_nothing():
+    model = TinyNet()
+    assert set(prepare_qat_(model, exclude=["fc2"])) == {"conv", "fc1"}
+    with pytest.raises(ValueError, match=r"selected no .*include=\['decoder\.\*'\]"):
+        prepare_qat_(TinyNet(), include=["decoder.*"])
+
+
+def test_subclasses_of_linear_keep_their_forward():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(4, 4))
+    assert set(prepare_qat_(model)) == {"0"}
+    assert type(model[1]) is Scaled
+
+
+def test_fake_quant_output_tracks_float_output():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    reference_model = TinyNet().eval()
+    reference_model.load_state_dict(model.state_dict())
+    calibrated(model)
+    x = torch.randn(32, 1, 8, 8)
+    quantized, reference = model(x), reference_model(x)
+    assert not torch.equal(quantized, reference)  # quantization is really on
+    assert snr_db(reference, quantized) > 25
+
+
+def test_folded_bn_forward_equals_conv_then_bn():
+    torch.manual_seed(0)
+    model = ResidualNet().train()
+    with torch.no_grad():  # give the BatchNorms non-trivial statistics and affine parameters
+        for bn in (model.stem_bn, model.block_bn):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    plain = ResidualNet()
+    plain.load_state_dict(model.state_dict())
+    prepare_qat_(model)
+    assert model.stem.folded_bn is model.stem_bn and model.block.folded_bn is model.block_bn
+    x = torch.randn(8, 1, 8, 8)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(plain, mode)()
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_refuses_a_batch_norm_that_does_not_follow_its_conv():
+    class Misordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))  # registered conv-then-bn, called bn-then-conv
+
+    model = Misordered()
+    prepare_qat_(model)
+    with pytest.raises(RuntimeError, match="fold_bn: the BatchNorm 'bn' does not directly follow the conv 'conv'"):
+        model(torch.randn(2, 4, 3, 3))
+    model = Misordered()
+    prepare_qat_(model, fold_bn=False)
+    assert model(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+
+
+def test_plain_model_exports_fp32_onnx_with_dynamic_batch(tmp_path):
+    model = TinyNet().eval()
+    path = export_onnx(model, tmp_path / "fp32.onnx", torch.zeros(1, 1, 8, 8))
+    graph = onnx.load(path).graph
+    assert not any(node.op_type == "QuantizeLinear" for node in graph.node)
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 8, 8)
+        np.testing.assert_allclose(run_onnx(path, input=x), model(x).detach().numpy(), atol=1e-5)
+
+
+def test_int8_export_is_small_qdq_with_int8_weights_and_agrees_with_fake_quant(tmp_path):
+    torch.manual_seed(0)
+    float_model = WideCNN().eval()
+    fp32_path = export_onnx(float_model, tmp_path / "fp32.onnx", torch.zeros(1, 1, 8, 8))
+    model = WideCNN()
+    model.load_state_dict(float_model.state_dict())
+    calibrated(model)
+    int8_path = export_onnx(model, tmp_path / "int8.onnx", torch.zeros(1, 1, 8, 8))
+
+    assert int8_path.stat().st_size <= 0.30 * fp32_path.stat().st_size
+    graph = onnx.load(int8_path).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and "BatchNormalization" not in ops
+    int8_weights = [i for i in graph.initializer if numpy_helper.to_array(i).dtype == np.int8 and i.dims[0] == 64]
+    assert len(int8_weights) == 2  # both conv weights
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        fake_quant = model.eval()(x)
+    onnx_out = torch.from_numpy(run_onnx(int8_path, input=x))
+    assert (onnx_out.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.99
+    assert snr_db(fake_quant, onnx_out) > 30
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_export_takes_tuple_and_dict_inputs(tmp_path):
+    model = ResidualNet()
+    calibrated_model, _ = calibrated(model)
+    x, mask = torch.randn(3, 1, 8, 8), torch.randn(3, 4)
+    with torch.no_grad():
+        expected = calibrated_model.eval()(x, mask)
+    from_tuple = export_onnx(model, tmp_path / "tuple.onnx", (torch.zeros(1, 1, 8, 8), torch.zeros(1, 4)))
+    from_dict = export_onnx(model, tmp_path / "dict.onnx", {"x": torch.zeros(1, 1, 8, 8), "mask": torch.zeros(1, 4)})
+    tuple_out = torch.from_numpy(run_onnx(from_tuple, input_0=x, input_1=mask))
+    dict_out = torch.from_numpy(run_onnx(from_dict, x=x, mask=mask))
+    assert snr_db(expected, tuple_out) > 30 and snr_db(expected, dict_out) > 30
+
+
+def test_export_without_observed_ranges_is_refused(tmp_path):
+    model = TinyNet()
+    prepare_qat_(model)
+    with pytest.raises(ValueError, match="never observed"):
+        export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8))
+
+
+def test_export_without_the_onnx_extra_names_the_extra(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError("No module named 'onnx'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(ImportError, match=r"pip install 'lightning-accel\[onnx\]'"):
+        export_onnx(TinyNet(), tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8))
+
+
+def test_export_leaves_the_trained_model_unchanged(tmp_path):
+    model, _ = calibrated(TinyNet())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert is_prepared(model) and len(quantized_modules(model)) == 3
+
+
+def test_calibration_keeps_overall_min_and_max():
+    model, data = calibrated(TinyNet(), batches=3)
+    first_input = activation_quantizers(model)["conv.input_quant"]
+    everything = torch.cat([batch[0] for batch in data])
+    assert first_input.running_min == everything.min() and first_input.running_max == everything.max()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [(dict(num_batches=0), "`num_batches`"), (dict(batches=[]), "no batch")])
+def test_calibration_bad_input(kwargs, match):
+    arguments = dict(model=TinyNet(), batches=[torch.zeros(1, 1, 8, 8)], num_batches=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        calibrate_(**arguments)
+
+
+def test_phase_switches_quantization_on_and_off():
+    model, _ = calibrated(TinyNet())
+    x = torch.randn(4, 1, 8, 8)
+    quantized = model.eval()(x)
+    set_qat_phase(model, fake_quant=False, observe=False)
+    float_out = model(x)
+    assert not torch.equal(quantized, float_out)
+    set_qat_phase(model, fake_quant=True, observe=False)
+    assert torch.equal(model(x), quantized)
