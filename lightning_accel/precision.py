@@ -142,7 +142,10 @@ class MixedPrecision(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Choose the precision and install Lightning's plugin for it (before the strategy sets up)."""
         current = trainer.strategy.precision_plugin
-        if current is self._installed_plugin:  # a later stage (validate/test after fit) of the same Trainer
+        already_set = current is self._installed_plugin or (
+            self.resolved_precision == FULL_PRECISION and current.precision == FULL_PRECISION
+        )
+        if already_set:  # a later stage (validate/test after fit) of the same Trainer
             return
         chosen, reason = self._resolve(trainer)
         if current.precision != FULL_PRECISION:

@@ -64,25 +64,66 @@ def test_demo_config_trains_to_095_and_reports_logs(tmp_path, monkeypatch, caplo
     assert any((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
 
 
+def run_config(name, root, *extra):
+    """Train an example config (from the repository root) and return the CLI object."""
+    return build_cli(
+        [
+            "fit",
+            "--config",
+            f"examples/digits/{name}.yaml",
+            f"--trainer.default_root_dir={root / name}",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline_accuracy(tmp_path_factory):
+    """Test accuracy of the dense fp32 baseline config, trained once for this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        patch.setattr(sys, "argv", ["lightning-accel"])
+        cli = run_config("baseline", tmp_path_factory.mktemp("baseline"))
+    return cli.trainer.callback_metrics["test/acc"].item()
+
+
 @pytest.mark.slow
-def test_pruning_config_reaches_90_percent_within_2_points_of_the_dense_baseline(tmp_path, monkeypatch):
+def test_pruning_config_reaches_90_percent_within_2_points_of_the_dense_baseline(
+    tmp_path, monkeypatch, baseline_accuracy
+):
     monkeypatch.chdir(ROOT)
-    accuracy = {}
-    for name in ("baseline", "pruning"):
-        cli = build_cli(
-            [
-                "fit",
-                "--config",
-                f"examples/digits/{name}.yaml",
-                f"--trainer.default_root_dir={tmp_path / name}",
-                "--trainer.enable_progress_bar=false",
-            ]
-        )
-        accuracy[name] = cli.trainer.callback_metrics["test/acc"].item()
+    cli = run_config("pruning", tmp_path)
     weights = [p for n, p in cli.model.named_parameters() if n.endswith("weight") and p.dim() > 1]
     zeros = sum(int((p == 0).sum()) for p in weights)
     assert zeros / sum(p.numel() for p in weights) == pytest.approx(0.9, abs=1e-4)
-    assert accuracy["pruning"] >= accuracy["baseline"] - 0.02
+    assert cli.trainer.callback_metrics["test/acc"].item() >= baseline_accuracy - 0.02
+
+
+@pytest.mark.slow
+def test_qat_config_exports_an_int8_onnx_model_that_keeps_accuracy(tmp_path, monkeypatch, baseline_accuracy):
+    import onnxruntime as ort
+    import torch
+
+    from examples.digits import DigitsClassifier
+    from lightning_accel import export_onnx
+
+    monkeypatch.chdir(ROOT)
+    int8_path = tmp_path / "model.int8.onnx"
+    cli = run_config("qat", tmp_path, "--trainer.callbacks.export_path", str(int8_path))
+    images, labels = map(torch.cat, zip(*cli.datamodule.test_dataloader(), strict=True))
+    with torch.no_grad():
+        fake_quant = cli.model.eval()(images).argmax(1)
+    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    onnx_predictions = torch.from_numpy(session.run(None, {"input": images.numpy()})[0]).argmax(1)
+    onnx_accuracy = (onnx_predictions == labels).float().mean().item()
+    assert (onnx_predictions == fake_quant).float().mean() >= 0.99
+    assert onnx_accuracy >= baseline_accuracy - 0.01
+
+    float_model = DigitsClassifier()
+    float_model.load_state_dict(cli.model.state_dict())
+    fp32_path = export_onnx(float_model, tmp_path / "model.fp32.onnx", torch.zeros(1, 1, 8, 8))
+    assert int8_path.stat().st_size <= 0.30 * fp32_path.stat().st_size
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_prepared_in_setup_before_optimizer_so_parameters_line_up():
 
 def test_keyword_multi_input_model_with_bn_and_residual_trains_and_exports(tmp_path):
     path = tmp_path / "residual.int8.onnx"
-    trainer, module = fit([QuantizationAwareTraining(export_path=str(path))], module=ResidualModule(), epochs=3)
+    _trainer, module = fit([QuantizationAwareTraining(export_path=str(path))], module=ResidualModule(), epochs=3)
     assert path.exists()
     x, mask = torch.randn(32, 1, 8, 8), torch.zeros(32, 4)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_logs_phase_and_activation_scales(tmp_path):
 
 def test_post_training_quantization_exports_without_touching_the_trained_model(tmp_path):
     path = tmp_path / "ptq.int8.onnx"
-    trainer, module = fit([PostTrainingQuantization(str(path), calibration_batches=4)], epochs=1)
+    _trainer, module = fit([PostTrainingQuantization(str(path), calibration_batches=4)], epochs=1)
     assert path.exists() and not is_prepared(module)
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(path).graph.node)
 

@@ -42,12 +42,20 @@ class DigitsClassifier(LightningModule):
         channels: Width of the first conv layer; the second has twice as many.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        init_weights: Optional checkpoint (Lightning ``.ckpt`` or a plain state dict) to start from, e.g. a trained
+            float model to fine-tune with quantization-aware training.
     """
 
-    def __init__(self, channels: int = 32, lr: float = 3e-3, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, channels: int = 32, lr: float = 3e-3, weight_decay: float = 0.0, init_weights: str | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = DigitsCNN(channels)
+        if init_weights is not None:
+            checkpoint = torch.load(init_weights, map_location="cpu", weights_only=True)
+            state = checkpoint.get("state_dict", checkpoint)
+            self.load_state_dict({k: v for k, v in state.items() if not k.startswith("accuracy.")}, strict=False)
         # Lets Lightning show layer shapes, and lets QuantizationAwareTraining trace the model for ONNX export.
         self.example_input_array = torch.zeros(1, 1, 8, 8)
         # Keys carry a suffix because ModuleDict keys may not shadow nn.Module methods such as ``train``.
