@@ -115,6 +115,7 @@ def test_fold_refuses_a_batch_norm_that_does_not_follow_its_conv():
 
     model = Misordered()
     prepare_qat_(model)
+    set_qat_phase(model, fake_quant=True, observe=True)
     with pytest.raises(RuntimeError, match="fold_bn: the BatchNorm 'bn' does not directly follow the conv 'conv'"):
         model(torch.randn(2, 4, 3, 3))
     model = Misordered()

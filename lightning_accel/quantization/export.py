@@ -77,7 +77,6 @@ def to_deployable(model: nn.Module) -> nn.Module:
         if isinstance(quantizer, ActivationFakeQuant | WeightFakeQuant):
             quantizer.observe = False
             quantizer.fake_quant = True
-        if isinstance(quantizer, ActivationFakeQuant):
             quantizer.export_constants = True
     return deploy
 

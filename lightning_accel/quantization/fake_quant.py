@@ -6,6 +6,8 @@ the plain model. The QAT callback saves and restores them as its own state inste
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,57 @@ def _as_float32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+class _CompositeFakeQuantize(torch.autograd.Function):
+    """Fake quantization from elementwise ops, with the straight-through gradient (zero where clipped).
+
+    Numerically the same as ATen's fake-quant kernels, which on CPU run about 5x slower than these few vectorised
+    ops (measured here: 1.4 ms against 0.3 ms for a 64x64x8x8 activation), and that made a QAT step cost 1.8x an
+    fp32 step. ATen's kernels are used on GPUs and for ONNX export.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        unclipped = torch.round(x * torch.reciprocal(scale))
+        if zero_point is not None:  # symmetric weights have none: two passes saved
+            unclipped.add_(zero_point)
+        clipped = unclipped.clamp(qmin, qmax)
+        ctx.save_for_backward(unclipped == clipped)
+        if zero_point is not None:
+            clipped.sub_(zero_point)
+        return clipped.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> Tensor:
+    """Fake-quantize ``x`` per tensor (``axis=None``) or per channel along ``axis``, in float32.
+
+    Args:
+        x: The tensor.
+        scale: Scale, a 0-d tensor or one value per channel.
+        zero_point: Integer zero point, shaped like ``scale``.
+        qmin: Smallest integer level.
+        qmax: Largest integer level.
+        axis: Channel axis for per-channel quantization.
+    """
+    x = _as_float32(x)
+    if x.is_cuda:
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    symmetric = axis is not None and qmin < 0 and not zero_point.any()
+    return _CompositeFakeQuantize.apply(x, scale, None if symmetric else zero_point.to(x.dtype), qmin, qmax)
+
+
 def affine_qparams(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     """Scale and zero point that map ``[min(low, 0), max(high, 0)]`` onto ``[0, 255]``; zero is exact."""
     low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
@@ -37,17 +90,44 @@ def symmetric_weight_scale(weight: Tensor) -> Tensor:
     return torch.clamp(absmax.float() / WEIGHT_SYMMETRIC_MAX, min=_EPS)
 
 
+@torch.no_grad()
+def update_many(
+    quantizers: list[ActivationFakeQuant], batch_min: Tensor, batch_max: Tensor, averaging_constant: float | None
+) -> None:
+    """:meth:`ActivationFakeQuant.update` for many quantizers at once: a few vectorised ops instead of ~20 each."""
+    if not quantizers:
+        return
+    fresh = torch.tensor([not q.calibrated for q in quantizers], device=batch_min.device)
+    running_min = torch.stack([q.running_min for q in quantizers])
+    running_max = torch.stack([q.running_max for q in quantizers])
+    if averaging_constant is None:
+        new_min, new_max = torch.minimum(running_min, batch_min), torch.maximum(running_max, batch_max)
+    else:
+        new_min = running_min + averaging_constant * (batch_min - running_min)
+        new_max = running_max + averaging_constant * (batch_max - running_max)
+    new_min, new_max = torch.where(fresh, batch_min, new_min), torch.where(fresh, batch_max, new_max)
+    scale, zero_point = affine_qparams(new_min, new_max)
+    for i, q in enumerate(quantizers):
+        q.running_min.copy_(new_min[i])
+        q.running_max.copy_(new_max[i])
+        q.scale.copy_(scale[i])
+        q.zero_point.copy_(zero_point[i])
+        q.calibrated = True
+    for q in quantizers:
+        q.initialized.fill_(True)
+
+
 class ActivationFakeQuant(nn.Module):
     """Observes a tensor's range and fake-quantizes it to uint8, per tensor.
 
-    Observation only records the current batch's min/max (``batch_min``/``batch_max``); the running range and the
-    quantization parameters change only in :meth:`update`, which the callback calls with statistics already
+    Observation only records the current batch's min/max (``batch_range``); the running range and the
+    quantization parameters change only in :func:`update_many`, which the callback calls with statistics already
     reduced across ranks. So every rank quantizes with the same parameters at every step.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("batch_min", "batch_max", "running_min", "running_max", "scale"):
+        for name in ("running_min", "running_max", "scale"):
             self.register_buffer(name, torch.zeros(()), persistent=False)
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool), persistent=False)
@@ -57,51 +137,24 @@ class ActivationFakeQuant(nn.Module):
         self.calibrated = False
         # For ONNX export: scale and zero point as constants, so the exporter writes plain QuantizeLinear nodes.
         self.export_constants = False
+        self.batch_range: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Record the batch range (when observing) and fake-quantize (when on and calibrated)."""
         if self.observe:
-            low, high = torch.aminmax(x.detach())
-            self.batch_min.copy_(low)
-            self.batch_max.copy_(high)
+            # The latest batch's range; the callback reduces it over ranks before it changes any parameter.
+            self.batch_range = torch.aminmax(x.detach())
         if not (self.fake_quant and self.calibrated):
             return x
         if self.export_constants:
-            scale, zero_point = float(self.scale), int(self.zero_point)
+            # Constants and the ATen op: what the ONNX exporter turns into QuantizeLinear/DequantizeLinear. Casting
+            # only when needed keeps stray Cast nodes out of the graph.
+            quantized = torch.fake_quantize_per_tensor_affine(
+                _as_float32(x), float(self.scale), int(self.zero_point), ACTIVATION_QMIN, ACTIVATION_QMAX
+            )
         else:
-            scale, zero_point = self.scale, self.zero_point
-        # The ATen op takes float32; casting only when needed keeps stray Cast nodes out of exported graphs.
-        quantized = torch.fake_quantize_per_tensor_affine(
-            _as_float32(x), scale, zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX
-        )
+            quantized = fake_quantize(x, self.scale, self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
         return quantized if quantized.dtype == x.dtype else quantized.to(x.dtype)
-
-    @torch.no_grad()
-    def update(
-        self, batch_min: Tensor, batch_max: Tensor, averaging_constant: float | None = AVERAGING_CONSTANT
-    ) -> None:
-        """Fold a (rank-reduced) batch range into the running range and recompute scale and zero point.
-
-        Args:
-            batch_min: Smallest value seen in the batch (on all ranks).
-            batch_max: Largest value seen in the batch (on all ranks).
-            averaging_constant: Weight of the batch in a moving average of the range (QAT), or ``None`` to keep
-                the overall min and max (calibration for post-training quantization).
-        """
-        if not self.calibrated:
-            self.running_min.copy_(batch_min)
-            self.running_max.copy_(batch_max)
-        elif averaging_constant is None:
-            torch.minimum(self.running_min, batch_min, out=self.running_min)
-            torch.maximum(self.running_max, batch_max, out=self.running_max)
-        else:
-            self.running_min.add_(averaging_constant * (batch_min - self.running_min))
-            self.running_max.add_(averaging_constant * (batch_max - self.running_max))
-        self.initialized.fill_(True)
-        self.calibrated = True
-        scale, zero_point = affine_qparams(self.running_min, self.running_max)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
 
     def extra_repr(self) -> str:  # noqa: D102 - shown by print(model)
         return f"observe={self.observe}, fake_quant={self.fake_quant}, calibrated={self.calibrated}"
@@ -120,6 +173,7 @@ class WeightFakeQuant(nn.Module):
         self.register_buffer("zero_point", torch.zeros(out_channels, dtype=torch.int32), persistent=False)
         self.observe = True
         self.fake_quant = False
+        self.export_constants = False
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return the fake-quantized weight (or the weight itself while fake quantization is off)."""
@@ -127,9 +181,12 @@ class WeightFakeQuant(nn.Module):
             self.scale.copy_(symmetric_weight_scale(weight))
         if not self.fake_quant:
             return weight
-        quantized = torch.fake_quantize_per_channel_affine(
-            _as_float32(weight), self.scale, self.zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
-        )
+        if self.export_constants:
+            quantized = torch.fake_quantize_per_channel_affine(
+                _as_float32(weight), self.scale, self.zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
+            )
+        else:
+            quantized = fake_quantize(weight, self.scale, self.zero_point, WEIGHT_QMIN, WEIGHT_QMAX, axis=0)
         return quantized if quantized.dtype == weight.dtype else quantized.to(weight.dtype)
 
     def extra_repr(self) -> str:  # noqa: D102 - shown by print(model)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_accel._modules import describe_selection, select_modules
-from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant, update_many
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -34,16 +34,27 @@ class _Quantized:
     folded_bn: nn.Module | None
     _fold_check: Tensor | None
 
+    @property
+    def quantizing(self) -> bool:
+        """Whether fake quantization or observation is on (otherwise the module runs as plain float)."""
+        return self.weight_quant.fake_quant or self.input_quant.observe
+
     def folded_weight_and_factor(self) -> tuple[Tensor, Tensor | None]:
         """The weight as the runtime will see it (BatchNorm folded in), and the per-channel fold factor."""
         bn = self.folded_bn
         if bn is None:
             return self.weight, None
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+        # The factor is a constant for autograd: without quantization its two uses (scaling the weight, unscaling
+        # the output) cancel, so gamma's gradient comes through the BatchNorm alone, as in the float model; and
+        # the backward pass skips two reductions.
+        with torch.no_grad():
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         return self.weight * factor.reshape(-1, *([1] * (self.weight.dim() - 1))), factor
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.quantizing:  # float phase: exactly the original module, at its original cost
+            return super().forward(x)
         x = self.input_quant(x)
         weight, factor = self.folded_weight_and_factor()
         weight = self.weight_quant(weight)
@@ -105,7 +116,7 @@ def _quantize_bn_output(bn: nn.Module, args: Any, output: Tensor) -> Tensor:
 def _check_bn_input(bn: nn.Module, args: tuple[Tensor, ...]) -> None:
     """On the first forward, make sure the folded BatchNorm really receives its conv's output."""
     conv = bn.folded_into
-    if getattr(conv, "_fold_verified", False):
+    if getattr(conv, "_fold_verified", False) or not conv.quantizing:
         return
     if conv._fold_check is None or args[0] is not conv._fold_check:
         raise RuntimeError(
@@ -216,14 +227,21 @@ def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
 
 def observed_ranges(quantizers: Iterable[ActivationFakeQuant]) -> Tensor:
     """Stack the latest batch ranges as one tensor ``[-min_0, max_0, -min_1, max_1, ...]`` for one all-reduce(max)."""
-    return torch.stack([v for q in quantizers for v in (-q.batch_min, q.batch_max)])
+    missing = [q for q in quantizers if q.batch_range is None]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} activation quantizer(s) saw no data this step; every quantized module must run in "
+            "each training step (exclude modules that are skipped)"
+        )
+    ranges = torch.stack([v for q in quantizers for v in q.batch_range])
+    ranges[0::2].neg_()
+    return ranges
 
 
 def update_ranges(quantizers: Sequence[ActivationFakeQuant], ranges: Tensor, averaging_constant: float | None) -> None:
     """Feed ranges made by :func:`observed_ranges` (and reduced over ranks) back into the quantizers."""
     pairs = ranges.view(-1, 2)
-    for quantizer, (negative_min, maximum) in zip(quantizers, pairs, strict=True):
-        quantizer.update(-negative_min, maximum, averaging_constant)
+    update_many(list(quantizers), -pairs[:, 0], pairs[:, 1], averaging_constant)
 
 
 def quantizer_state(model: nn.Module) -> dict[str, dict[str, Tensor]]:
