@@ -6,6 +6,7 @@ callback chooses the precision for the hardware, makes fp16 trouble visible, and
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -179,7 +180,15 @@ class MixedPrecision(Callback):
 
     @staticmethod
     def _convert_to_float8(pl_module: LightningModule) -> None:
-        from torchao.float8 import convert_to_float8_training
+        # Importing torchao logs "Failed to load ... .so" warnings on builds without its C++ extensions; they do not
+        # concern float8 training, so keep them off the user's console.
+        torchao_logger = logging.getLogger("torchao")
+        previous_level = torchao_logger.level
+        torchao_logger.setLevel(logging.ERROR)
+        try:
+            from torchao.float8 import convert_to_float8_training
+        finally:
+            torchao_logger.setLevel(previous_level)
 
         # torchao's kernels need both matmul dimensions divisible by 16; leave other layers in bf16.
         def fits(module: torch.nn.Module, name: str) -> bool:
