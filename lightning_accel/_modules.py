@@ -27,6 +27,12 @@ def validate_patterns(argument: str, patterns: Sequence[str] | None) -> list[str
     return list(patterns)
 
 
+def validate_bool(argument: str, value: object) -> None:
+    """Raise ``TypeError`` naming ``argument`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{argument}` must be true or false, got {value!r}")
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 

@@ -28,6 +28,18 @@ class AccelCLI(LightningCLI):
             help="After fit, run the test loop on the best checkpoint (or the final weights) and report it.",
         )
 
+    def instantiate_classes(self) -> None:
+        """Build the objects; a constructor's ``ValueError``/``TypeError`` becomes a one-line usage error."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            # jsonargparse wraps the constructor's error in several layers of its own; the innermost one names
+            # the argument, the allowed values and the value given.
+            root: BaseException = error
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            self.parser.error(f"invalid configuration: {root}")
+
     def after_fit(self) -> None:
         """Report where the logs went and, if asked, test the best checkpoint."""
         trainer = self.trainer

@@ -17,6 +17,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lightning_accel._modules import validate_bool
+
 PrecisionChoice = Literal["auto", "bf16-mixed", "16-mixed", "fp8"]
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
@@ -99,8 +101,7 @@ class MixedPrecision(Callback):
             raise ValueError(f"`nonfinite` must be one of {list(NONFINITE_ACTIONS)}, got {nonfinite!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}")
-        if not isinstance(channels_last, bool):
-            raise TypeError(f"`channels_last` must be true or false, got {channels_last!r}")
+        validate_bool("channels_last", channels_last)
         if export_half is not None and (not isinstance(export_half, str) or not export_half):
             raise TypeError(f"`export_half` must be a file path (string) or None, got {export_half!r}")
         self.precision = precision
@@ -170,12 +171,16 @@ class MixedPrecision(Callback):
 
     @staticmethod
     def _plugin_for(trainer: Trainer, precision: str) -> Precision:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         if isinstance(trainer.strategy, FSDPStrategy):
             from lightning.pytorch.plugins.precision import FSDPPrecision
 
             return FSDPPrecision(precision)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+            return DeepSpeedPrecision(precision)
         return LightningMixedPrecision(precision, device=trainer.strategy.root_device.type)
 
     @staticmethod
@@ -187,6 +192,8 @@ class MixedPrecision(Callback):
         torchao_logger.setLevel(logging.ERROR)
         try:
             from torchao.float8 import convert_to_float8_training
+        except ImportError as err:
+            raise ImportError("`precision` 'fp8' needs torchao: pip install 'lightning-accel[fp8]'") from err
         finally:
             torchao_logger.setLevel(previous_level)
 

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._modules import describe_selection, select_weights, validate_patterns
+from lightning_accel._modules import describe_selection, select_weights, validate_bool, validate_patterns
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -98,6 +98,7 @@ class MagnitudePruning(Callback):
         self.scope = scope
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
+        validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
 
         self._params: dict[str, nn.Parameter] = {}

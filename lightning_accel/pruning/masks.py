@@ -179,6 +179,12 @@ def compute_masks(
                 [ True, False]])
     """
     parsed = parse_pattern(pattern)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}")
+    if parsed.kind == "N:M" and sparsity > parsed.sparsity + 1e-9:
+        raise ValueError(
+            f"`sparsity` must be at most 1 - N/M = {parsed.sparsity} for pattern {pattern!r}, got {sparsity!r}"
+        )
     previous = previous or {}
     if parsed.kind == "unstructured":
         return unstructured_masks(weights, sparsity, scope, previous)
@@ -190,6 +196,9 @@ def compute_masks(
 @torch.no_grad()
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero, in place, every element of ``params`` that its mask prunes. Parameters keep their identity."""
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise ValueError(f"`masks` must name entries of `params` ({sorted(params)[:5]}...), got unknown {unknown[:5]}")
     for name, mask in masks.items():
         params[name].masked_fill_(~mask, 0)
 

@@ -11,7 +11,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from lightning_accel._modules import validate_patterns
+from lightning_accel._modules import validate_bool, validate_patterns
 from lightning_accel.quantization.export import export_onnx
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -103,8 +103,8 @@ class QuantizationAwareTraining(Callback):
                 f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
                 f"they are frozen, or None; got {freeze_observers_step!r}"
             )
-        if not isinstance(fold_bn, bool):
-            raise TypeError(f"`fold_bn` must be true or false, got {fold_bn!r}")
+        validate_bool("fold_bn", fold_bn)
+        validate_bool("log_ranges", log_ranges)
         _check_export_path(export_path)
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
@@ -251,6 +251,8 @@ def calibrate_(
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}")
+    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
+        raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     prepare_qat_(model, include, exclude, fold_bn)
     quantizers = list(activation_quantizers(model).values())
     was_training = model.training
@@ -303,6 +305,7 @@ class PostTrainingQuantization(Callback):
         _check_export_path(export_path)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"`calibration_batches` must be an integer >= 1, got {calibration_batches!r}")
+        validate_bool("fold_bn", fold_bn)
         self.export_path = export_path
         self.calibration_batches = calibration_batches
         self.include = validate_patterns("include", include)

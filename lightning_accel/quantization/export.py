@@ -159,6 +159,15 @@ def export_onnx(
     Example:
         >>> export_onnx(model, "model.int8.onnx", torch.zeros(1, 1, 8, 8))  # doctest: +SKIP
     """
+    if not isinstance(example_input, torch.Tensor | tuple | Mapping):
+        raise TypeError(
+            f"`example_input` must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+            f"got {type(example_input).__name__}"
+        )
+    if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < 13:
+        raise ValueError(
+            f"`opset_version` must be an integer >= 13 (per-channel QuantizeLinear), got {opset_version!r}"
+        )
     onnx = _require_onnx()
     quantized = is_prepared(model)
     deploy = to_deployable(model) if quantized else copy.deepcopy(model).eval()
