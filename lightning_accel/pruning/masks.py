@@ -51,7 +51,7 @@ def parse_pattern(pattern: str) -> Pattern:
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise ValueError(f"`pattern` 'N:M' needs 0 < N < M (e.g. '2:4'), got {pattern!r}")
+        raise ValueError(f"`pattern` must be 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}")
     return Pattern("N:M", n, m)
 
 
