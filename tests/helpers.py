@@ -136,6 +136,14 @@ class CheckZerosAfterEveryStep(Callback):
         self.checked += 1
 
 
+def fit_tiny(callbacks, module=None, epochs=1, ckpt_path=None, **trainer_kwargs):
+    """Fit ``module`` (default: a new TinyModule) on RandomImages with fast flags; return (trainer, module)."""
+    module = module or TinyModule()
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=epochs, **trainer_kwargs), callbacks=callbacks)
+    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
+    return trainer, module
+
+
 def fast_trainer_kwargs(**overrides) -> dict:
     """Trainer flags that keep a test quick and quiet."""
     kwargs = dict(

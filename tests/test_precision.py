@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -10,11 +10,10 @@ import lightning_accel.precision as precision_module
 from lightning_accel import MagnitudePruning, MixedPrecision, NonFiniteLossError, choose_precision
 from tests.helpers import (
     CheckZerosAfterEveryStep,
-    RandomImages,
     SaveRankState,
     TinyModule,
     assert_states_equal,
-    fast_trainer_kwargs,
+    fit_tiny,
 )
 
 
@@ -60,11 +59,7 @@ class FaultyModule(TinyModule):
         return loss
 
 
-def fit(callbacks, module=None, epochs=1, ckpt_path=None, **kwargs):
-    module = module or TinyModule()
-    trainer = Trainer(**fast_trainer_kwargs(max_epochs=epochs, **kwargs), callbacks=callbacks)
-    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
-    return trainer, module
+fit = fit_tiny
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from tests.helpers import (
     TinyModule,
     assert_states_equal,
     fast_trainer_kwargs,
+    fit_tiny,
     flatten,
 )
 
@@ -33,11 +34,8 @@ class RecordMaskSparsity(Callback):
         self.by_step[trainer.global_step] = mask_sparsity(self.pruning.masks)
 
 
-def fit(callbacks, epochs=3, module=None, ckpt_path=None, **trainer_kwargs):
-    module = module or TinyModule()
-    trainer = Trainer(**fast_trainer_kwargs(max_epochs=epochs, **trainer_kwargs), callbacks=callbacks)
-    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
-    return trainer, module
+def fit(callbacks, module=None, epochs=3, **kwargs):
+    return fit_tiny(callbacks, module, epochs, **kwargs)
 
 
 def selected(module):

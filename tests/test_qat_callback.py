@@ -20,6 +20,7 @@ from tests.helpers import (
     TinyModule,
     assert_states_equal,
     fast_trainer_kwargs,
+    fit_tiny,
 )
 from tests.quant_models import ResidualModule
 
@@ -32,11 +33,8 @@ def module_with_example(**kwargs):
     return module
 
 
-def fit(callbacks, module=None, epochs=2, ckpt_path=None, **kwargs):
-    module = module or module_with_example()
-    trainer = Trainer(**fast_trainer_kwargs(max_epochs=epochs, **kwargs), callbacks=callbacks)
-    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
-    return trainer, module
+def fit(callbacks, module=None, epochs=2, **kwargs):
+    return fit_tiny(callbacks, module or module_with_example(), epochs, **kwargs)
 
 
 class RecordPerStep(Callback):
