@@ -194,7 +194,8 @@ class MagnitudePruning(Callback):
         masks = None
         if trainer.is_global_zero:
             masks = compute_masks(self._params, target, self.pattern_string, self.scope, previous=self._masks)
-            masks = {name: mask.cpu() for name, mask in masks.items()}
+            if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
+                masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
 
     def on_train_batch_end(

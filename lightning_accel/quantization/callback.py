@@ -118,7 +118,9 @@ class QuantizationAwareTraining(Callback):
         self._quantizers: list[ActivationFakeQuant] = []
         self._quantizer_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
+        self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
+        self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
 
     @property
     def state_key(self) -> str:
@@ -141,6 +143,8 @@ class QuantizationAwareTraining(Callback):
             _require_example_input(pl_module, type(self).__name__)
         prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn)
         self._model = pl_module
+        self._batch_norms = list(iter_batch_norms(pl_module))
+        self._applied = None
         quantizers = activation_quantizers(pl_module)
         self._quantizer_names, self._quantizers = list(quantizers), list(quantizers.values())
         if self._pending_state is not None:
@@ -151,7 +155,7 @@ class QuantizationAwareTraining(Callback):
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
         self._set_phase(trainer.global_step, training=True)
         if self.freeze_bn_step is not None and trainer.global_step >= self.freeze_bn_step:
-            for bn in iter_batch_norms(pl_module):
+            for bn in self._batch_norms:  # again every step: Lightning's model.train() after validation undoes it
                 bn.eval()
 
     def on_train_batch_end(
@@ -207,8 +211,10 @@ class QuantizationAwareTraining(Callback):
 
     def _set_phase(self, step: int, training: bool) -> None:
         self._phase = self.phase_at(step)
-        fake_quant = self._phase != PHASE_FLOAT
-        set_qat_phase(self._model, fake_quant=fake_quant, observe=training and self._phase == PHASE_OBSERVING)
+        wanted = (self._phase != PHASE_FLOAT, training and self._phase == PHASE_OBSERVING)
+        if wanted != self._applied:  # walking every module each step would cost large models real time
+            set_qat_phase(self._model, fake_quant=wanted[0], observe=wanted[1])
+            self._applied = wanted
 
 
 @rank_zero_only
