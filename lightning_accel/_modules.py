@@ -11,28 +11,6 @@ from torch import nn
 WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def validate_patterns(argument: str, patterns: Sequence[str] | None) -> list[str] | None:
-    """Check that ``patterns`` is ``None`` or a list of non-empty strings, and return it as a list.
-
-    Raises:
-        TypeError: naming ``argument`` when it is not a list of strings.
-    """
-    if patterns is None:
-        return None
-    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
-        raise TypeError(
-            f"`{argument}` must be a list of glob patterns (non-empty strings) such as ['net.*.weight'], "
-            f"got {patterns!r}"
-        )
-    return list(patterns)
-
-
-def validate_bool(argument: str, value: object) -> None:
-    """Raise ``TypeError`` naming ``argument`` unless ``value`` is ``True`` or ``False``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be true or false, got {value!r}")
-
-
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from lightning_accel._modules import validate_bool
+from lightning_accel._validation import validate_bool, validate_int
 
 PrecisionChoice = Literal["auto", "bf16-mixed", "16-mixed", "fp8"]
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
@@ -99,8 +99,7 @@ class MixedPrecision(Callback):
             raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}")
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"`nonfinite` must be one of {list(NONFINITE_ACTIONS)}, got {nonfinite!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}")
+        validate_int("patience", patience, 1)
         validate_bool("channels_last", channels_last)
         if export_half is not None and (not isinstance(export_half, str) or not export_half):
             raise TypeError(f"`export_half` must be a file path (string) or None, got {export_half!r}")

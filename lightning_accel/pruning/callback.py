@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._modules import describe_selection, select_weights, validate_bool, validate_patterns
+from lightning_accel._modules import describe_selection, select_weights
+from lightning_accel._validation import validate_bool, validate_int, validate_patterns
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -79,8 +80,7 @@ class MagnitudePruning(Callback):
         log_per_layer: bool = False,
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step)
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}")
+        validate_int("every_n_steps", every_n_steps, 1)
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
         self.pattern = parse_pattern(pattern)

@@ -15,6 +15,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_accel._validation import validate_fraction
+
 Scope = Literal["global", "layer"]
 SCOPES: tuple[str, ...] = ("global", "layer")
 
@@ -179,8 +181,7 @@ def compute_masks(
                 [ True, False]])
     """
     parsed = parse_pattern(pattern)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}")
+    validate_fraction("sparsity", sparsity)
     if parsed.kind == "N:M" and sparsity > parsed.sparsity + 1e-9:
         raise ValueError(
             f"`sparsity` must be at most 1 - N/M = {parsed.sparsity} for pattern {pattern!r}, got {sparsity!r}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from lightning_accel._validation import validate_fraction, validate_int
+
 Schedule = Literal["one_shot", "linear", "cubic"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
@@ -14,15 +16,13 @@ def validate_schedule(
     """Raise ``ValueError`` naming the argument when a schedule setting is out of range."""
     if schedule not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}")
-    for name, value in (("target_sparsity", target_sparsity), ("initial_sparsity", initial_sparsity)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+    validate_fraction("target_sparsity", target_sparsity)
+    validate_fraction("initial_sparsity", initial_sparsity)
     if initial_sparsity > target_sparsity:
         raise ValueError(
             f"`initial_sparsity` must be <= `target_sparsity` ({target_sparsity!r}), got {initial_sparsity!r}"
         )
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-        raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+    validate_int("start_step", start_step, 0)
     if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)):
         raise ValueError(f"`end_step` must be an integer > `start_step` ({start_step}) or None, got {end_step!r}")
     if end_step is not None and end_step <= start_step:

@@ -11,7 +11,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from lightning_accel._modules import validate_bool, validate_patterns
+from lightning_accel._validation import validate_bool, validate_int, validate_patterns
 from lightning_accel.quantization.export import export_onnx
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -28,11 +28,6 @@ from lightning_accel.quantization.prepare import (
 _STATE_VERSION = 1
 #: Phases logged as ``qat/phase``.
 PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
-
-
-def _check_step(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"`{name}` must be an integer >= 0 or None, got {value!r}")
 
 
 def _check_export_path(export_path: str | None) -> None:
@@ -93,11 +88,9 @@ class QuantizationAwareTraining(Callback):
         export_path: str | None = None,
         log_ranges: bool = True,
     ) -> None:
-        for name, value in (("start_step", start_step), ("freeze_observers_step", freeze_observers_step)):
-            _check_step(name, value)
-        _check_step("freeze_bn_step", freeze_bn_step)
-        if start_step is None:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+        validate_int("start_step", start_step, 0)
+        validate_int("freeze_observers_step", freeze_observers_step, 0, allow_none=True)
+        validate_int("freeze_bn_step", freeze_bn_step, 0, allow_none=True)
         if freeze_observers_step is not None and freeze_observers_step <= start_step:
             raise ValueError(
                 f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
@@ -255,8 +248,7 @@ def calibrate_(
     Returns:
         The same ``model``, prepared and calibrated.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}")
+    validate_int("num_batches", num_batches, 1)
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     prepare_qat_(model, include, exclude, fold_bn)
@@ -309,8 +301,7 @@ class PostTrainingQuantization(Callback):
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
         _check_export_path(export_path)
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"`calibration_batches` must be an integer >= 1, got {calibration_batches!r}")
+        validate_int("calibration_batches", calibration_batches, 1)
         validate_bool("fold_bn", fold_bn)
         self.export_path = export_path
         self.calibration_batches = calibration_batches

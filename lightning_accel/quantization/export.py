@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_accel._validation import validate_int
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import activation_quantizers, is_prepared, quantized_modules
 
@@ -164,10 +165,7 @@ def export_onnx(
             f"`example_input` must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
             f"got {type(example_input).__name__}"
         )
-    if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < 13:
-        raise ValueError(
-            f"`opset_version` must be an integer >= 13 (per-channel QuantizeLinear), got {opset_version!r}"
-        )
+    validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
     onnx = _require_onnx()
     quantized = is_prepared(model)
     deploy = to_deployable(model) if quantized else copy.deepcopy(model).eval()
