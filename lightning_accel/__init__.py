@@ -11,9 +11,11 @@ from lightning_accel.pruning import (
     tensor_sparsity,
 )
 from lightning_accel.quantization import (
+    ExportCheck,
     PostTrainingQuantization,
     QuantizationAwareTraining,
     calibrate_,
+    check_onnx,
     export_onnx,
 )
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccelCLI",
+    "ExportCheck",
     "MagnitudePruning",
     "MixedPrecision",
     "NonFiniteLossError",
@@ -30,6 +33,7 @@ __all__ = [
     "apply_masks_",
     "build_cli",
     "calibrate_",
+    "check_onnx",
     "choose_precision",
     "compute_masks",
     "export_onnx",

@@ -5,6 +5,7 @@ from lightning_accel.quantization.callback import (
     QuantizationAwareTraining,
     calibrate_,
 )
+from lightning_accel.quantization.check import ExportCheck, check_onnx
 from lightning_accel.quantization.export import export_onnx, store_int8_weights, to_deployable
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -17,11 +18,13 @@ from lightning_accel.quantization.prepare import (
 
 __all__ = [
     "ActivationFakeQuant",
+    "ExportCheck",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "WeightFakeQuant",
     "activation_quantizers",
     "calibrate_",
+    "check_onnx",
     "export_onnx",
     "is_prepared",
     "prepare_qat_",

@@ -11,11 +11,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: Activations: unsigned 8-bit, per-tensor affine. Weights: signed 8-bit, symmetric per output channel.
+#: Activations: unsigned 8-bit, per-tensor affine. Weights: signed integers, symmetric per output channel.
 ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255
+#: The int8 storage range of weights in the ONNX file (the values themselves stay within +-weight_qmax(bits)).
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
-#: Symmetric weights use +-127, so that the int8 grid is symmetric around zero and a zero weight stays zero.
-WEIGHT_SYMMETRIC_MAX = 127
+#: Default weight width. ONNX Runtime's U8S8 kernels on x86 without VNNI (AVX2, AVX-512F) add each pair of
+#: neighbouring u8 x s8 products into a saturating int16: 2 * 255 * 63 = 32,130 never clips, 2 * 255 * 127 does.
+#: With 7-bit weights the runtime computes exactly the integers that were trained, on every CPU.
+DEFAULT_WEIGHT_BITS = 7
+WEIGHT_BITS_CHOICES = (7, 8)
+#: Bias is stored as int32 at scale ``input_scale * weight_scale``, as the runtime's integer kernels add it.
+BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
 #: Weight of the newest batch in the moving-average min/max observer (as in PyTorch's MovingAverageMinMax).
 AVERAGING_CONSTANT = 0.01
 _EPS = torch.finfo(torch.float32).eps
@@ -84,10 +90,43 @@ def affine_qparams(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     return scale.float(), zero_point.to(torch.int32)
 
 
-def symmetric_weight_scale(weight: Tensor) -> Tensor:
-    """Per-output-channel scale ``max|w| / 127`` (dimension 0 is the output channel)."""
+def weight_qmax(bits: int) -> int:
+    """Largest weight integer for ``bits``-bit symmetric weights: 63 for 7 bits, 127 for 8 bits."""
+    return 2 ** (bits - 1) - 1
+
+
+def symmetric_weight_scale(weight: Tensor, qmax: int = weight_qmax(DEFAULT_WEIGHT_BITS)) -> Tensor:
+    """Per-output-channel scale ``max|w| / qmax`` (dimension 0 is the output channel)."""
     absmax = weight.detach().abs().flatten(1).amax(dim=1) if weight.dim() > 1 else weight.detach().abs().amax()
-    return torch.clamp(absmax.float() / WEIGHT_SYMMETRIC_MAX, min=_EPS)
+    return torch.clamp(absmax.float() / qmax, min=_EPS)
+
+
+def quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """Round ``bias`` to the int32 grid at scale ``input_scale * weight_scale``, as int8 runtimes store it.
+
+    ONNX Runtime (and TensorRT) add the bias inside the integer accumulator, so a float bias becomes
+    ``round(b / (s_x * s_w))`` int32 steps. Modelling that here is what makes the PyTorch model and the runtime
+    agree exactly rather than to 99%. The gradient passes straight through.
+    """
+    scale = (input_scale.float() * weight_scale.float()).clamp_min(_EPS)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    quantized = fake_quantize(bias, scale, zero_point, BIAS_QMIN, BIAS_QMAX, axis=0 if scale.dim() else None)
+    return quantized if quantized.dtype == bias.dtype else quantized.to(bias.dtype)
+
+
+class _Float32State(nn.Module):
+    """Keeps floating-point buffers in float32 when the model is cast (``bf16-true``, ``16-true``, ``64-true``).
+
+    Ranges and scales in half precision would lose the resolution that quantization parameters need, and ATen's
+    fake-quant kernels and the ONNX exporter expect float32 scales. Device moves still apply.
+    """
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        def keep_dtype(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
+
+        return super()._apply(keep_dtype, recurse)
 
 
 @torch.no_grad()
@@ -117,12 +156,14 @@ def update_many(
         q.initialized.fill_(True)
 
 
-class ActivationFakeQuant(nn.Module):
+class ActivationFakeQuant(_Float32State):
     """Observes a tensor's range and fake-quantizes it to uint8, per tensor.
 
-    Observation only records the current batch's min/max (``batch_range``); the running range and the
-    quantization parameters change only in :func:`update_many`, which the callback calls with statistics already
-    reduced across ranks. So every rank quantizes with the same parameters at every step.
+    Observation only records the current step's min/max (``batch_range``), over every call of the step: a layer
+    that runs several times per forward (shared layers, unrolled recurrence) gets a range that covers all of its
+    calls. The running range and the quantization parameters change only in :func:`update_many`, which the
+    callback calls with statistics already reduced across ranks. So every rank quantizes with the same parameters
+    at every step.
     """
 
     def __init__(self) -> None:
@@ -142,8 +183,12 @@ class ActivationFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Record the batch range (when observing) and fake-quantize (when on and calibrated)."""
         if self.observe:
-            # The latest batch's range; the callback reduces it over ranks before it changes any parameter.
-            self.batch_range = torch.aminmax(x.detach())
+            # This step's range over all calls; the callback reduces it over ranks and then clears it.
+            low, high = torch.aminmax(x.detach())
+            low, high = low.float(), high.float()
+            if self.batch_range is not None:
+                low, high = torch.minimum(low, self.batch_range[0]), torch.maximum(high, self.batch_range[1])
+            self.batch_range = (low, high)
         if not (self.fake_quant and self.calibrated):
             return x
         if self.export_constants:
@@ -160,15 +205,20 @@ class ActivationFakeQuant(nn.Module):
         return f"observe={self.observe}, fake_quant={self.fake_quant}, calibrated={self.calibrated}"
 
 
-class WeightFakeQuant(nn.Module):
-    """Fake-quantizes a weight to int8, symmetric per output channel.
+class WeightFakeQuant(_Float32State):
+    """Fake-quantizes a weight to symmetric integers in ``[-qmax, qmax]``, per output channel.
 
     While observing, the scale follows the current weight (weights are identical on every DDP rank); frozen, it
     keeps the last scale.
+
+    Args:
+        out_channels: Number of output channels (dimension 0 of the weight).
+        qmax: Largest integer: 63 for 7-bit weights (the default, exact on every CPU), 127 for 8-bit.
     """
 
-    def __init__(self, out_channels: int) -> None:
+    def __init__(self, out_channels: int, qmax: int = weight_qmax(DEFAULT_WEIGHT_BITS)) -> None:
         super().__init__()
+        self.qmax = qmax
         self.register_buffer("scale", torch.ones(out_channels), persistent=False)
         self.register_buffer("zero_point", torch.zeros(out_channels, dtype=torch.int32), persistent=False)
         self.observe = True
@@ -178,16 +228,18 @@ class WeightFakeQuant(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         """Return the fake-quantized weight (or the weight itself while fake quantization is off)."""
         if self.observe:
-            self.scale.copy_(symmetric_weight_scale(weight))
+            self.scale.copy_(symmetric_weight_scale(weight, self.qmax))
         if not self.fake_quant:
             return weight
         if self.export_constants:
+            # The ONNX exporter accepts only the full int8 range here; the deployable model's weights are already
+            # on the +-qmax grid (see to_deployable), so the stored integers stay within +-qmax.
             quantized = torch.fake_quantize_per_channel_affine(
                 _as_float32(weight), self.scale, self.zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
             )
         else:
-            quantized = fake_quantize(weight, self.scale, self.zero_point, WEIGHT_QMIN, WEIGHT_QMAX, axis=0)
+            quantized = fake_quantize(weight, self.scale, self.zero_point, -self.qmax, self.qmax, axis=0)
         return quantized if quantized.dtype == weight.dtype else quantized.to(weight.dtype)
 
     def extra_repr(self) -> str:  # noqa: D102 - shown by print(model)
-        return f"observe={self.observe}, fake_quant={self.fake_quant}"
+        return f"qmax={self.qmax}, observe={self.observe}, fake_quant={self.fake_quant}"

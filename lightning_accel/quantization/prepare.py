@@ -10,7 +10,7 @@ The model's ``forward`` is untouched, so keyword and multiple inputs keep workin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_accel._modules import describe_selection, select_modules
-from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant, update_many
+from lightning_accel.quantization.fake_quant import (
+    DEFAULT_WEIGHT_BITS,
+    WEIGHT_BITS_CHOICES,
+    ActivationFakeQuant,
+    WeightFakeQuant,
+    quantize_bias,
+    update_many,
+    weight_qmax,
+)
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,25 +60,62 @@ class _Quantized:
             factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         return self.weight * factor.reshape(-1, *([1] * (self.weight.dim() - 1))), factor
 
+    def models_bias_rounding(self) -> bool:
+        """Whether the bias is rounded to the runtime's int32 grid here (needs a calibrated input scale).
+
+        Not in the deployable copy (``export_constants``): ``to_deployable`` stored the rounded bias already, so
+        that the exported graph holds it as a plain constant.
+        """
+        weight_quant, input_quant = self.weight_quant, self.input_quant
+        return (
+            weight_quant.fake_quant
+            and not weight_quant.export_constants
+            and input_quant.fake_quant
+            and input_quant.calibrated
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantizing:  # float phase: exactly the original module, at its original cost
-            return super().forward(x)
+            y = super().forward(x)
+            if self.folded_bn is not None and not getattr(self, "_fold_verified", False):
+                self._fold_check = y  # lets the BatchNorm check its pairing on the very first forward
+            return y
         x = self.input_quant(x)
         weight, factor = self.folded_weight_and_factor()
         weight = self.weight_quant(weight)
         if factor is None:
-            y = self._apply_weight(x, weight, self.bias)
+            bias = self.bias
+            if bias is not None and self.models_bias_rounding():
+                bias = quantize_bias(bias, self.input_quant.scale, self.weight_quant.scale)
+            y = self._apply_weight(x, weight, bias)
             return self.output_quant(y) if self.output_quant is not None else y
         # Folded: convolve with the (quantized) folded weight, then undo the fold factor so that the BatchNorm
         # that follows sees the conv output it expects (Krishnamoorthi 2018, section 3.2).
         shape = (1, -1, *([1] * (x.dim() - 2)))
-        safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-        y = self._apply_weight(x, weight, None) / safe_factor.reshape(shape)
-        if self.bias is not None:
-            y = y + self.bias.reshape(shape)
+        safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor).reshape(shape)
+        y = self._apply_weight(x, weight, None)
+        bn = self.folded_bn
+        if not (bn.training or bn.running_mean is None) and self.models_bias_rounding():
+            # The BatchNorm normalises with its running statistics, so the deployed conv is exactly
+            # ``conv(x, w_folded) + b_folded`` with the folded bias on the runtime's int32 grid. Hand the BatchNorm
+            # the input that makes its output exactly that.
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(factor)
+            folded_bias = quantize_bias(self.folded_bias(factor), self.input_quant.scale, self.weight_quant.scale)
+            y = (y + (folded_bias - beta).reshape(shape)) / safe_factor + bn.running_mean.reshape(shape)
+        else:
+            y = y / safe_factor
+            if self.bias is not None:
+                y = y + self.bias.reshape(shape)
         if self._fold_check is None and not getattr(self, "_fold_verified", False):
             self._fold_check = y
         return y
+
+    def folded_bias(self, factor: Tensor) -> Tensor:
+        """The bias of the conv with its BatchNorm folded in: ``(b - mean) * factor + beta``."""
+        bn = self.folded_bn
+        bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(factor)
+        return (bias - bn.running_mean) * factor + beta
 
 
 class QuantizedLinear(_Quantized, nn.Linear):
@@ -116,7 +161,7 @@ def _quantize_bn_output(bn: nn.Module, args: Any, output: Tensor) -> Tensor:
 def _check_bn_input(bn: nn.Module, args: tuple[Tensor, ...]) -> None:
     """On the first forward, make sure the folded BatchNorm really receives its conv's output."""
     conv = bn.folded_into
-    if getattr(conv, "_fold_verified", False) or not conv.quantizing:
+    if getattr(conv, "_fold_verified", False):
         return
     if conv._fold_check is None or args[0] is not conv._fold_check:
         raise RuntimeError(
@@ -162,6 +207,7 @@ def prepare_qat_(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     fold_bn: bool = True,
+    weight_bits: int = DEFAULT_WEIGHT_BITS,
 ) -> dict[str, nn.Module]:
     """Prepare ``model`` in place for int8 fake quantization (static W8A8).
 
@@ -174,15 +220,26 @@ def prepare_qat_(
             ``nn.Conv1d/2d/3d``.
         exclude: Glob patterns over module names to keep in float.
         fold_bn: Fold a BatchNorm that directly follows a conv into the conv's quantized weight.
+        weight_bits: 7 (default): weights in [-63, 63], which ONNX Runtime computes exactly on every CPU. 8: the
+            full [-127, 127] range, exact only where the int8 dot product accumulates in int32 (x86 with VNNI or
+            AMX, ARM, TensorRT); x86 without VNNI then needs the ORT session option ``session.x64quantprecision``.
 
     Returns:
         The prepared modules by name.
 
     Raises:
-        ValueError: when the patterns select no module.
+        ValueError: when the patterns select no module, or the model is already prepared with other weight bits.
     """
+    validate_weight_bits(weight_bits)
     if is_prepared(model):
-        return quantized_modules(model)
+        prepared = quantized_modules(model)
+        bits = {m.weight_quant.qmax for m in prepared.values()}
+        if bits != {weight_qmax(weight_bits)}:
+            raise ValueError(
+                f"`weight_bits`: the model is already prepared with weights in +-{sorted(bits)}, which "
+                f"weight_bits={weight_bits} (+-{weight_qmax(weight_bits)}) contradicts; prepare a fresh copy"
+            )
+        return prepared
     pairs = _conv_bn_pairs(model) if fold_bn else {}
     selected = {
         name: module
@@ -197,7 +254,7 @@ def prepare_qat_(
     for name, module in selected.items():
         module.__class__ = QUANTIZED_CLASSES[type(module)]
         module.input_quant = ActivationFakeQuant()
-        module.weight_quant = WeightFakeQuant(module.weight.shape[0])
+        module.weight_quant = WeightFakeQuant(module.weight.shape[0], weight_qmax(weight_bits))
         module.folded_name = name
         module._fold_check = None
         bn_name, bn = pairs.get(name, (None, None))
@@ -212,9 +269,41 @@ def prepare_qat_(
         object.__setattr__(bn, "folded_into", module)
         bn.register_forward_pre_hook(_check_bn_input)
         bn.register_forward_hook(_quantize_bn_output)
+    _disable_transformer_fast_paths(model)
     device = next(model.parameters()).device
     model.to(device)  # the new buffers follow the parameters
     return selected
+
+
+def validate_weight_bits(weight_bits: object) -> None:
+    """Raise ``ValueError`` naming ``weight_bits`` unless it is 7 or 8."""
+    if isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS_CHOICES:
+        raise ValueError(
+            f"`weight_bits` must be one of {list(WEIGHT_BITS_CHOICES)} (7: exact on every CPU; 8: for VNNI/AMX, "
+            f"ARM and TensorRT targets), got {weight_bits!r}"
+        )
+
+
+def _keeps_slow_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook: its presence makes ``nn.TransformerEncoderLayer`` skip its fused fast path."""
+
+
+def _disable_transformer_fast_paths(model: nn.Module) -> None:
+    """Make transformer layers that hold quantized modules run them in eval mode too.
+
+    In eval mode ``nn.TransformerEncoderLayer`` takes a fused kernel that reads ``linear1``/``linear2`` weights
+    directly and bypasses their forward, so validation would score the float FFN while the export quantizes it.
+    The layer documents that forward hooks switch the fast path off; ``nn.TransformerEncoder``'s nested-tensor
+    path is switched off too, since the layers then see padded tensors.
+    """
+    for module in model.modules():
+        if not any(isinstance(m, _Quantized) for m in module.modules()):
+            continue
+        hooks = module._forward_pre_hooks.values()
+        if isinstance(module, nn.TransformerEncoderLayer) and _keeps_slow_path not in hooks:
+            module.register_forward_pre_hook(_keeps_slow_path)
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
 
 
 def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
@@ -225,17 +314,38 @@ def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
             module.observe = observe
 
 
-def observed_ranges(quantizers: Iterable[ActivationFakeQuant]) -> Tensor:
-    """Stack the latest batch ranges as one tensor ``[-min_0, max_0, -min_1, max_1, ...]`` for one all-reduce(max)."""
-    missing = [q for q in quantizers if q.batch_range is None]
+def observed_ranges(quantizers: Mapping[str, ActivationFakeQuant]) -> Tensor:
+    """Take this step's ranges as one tensor ``[-min_0, max_0, -min_1, max_1, ...]`` (for one all-reduce(max)).
+
+    The quantizers' ``batch_range`` is cleared, so that the next step starts afresh.
+
+    Raises:
+        RuntimeError: naming the modules whose quantizers saw no data (a forward that skipped them).
+    """
+    missing = [name for name, q in quantizers.items() if q.batch_range is None]
     if missing:
+        modules = sorted({name.rpartition(".")[0] or name for name in missing})
         raise RuntimeError(
-            f"{len(missing)} activation quantizer(s) saw no data this step; every quantized module must run in "
-            "each training step (exclude modules that are skipped)"
+            f"The quantized module(s) {modules[:8]}{' and more' if len(modules) > 8 else ''} did not run in this "
+            "forward, so their activation ranges cannot be observed. Every quantized module must run in each "
+            "training or calibration step: exclude the modules that the forward skips (`exclude=[...]`)."
         )
-    ranges = torch.stack([v for q in quantizers for v in q.batch_range])
+    ranges = torch.stack([v for q in quantizers.values() for v in q.batch_range])
     ranges[0::2].neg_()
+    for quantizer in quantizers.values():
+        quantizer.batch_range = None
     return ranges
+
+
+def flag_nonfinite(ranges: Tensor) -> Tensor:
+    """Append a flag (1.0 if any range is NaN/inf, else 0.0) and zero the non-finite entries.
+
+    The result can be all-reduced with ``max`` in one call: every rank then learns whether any rank saw a
+    non-finite batch, and skips the update together.
+    """
+    finite = torch.isfinite(ranges)
+    flag = (~finite.all()).to(ranges.dtype).reshape(1)
+    return torch.cat([torch.where(finite, ranges, torch.zeros_like(ranges)), flag])
 
 
 def update_ranges(quantizers: Sequence[ActivationFakeQuant], ranges: Tensor, averaging_constant: float | None) -> None:

@@ -1,0 +1,152 @@
+"""Checking an exported ONNX file against the PyTorch model it came from.
+
+An export is only useful if the runtime computes what was trained and validated. ``check_onnx`` runs the file in
+ONNX Runtime on given inputs and compares it with the deployable PyTorch model: argmax agreement where the output
+looks like logits, signal-to-noise ratio and the largest absolute difference always.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+#: Below these, ``export_onnx`` warns (or raises with ``on_mismatch="raise"``).
+MIN_AGREEMENT = 0.99
+MIN_SNR_DB = 30.0
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely an ONNX file reproduces its PyTorch model.
+
+    Attributes:
+        samples: Number of samples (rows of the batch dimension) compared.
+        agreement: Fraction of samples whose argmax agrees, for 2-D outputs with several columns; else ``None``.
+        snr_db: Signal-to-noise ratio of the ONNX output against the PyTorch output, in dB (``inf`` if equal).
+        max_abs_diff: Largest absolute difference between the two.
+    """
+
+    samples: int
+    agreement: float | None
+    snr_db: float
+    max_abs_diff: float
+
+    def passed(self, min_agreement: float = MIN_AGREEMENT, min_snr_db: float = MIN_SNR_DB) -> bool:
+        """Whether agreement (where measured) and SNR reach the thresholds."""
+        agrees = self.agreement is None or self.agreement >= min_agreement
+        return agrees and self.snr_db >= min_snr_db
+
+    def __str__(self) -> str:
+        agreement = "n/a" if self.agreement is None else f"{self.agreement:.2%}"
+        return (
+            f"argmax agreement {agreement}, SNR {self.snr_db:.1f} dB, max abs diff {self.max_abs_diff:.3g} "
+            f"over {self.samples} sample(s)"
+        )
+
+
+def snr_db(reference: Tensor, approximation: Tensor) -> float:
+    """Signal-to-noise ratio of ``approximation`` against ``reference`` in dB (``inf`` when they are equal)."""
+    reference, approximation = reference.double(), approximation.double()
+    noise = (reference - approximation).pow(2).mean().item()
+    signal = reference.pow(2).mean().item()
+    if noise == 0.0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def split_example(example_input: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor], list[str]]:
+    """Positional inputs, keyword inputs and the ONNX input names for an example input."""
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input), list(example_input)
+    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
+    return args, {}, [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+
+
+def as_float32(tensor: Tensor) -> Tensor:
+    """Floating tensors as float32 (the precision of the exported graph); integer tensors unchanged."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def output_tensors(outputs: Any) -> list[Tensor]:
+    """The tensors of a model output (a tensor, or a tuple/list of them), in order."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, tuple | list):
+        return [t for t in outputs if isinstance(t, Tensor)]
+    raise TypeError(f"The model output must be a tensor or a tuple/list of tensors, got {type(outputs).__name__}")
+
+
+@torch.no_grad()
+def torch_outputs(model: nn.Module, example_input: Any) -> list[Tensor]:
+    """Run ``model`` on an example input (on the model's device) and return its output tensors on CPU."""
+    args, kwargs, _ = split_example(example_input)
+    device = next(model.parameters()).device
+    outputs = model(
+        *[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()}
+    )
+    return [t.detach().float().cpu() for t in output_tensors(outputs)]
+
+
+def onnx_session(path: str | Path) -> Any:
+    """An ONNX Runtime CPU session with default options: what a user deploying the file gets."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(session: Any, example_input: Any) -> list[Tensor]:
+    """Run an ONNX Runtime session on an example input."""
+    args, kwargs, names = split_example(example_input)
+    values = dict(zip(names, [*args, *kwargs.values()], strict=True))
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs that the graph does not use
+    feed = {name: as_float32(value).cpu().numpy() for name, value in values.items() if name in wanted}
+    return [torch.from_numpy(np.asarray(out)).float() for out in session.run(None, feed)]
+
+
+def compare_outputs(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> ExportCheck:
+    """Compare two lists of output tensors, the first output giving the argmax agreement."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"The ONNX model has {len(candidate)} output(s), the PyTorch model {len(reference)}")
+    flat_reference = torch.cat([t.reshape(-1) for t in reference])
+    flat_candidate = torch.cat([t.reshape(-1) for t in candidate])
+    first, first_candidate = reference[0], candidate[0]
+    agreement = None
+    if first.dim() == 2 and first.shape[1] > 1:
+        agreement = (first.argmax(1) == first_candidate.argmax(1)).float().mean().item()
+    max_abs = (flat_reference - flat_candidate).abs().max().item() if flat_reference.numel() else 0.0
+    return ExportCheck(
+        samples=first.shape[0] if first.dim() else 1,
+        agreement=agreement,
+        snr_db=snr_db(flat_reference, flat_candidate),
+        max_abs_diff=max_abs,
+    )
+
+
+def check_onnx(deployable: nn.Module, path: str | Path, inputs: Sequence[Any]) -> ExportCheck:
+    """Compare an ONNX file with the PyTorch model it was exported from, on several example inputs.
+
+    Args:
+        deployable: The model as exported: for a fake-quantized model, ``to_deployable(model)``.
+        path: The ONNX file.
+        inputs: Example inputs (each a tensor, a tuple or a dict, as ``export_onnx`` takes them); their outputs
+            are concatenated along the batch dimension.
+
+    Returns:
+        The :class:`ExportCheck`.
+    """
+    if not inputs:
+        raise ValueError("`inputs` must hold at least one example input to compare on")
+    session = onnx_session(path)
+    reference = [torch_outputs(deployable, example) for example in inputs]
+    candidate = [onnx_outputs(session, example) for example in inputs]
+    return compare_outputs(
+        [torch.cat(parts) for parts in zip(*reference, strict=True)],
+        [torch.cat(parts) for parts in zip(*candidate, strict=True)],
+    )
