@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import interleaved_ratio
+from benchmarks.common import cpu_description, interleaved_ratio
 from lightning_accel import QuantizationAwareTraining, calibrate_, export_onnx
 
 THREADS = 2
@@ -65,29 +64,35 @@ def median_latency(run, x: np.ndarray, repeats: int, rounds: int) -> list[float]
 
 
 def onnx_table() -> None:
+    """fp32 against int8 with 7-bit weights (the default) and with full 8-bit weights, side by side."""
     torch.manual_seed(0)
     float_model = BenchCNN().eval()
-    int8_model = BenchCNN()
-    int8_model.load_state_dict(float_model.state_dict())
     calibration = [torch.randn(32, 3, 32, 32) for _ in range(8)]
-    calibrate_(int8_model, calibration, num_batches=8, model_input=lambda batch: batch)
     with tempfile.TemporaryDirectory() as directory:
-        fp32_path = export_onnx(float_model, Path(directory) / "fp32.onnx", torch.zeros(1, 3, 32, 32))
-        int8_path = export_onnx(int8_model, Path(directory) / "int8.onnx", torch.zeros(1, 3, 32, 32))
-        fp32_size, int8_size = fp32_path.stat().st_size, int8_path.stat().st_size
-        sessions = {"fp32": session(fp32_path), "int8": session(int8_path)}
+        paths = {"fp32": export_onnx(float_model, Path(directory) / "fp32.onnx", torch.zeros(1, 3, 32, 32))}
+        for bits in (7, 8):
+            int8_model = BenchCNN()
+            int8_model.load_state_dict(float_model.state_dict())
+            calibrate_(int8_model, calibration, num_batches=8, model_input=lambda batch: batch, weight_bits=bits)
+            paths[f"int8 ({bits}-bit weights)"] = export_onnx(
+                int8_model, Path(directory) / f"int8_{bits}.onnx", torch.zeros(1, 3, 32, 32)
+            )
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        sessions = {name: session(path) for name, path in paths.items()}
+        names = list(sessions)
         print(f"\nBenchCNN (64/64/128 channels, 3x32x32), ONNX Runtime CPU, {THREADS} threads")
-        print(f"file size: fp32 {fp32_size:,} B, int8 {int8_size:,} B ({int8_size / fp32_size:.1%} of fp32)")
-        print("\n| batch | fp32 ms | int8 ms | int8 speed-up |")
-        print("| --- | --- | --- | --- |")
+        print("\n| | " + " | ".join(names) + " |")
+        print("| --- |" + " --- |" * len(names))
+        print("| file size | " + " | ".join(f"{sizes[n]:,} B ({sizes[n] / sizes['fp32']:.1%})" for n in names) + " |")
         for batch, repeats in ((1, 200), (32, 20)):
             x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
             times = {name: [] for name in sessions}
-            for _ in range(5):  # alternate the two sessions so that load drift hits both
+            for _ in range(5):  # alternate the sessions so that load drift hits all of them
                 for name, s in sessions.items():
                     times[name] += median_latency(lambda v, s=s: s.run(None, {"input": v}), x, repeats, 1)
-            fp32, int8 = statistics.median(times["fp32"]), statistics.median(times["int8"])
-            print(f"| {batch} | {fp32 * 1e3:.3f} | {int8 * 1e3:.3f} | {fp32 / int8:.2f}x |", flush=True)
+            medians = {name: statistics.median(t) for name, t in times.items()}
+            cells = [f"{medians[n] * 1e3:.3f} ms ({medians['fp32'] / medians[n]:.2f}x)" for n in names]
+            print(f"| batch {batch} latency (speed vs fp32) | " + " | ".join(cells) + " |", flush=True)
 
 
 def qat_step_table() -> None:
@@ -104,7 +109,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"machine: {cpu_description()}, torch {torch.__version__}")
     onnx_table()
     qat_step_table()
 
