@@ -221,3 +221,16 @@ def test_phase_switches_quantization_on_and_off():
     assert not torch.equal(quantized, float_out)
     set_qat_phase(model, fake_quant=True, observe=False)
     assert torch.equal(model(x), quantized)
+
+
+def test_bias_is_rounded_to_the_int32_grid_with_a_straight_through_gradient():
+    from lightning_accel.quantization.fake_quant import quantize_bias
+
+    bias = torch.tensor([0.1234, -2.5, 0.0, 7.77], requires_grad=True)
+    input_scale, weight_scale = torch.tensor(0.02), torch.tensor([0.01, 0.03, 0.5, 0.004])
+    rounded = quantize_bias(bias, input_scale, weight_scale)
+    steps = rounded / (input_scale * weight_scale)
+    assert torch.equal(steps, torch.round(steps))  # exactly on the grid
+    assert (rounded - bias).abs().le(input_scale * weight_scale / 2 + 1e-7).all()
+    rounded.sum().backward()
+    assert torch.equal(bias.grad, torch.ones(4))

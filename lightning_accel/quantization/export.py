@@ -57,8 +57,11 @@ def to_deployable(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of a fake-quantized ``model`` as the runtime will execute it.
 
     BatchNorms folded during training are folded into their conv for real (weight and bias) and replaced by
-    ``nn.Identity``; weight scales are fixed; every quantizer fake-quantizes with constant parameters. ``model`` is
-    not changed, so training can go on.
+    ``nn.Identity``; weight scales are fixed; weights are stored on their integer grid (within ``+-qmax``) and
+    biases on the runtime's int32 grid at ``input_scale * weight_scale``; every quantizer fake-quantizes with
+    constant parameters; the copy is float32 whatever precision the model trained in. Its outputs are what the
+    exported file computes, and the eval-mode fake-quant model computes the same. ``model`` is not changed, so
+    training can go on.
 
     Raises:
         ValueError: when ``model`` is not prepared, or a quantizer has never observed data.

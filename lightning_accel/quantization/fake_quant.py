@@ -109,8 +109,16 @@ def quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Te
     agree exactly rather than to 99%. The gradient passes straight through.
     """
     scale = (input_scale.float() * weight_scale.float()).clamp_min(_EPS)
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    quantized = fake_quantize(bias, scale, zero_point, BIAS_QMIN, BIAS_QMAX, axis=0 if scale.dim() else None)
+    if bias.is_cuda:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        quantized = fake_quantize(bias, scale, zero_point, BIAS_QMIN, BIAS_QMAX, axis=0 if scale.dim() else None)
+    else:
+        # A bias is a vector, and int32 never clips it: round and rescale, with the straight-through gradient.
+        # (Three small ops; the general fake_quantize path would add a host sync per layer and step.)
+        # ``exact - exact.detach()`` is exactly zero, so the value is the rounded bias bit for bit.
+        exact = _as_float32(bias)
+        rounded = torch.round(exact.detach() * torch.reciprocal(scale)) * scale
+        quantized = rounded + (exact - exact.detach())
     return quantized if quantized.dtype == bias.dtype else quantized.to(bias.dtype)
 
 
