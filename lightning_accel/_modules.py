@@ -1,44 +1,116 @@
-"""Selecting parameters and modules by include/exclude glob patterns over their names."""
+"""Selecting modules and parameters by include/exclude glob patterns: one convention for every callback.
+
+A pattern names **modules**: ``"head"`` selects the module ``head`` and everything inside it, ``"encoder.*"``
+every module below ``encoder``; a pattern that matches a module's parameter names (``"head.*"``) names that
+module too, so both spellings mean the same in every callback. Pruning acts on the weights of the selected Linear/Conv modules, QAT quantizes the
+selected Linear/Conv modules themselves. A pattern whose last part is a literal parameter name
+(``"*.in_proj_weight"``, ``"head.weight"``) names that **parameter** directly, which lets pruning reach weights
+outside Linear/Conv modules. Patterns use ``fnmatch`` rules (``*`` also crosses dots).
+
+A pattern that matches no name raises an error that lists names that exist: a typo must never silently select
+everything or nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from torch import nn
 
 #: Module types whose ``weight`` the callbacks act on by default.
 WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_GLOB_CHARACTERS = frozenset("*?[")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in patterns)
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``: a module and the modules that contain it."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))] if name else [""]
+
+
+def _names_module(pattern: str, module_name: str) -> bool:
+    """Whether ``pattern`` names the module ``module_name`` or a module that contains it."""
+    return any(fnmatchcase(prefix, pattern) for prefix in _prefixes(module_name))
+
+
+def _is_parameter_pattern(pattern: str, parameter_names: Iterable[str]) -> bool:
+    """A pattern whose last dotted part is a literal parameter name (``*.in_proj_weight``, ``head.weight``)."""
+    leaf = pattern.rsplit(".", 1)[-1]
+    if not leaf or _GLOB_CHARACTERS & set(leaf):
+        return False
+    return any(name.rsplit(".", 1)[-1] == leaf and fnmatchcase(name, pattern) for name in parameter_names)
+
+
+def _check_patterns_match(argument: str, patterns: Sequence[str] | None, candidates: Sequence[str], owner: str) -> None:
+    """Raise ``ValueError`` for a pattern that names nothing, listing names that exist."""
+    for pattern in patterns or ():
+        if not any(fnmatchcase(prefix, pattern) for name in candidates for prefix in _prefixes(name)):
+            shown = ", ".join(repr(name) for name in candidates[:8])
+            more = f" and {len(candidates) - 8} more" if len(candidates) > 8 else ""
+            raise ValueError(
+                f"{owner}: the `{argument}` pattern {pattern!r} matches no module or parameter. Patterns name "
+                f"modules ('head', 'encoder.*') or parameters ('*.in_proj_weight'); this model has {shown}{more}"
+            )
+
+
+def _all_parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, by tensor identity: tied parameters have several names."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
 
 
 def select_weights(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    owner: str = "MagnitudePruning",
 ) -> dict[str, nn.Parameter]:
-    """Select parameters by name.
+    """Select the weights to prune.
 
     Args:
-        model: The model whose ``named_parameters()`` are searched.
-        include: Glob patterns over parameter names. ``None`` selects the ``weight`` of every ``nn.Linear`` and
-            ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
-        exclude: Glob patterns over parameter names removed from the selection.
+        model: The model.
+        include: Patterns naming modules (their Linear/Conv weights are selected) or parameters. ``None`` selects
+            the weight of every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+        exclude: Patterns naming modules or parameters to leave out.
+        owner: The callback named in errors.
 
     Returns:
-        Selected parameters by name, in ``named_parameters()`` order.
+        Selected parameters by name, in ``named_parameters()`` order. A tied parameter appears once, under its
+        first name, and is selected when any of its names is.
+
+    Raises:
+        ValueError: when a pattern matches no module or parameter name.
     """
-    if include is None:
-        default = {
-            f"{module_name}.weight" if module_name else "weight"
-            for module_name, module in model.named_modules()
-            if isinstance(module, WEIGHT_MODULE_TYPES)
-        }
-        chosen = {name: p for name, p in model.named_parameters() if name in default}
-    else:
-        chosen = {name: p for name, p in model.named_parameters() if _matches(name, include)}
-    return {name: p for name, p in chosen.items() if not (exclude and _matches(name, exclude))}
+    names_by_id = _all_parameter_names(model)
+    parameter_names = [name for names in names_by_id.values() for name in names]
+    module_names = [name for name, _ in model.named_modules() if name]
+    _check_patterns_match("include", include, module_names + parameter_names, owner)
+    _check_patterns_match("exclude", exclude, module_names + parameter_names, owner)
+    default = {
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, WEIGHT_MODULE_TYPES)
+    }
+
+    def named_by(patterns: Sequence[str], name: str) -> bool:
+        module_name = name.rpartition(".")[0]
+        for pattern in patterns:
+            if _is_parameter_pattern(pattern, [name]):
+                return True
+            if name in default and (_names_module(pattern, module_name) or fnmatchcase(name, pattern)):
+                return True
+        return False
+
+    selected = {}
+    for name, parameter in model.named_parameters():
+        aliases = names_by_id[id(parameter)]
+        chosen = any(a in default for a in aliases) if include is None else any(named_by(include, a) for a in aliases)
+        if chosen and not (exclude and any(named_by(exclude, a) for a in aliases)):
+            selected[name] = parameter
+    return selected
 
 
 def select_modules(
@@ -46,24 +118,41 @@ def select_modules(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     types: tuple[type[nn.Module], ...] = WEIGHT_MODULE_TYPES,
+    owner: str = "QuantizationAwareTraining",
 ) -> dict[str, nn.Module]:
     """Select modules of ``types`` by name.
 
     Args:
-        model: The model whose ``named_modules()`` are searched.
-        include: Glob patterns over module names; ``None`` selects every module of ``types``.
-        exclude: Glob patterns over module names removed from the selection.
+        model: The model.
+        include: Patterns naming modules (a module and everything inside it); ``None`` selects every module of
+            ``types``. A pattern matching a module's parameters (``"head.*"``, ``"head.weight"``) selects it too.
+        exclude: Patterns naming modules to leave out.
         types: Only modules of these types are candidates.
+        owner: The callback named in errors.
 
     Returns:
         Selected modules by name, in ``named_modules()`` order.
+
+    Raises:
+        ValueError: when a pattern matches no module or parameter name.
     """
+    module_names = [name for name, _ in model.named_modules() if name]
+    parameter_names = [name for name, _ in model.named_parameters()]
+    _check_patterns_match("include", include, module_names + parameter_names, owner)
+    _check_patterns_match("exclude", exclude, module_names + parameter_names, owner)
+
+    def named_by(patterns: Sequence[str], name: str, module: nn.Module) -> bool:
+        own_parameters = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+        return any(
+            _names_module(pattern, name) or any(fnmatchcase(p, pattern) for p in own_parameters) for pattern in patterns
+        )
+
     return {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, types)
-        and (include is None or _matches(name, include))
-        and not (exclude and _matches(name, exclude))
+        and (include is None or named_by(include, name, module))
+        and not (exclude and named_by(exclude, name, module))
     }
 
 
@@ -71,3 +160,17 @@ def describe_selection(include: Sequence[str] | None, exclude: Sequence[str] | N
     """Describe include/exclude patterns for an error message."""
     what = f"include={include!r}" if include is not None else "include=None (every Linear/Conv weight)"
     return f"{what}, exclude={exclude!r}"
+
+
+def summarize_selection(selected: Iterable[str], candidates: Iterable[str], limit: int = 6) -> str:
+    """A short text of what was selected and what was left out, for the log at setup."""
+    selected, candidates = list(selected), list(candidates)
+    left_out = [name for name in candidates if name not in selected]
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+    text = f"{len(selected)} selected: {shown(selected) or 'none'}"
+    if left_out:
+        text += f"; left out by include/exclude: {shown(left_out)}"
+    return text

@@ -7,20 +7,123 @@ Models, data modules and callbacks are named by ``class_path`` in a YAML config,
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_accel._config_errors import summarize_config_error
+from lightning_accel.precision import MixedPrecision
+from lightning_accel.pruning import MagnitudePruning
+from lightning_accel.quantization import PostTrainingQuantization, QuantizationAwareTraining
+
+#: Top-level config sections, one per callback: ``--pruning.target_sparsity 0.5`` or ``pruning:`` in YAML adds
+#: that callback to the Trainer, so each callback's options can be set on the command line by name.
+CALLBACK_SECTIONS: dict[str, type] = {
+    "precision": MixedPrecision,
+    "pruning": MagnitudePruning,
+    "qat": QuantizationAwareTraining,
+    "ptq": PostTrainingQuantization,
+}
+
+
+def _raised_in_this_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is lightning_accel's code."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return True
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _boolean_options() -> dict[str, set[str]]:
+    """Our callbacks' options annotated ``bool``, by class name."""
+    options = {}
+    for callback_class in CALLBACK_SECTIONS.values():
+        hints = inspect.signature(callback_class.__init__).parameters
+        options[callback_class.__name__] = {name for name, p in hints.items() if p.annotation in ("bool", bool)}
+    return options
+
+
+def _loose_boolean(args: Any) -> str | None:
+    """Find a true/false option of our callbacks given as a string ('yes', 'on', 1) in configs or arguments.
+
+    jsonargparse reads the string 'yes' as YAML 1.1 and turns it into True; a typo such as 'ye' would not. Only
+    the YAML booleans true/false (and those words on the command line) are accepted.
+    """
+    options = _boolean_options()
+    args = [str(a) for a in args] if isinstance(args, list | tuple) else []
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in configs:
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports unreadable configs itself
+        sections = []
+        if isinstance(loaded, dict):
+            trainer = loaded.get("trainer") or {}
+            listed = trainer.get("callbacks") or [] if isinstance(trainer, dict) else []
+            sections += [entry for entry in listed if isinstance(entry, dict)]
+            for key, callback_class in CALLBACK_SECTIONS.items():
+                section = loaded.get(key)
+                if isinstance(section, dict):
+                    sections.append(
+                        {"class_path": callback_class.__name__, "init_args": section.get("init_args", section)}
+                    )
+        for entry in sections:
+            name = str(entry.get("class_path", "")).rpartition(".")[2]
+            for option, value in (entry.get("init_args") or {}).items():
+                if option in options.get(name, ()) and not isinstance(value, bool) and value is not None:
+                    return f"{name}: `{option}` must be true or false, got {value!r} (in {path})"
+    for index, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        section, _, option = key.lstrip("-").partition(".")
+        callback_class = CALLBACK_SECTIONS.get(section)
+        if callback_class is None or option not in options[callback_class.__name__]:
+            continue
+        if not value and index + 1 < len(args):
+            value = args[index + 1]
+        if value.lower() not in ("true", "false"):
+            return f"{callback_class.__name__}: `{option}` must be true or false, got {value!r}"
+    return None
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """A parser whose configuration errors are one ``error:`` line instead of a nested report and the usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        """Print one line naming the key, the expected values and the value given; exit with code 2."""
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {summarize_config_error(message)} (options: {prog} --help)\n")
+        sys.exit(2)
 
 
 class AccelCLI(LightningCLI):
     """LightningCLI that can evaluate the best checkpoint on the test set right after ``fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--test_after_fit``."""
+        """Add ``--test_after_fit`` and one section per callback (``--pruning.*``, ``--qat.*``, ...)."""
+        for key, callback_class in CALLBACK_SECTIONS.items():
+            parser.add_argument(
+                f"--{key}",
+                type=Optional[callback_class],  # noqa: UP045 - jsonargparse reads this form
+                default=None,
+                help=f"Add lightning_accel.{callback_class.__name__} to the Trainer with these options "
+                f"(e.g. --{key}.<option> VALUE, or a '{key}:' section in YAML).",
+            )
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -28,8 +131,18 @@ class AccelCLI(LightningCLI):
             help="After fit, run the test loop on the best checkpoint (or the final weights) and report it.",
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, with configuration errors shortened to one line."""
+        parser = super().init_parser(**kwargs)
+        parser.__class__ = _OneLineErrorParser
+        return parser
+
     def instantiate_classes(self) -> None:
-        """Build the objects; a constructor's ``ValueError``/``TypeError`` becomes a one-line usage error."""
+        """Build the objects; our callbacks' argument errors become a one-line usage error.
+
+        Errors raised in the user's own code (a model's ``__init__``, a data module) keep their full traceback:
+        only a ``ValueError``/``TypeError`` raised inside lightning_accel is a configuration mistake to summarise.
+        """
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as error:
@@ -38,7 +151,26 @@ class AccelCLI(LightningCLI):
             root: BaseException = error
             while root.__cause__ is not None or root.__context__ is not None:
                 root = root.__cause__ or root.__context__
+            if not _raised_in_this_package(root):
+                raise root from None
             self.parser.error(f"invalid configuration: {root}")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, after refusing non-boolean values for our callbacks' true/false options (YAML's 'yes', 'on')."""
+        problem = _loose_boolean(args if args is not None else sys.argv[1:])
+        if problem:
+            parser.error(problem)
+        super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Build the Trainer with the callbacks of ``trainer.callbacks`` and of the callback sections."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        sectioned = [config[key] for key in CALLBACK_SECTIONS if config.get(key) is not None]
+        if sectioned:
+            listed = config["trainer"].get("callbacks") or []
+            listed = listed if isinstance(listed, list) else [listed]
+            kwargs["callbacks"] = [*listed, *sectioned, *kwargs.get("callbacks", [])]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Report where the logs went and, if asked, test the best checkpoint."""
@@ -46,6 +178,16 @@ class AccelCLI(LightningCLI):
         if self.config[self.subcommand].get("test_after_fit"):
             checkpoint = trainer.checkpoint_callback
             has_best = isinstance(checkpoint, ModelCheckpoint) and bool(checkpoint.best_model_path)
+            below_target = [
+                c.best_checkpoint_below_target
+                for c in trainer.callbacks
+                if isinstance(c, MagnitudePruning) and c.best_checkpoint_below_target
+            ]
+            if has_best and checkpoint.best_model_path in below_target:
+                # The "best" checkpoint predates the final sparsity: test what will be deployed instead.
+                has_best = False
+            which = f"the best checkpoint {checkpoint.best_model_path}" if has_best else "the final weights"
+            rank_zero_info(f"Testing {which}")
             results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
             for name, value in sorted(results[0].items() if results else []):
                 rank_zero_info(f"{name}: {value:.4f}")

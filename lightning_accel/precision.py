@@ -93,16 +93,17 @@ class MixedPrecision(Callback):
         channels_last: bool = False,
         nonfinite: Literal["raise", "warn"] = "raise",
         patience: int = 1,
-        export_half: str | None = None,
+        export_half: str | os.PathLike | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}")
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"`nonfinite` must be one of {list(NONFINITE_ACTIONS)}, got {nonfinite!r}")
-        validate_int("patience", patience, 1)
-        validate_bool("channels_last", channels_last)
-        if export_half is not None and (not isinstance(export_half, str) or not export_half):
-            raise TypeError(f"`export_half` must be a file path (string) or None, got {export_half!r}")
+        patience = validate_int("patience", patience, 1)
+        channels_last = validate_bool("channels_last", channels_last)
+        if export_half is not None and (not isinstance(export_half, str | os.PathLike) or not os.fspath(export_half)):
+            raise TypeError(f"`export_half` must be a file path (str or os.PathLike) or None, got {export_half!r}")
+        export_half = os.fspath(export_half) if export_half is not None else None
         self.precision = precision
         self.channels_last = channels_last
         self.nonfinite = nonfinite

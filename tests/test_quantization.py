@@ -58,7 +58,7 @@ def test_prepare_keeps_parameters_names_and_state_dict():
 def test_prepare_respects_include_exclude_and_names_patterns_that_match_nothing():
     model = TinyNet()
     assert set(prepare_qat_(model, exclude=["fc2"])) == {"conv", "fc1"}
-    with pytest.raises(ValueError, match=r"selected no .*include=\['decoder\.\*'\]"):
+    with pytest.raises(ValueError, match=r"`include` pattern 'decoder\.\*' matches no module.*'fc1'"):
         prepare_qat_(TinyNet(), include=["decoder.*"])
 
 

@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._modules import describe_selection, select_weights
-from lightning_accel._validation import validate_bool, validate_int, validate_patterns
+from lightning_accel._modules import WEIGHT_MODULE_TYPES, select_weights, summarize_selection
+from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -46,18 +46,20 @@ class MagnitudePruning(Callback):
         schedule: ``"cubic"`` (Zhu & Gupta 2017: fast early, slow near the target), ``"linear"`` or ``"one_shot"``
             (the target at ``start_step`` at once).
         initial_sparsity: Sparsity at ``start_step`` for the gradual schedules.
-        start_step: Optimizer step at which pruning starts.
-        end_step: Optimizer step at which the target is reached. ``None`` means 75% of the fit's
-            ``trainer.estimated_stepping_batches``, which leaves the last quarter for fine-tuning.
+        start_step: Where pruning starts: an optimizer step (int), or a fraction of the fit's training steps
+            (float in (0, 1], as Lightning's ``val_check_interval``).
+        end_step: Where the target is reached: a step (int) or a fraction (float). The default 0.75 leaves the last
+            quarter of training for fine-tuning at the final sparsity. ``None`` means the same.
         every_n_steps: Recompute the masks every this many optimizer steps between ``start_step`` and ``end_step``.
         pattern: ``"unstructured"`` (single elements), ``"channels"`` (whole output channels/rows by L2 norm), or
             ``"N:M"`` such as ``"2:4"`` (N nonzeros in every M consecutive input weights, the layout sparse tensor
             cores accelerate).
         scope: For unstructured pruning, ``"global"`` ranks all selected weights together, ``"layer"`` prunes the
             same fraction of each. Structured patterns always work per layer.
-        include: Glob patterns over parameter names to prune. ``None`` selects the weight of every ``nn.Linear`` and
+        include: Patterns naming modules whose Linear/Conv weights are pruned (``"encoder.*"``, ``"head"``), or
+            parameters (``"*.in_proj_weight"``). ``None`` selects the weight of every ``nn.Linear`` and
             ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
-        exclude: Glob patterns over parameter names to leave dense (e.g. ``["*classifier*"]``).
+        exclude: Patterns naming modules or parameters to leave dense (e.g. ``["classifier"]``).
         log_per_layer: Also log ``sparsity/layer/<name>`` for each selected parameter.
 
     Example:
@@ -70,8 +72,8 @@ class MagnitudePruning(Callback):
         target_sparsity: float,
         schedule: Literal["one_shot", "linear", "cubic"] = "cubic",
         initial_sparsity: float = 0.0,
-        start_step: int = 0,
-        end_step: int | None = None,
+        start_step: int | float = 0,
+        end_step: int | float | None = DEFAULT_END_FRACTION,
         every_n_steps: int = 10,
         pattern: str = "unstructured",
         scope: Literal["global", "layer"] = "global",
@@ -79,8 +81,8 @@ class MagnitudePruning(Callback):
         exclude: list[str] | None = None,
         log_per_layer: bool = False,
     ) -> None:
-        validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step)
-        validate_int("every_n_steps", every_n_steps, 1)
+        validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
+        every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
         self.pattern = parse_pattern(pattern)
@@ -92,13 +94,13 @@ class MagnitudePruning(Callback):
         self.target_sparsity = float(target_sparsity)
         self.schedule = schedule
         self.initial_sparsity = float(initial_sparsity)
-        self.start_step = start_step
-        self.end_step = end_step
+        self.start_step = validate_step("start_step", start_step)
+        self.end_step = validate_step("end_step", end_step, allow_none=True)
         self.every_n_steps = every_n_steps
         self.scope = scope
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
-        validate_bool("log_per_layer", log_per_layer)
+        log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
 
         self._params: dict[str, nn.Parameter] = {}
@@ -108,7 +110,10 @@ class MagnitudePruning(Callback):
         self._multipliers: dict[str, Tensor] = {}
         self._mask_sparsity = 0.0  # the sparsity the current masks were computed for
         self._last_step = -1
-        self._resolved_end_step: int | None = end_step
+        # Steps once resolved against the fit's length (fractions become steps at fit start).
+        self._resolved_start_step: int | None = start_step if isinstance(start_step, int) else None
+        self._resolved_end_step: int | None = end_step if isinstance(end_step, int) else None
+        self.best_checkpoint_below_target: str | None = None
         self._hook_handles: list[Any] = []
         self._metrics: dict[str, float] = {}
 
@@ -121,24 +126,30 @@ class MagnitudePruning(Callback):
 
     def sparsity_at(self, step: int) -> float:
         """Return the sparsity this callback's schedule asks for at optimizer step ``step``."""
-        end_step = self._resolved_end_step if self._resolved_end_step is not None else self.start_step + 1
-        return sparsity_at(step, self.target_sparsity, self.schedule, self.initial_sparsity, self.start_step, end_step)
+        start_step = self._resolved_start_step or 0
+        end_step = self._resolved_end_step if self._resolved_end_step is not None else start_step + 1
+        return sparsity_at(step, self.target_sparsity, self.schedule, self.initial_sparsity, start_step, end_step)
 
-    def _resolve_end_step(self, trainer: Trainer) -> int:
-        if self.end_step is not None:
-            return self.end_step
+    def _resolve_schedule(self, trainer: Trainer) -> None:
+        """Turn fractional ``start_step``/``end_step`` into optimizer steps of this fit."""
         total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                "`end_step` must be set when the number of training steps is unknown (max_steps=-1 with an "
-                f"unbounded max_epochs or an iterable dataset), got end_step={self.end_step!r}"
-            )
-        return max(self.start_step + 1, int(DEFAULT_END_FRACTION * total))
+        end_step = DEFAULT_END_FRACTION if self.end_step is None else self.end_step
+        start = resolve_step("start_step", self.start_step, total)
+        end = resolve_step("end_step", end_step, total)
+        if end <= start:
+            if isinstance(end_step, float):  # a fraction of a short fit: prune at once after the start
+                end = start + 1
+            else:
+                raise ValueError(
+                    f"`end_step` ({end_step!r}) must come after `start_step` ({self.start_step!r} = step {start}) "
+                    f"in this fit of {total} steps"
+                )
+        self._resolved_start_step, self._resolved_end_step = start, end
 
     def _is_due(self, step: int, target: float) -> bool:
         if target == self._mask_sparsity:
             return False
-        on_grid = (step - self.start_step) % self.every_n_steps == 0
+        on_grid = (step - self._resolved_start_step) % self.every_n_steps == 0
         return on_grid or step >= self._resolved_end_step or self.schedule == "one_shot"
 
     # --- Lightning hooks ----------------------------------------------------------------------------------------
@@ -148,9 +159,14 @@ class MagnitudePruning(Callback):
         self._params = select_weights(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError(
-                f"MagnitudePruning selected no parameter of {type(pl_module).__name__} with "
-                f"{describe_selection(self.include, self.exclude)}"
+                f"MagnitudePruning selected no parameter of {type(pl_module).__name__}: include={self.include!r} "
+                f"and exclude={self.exclude!r} leave no Linear/Conv weight (name parameters such as "
+                "'*.in_proj_weight' explicitly to prune others)"
             )
+        candidates = [
+            f"{name}.weight" for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name
+        ]
+        rank_zero_info(f"MagnitudePruning ({stage}): {summarize_selection(self._params, candidates)}")
         if self.pattern.kind == "N:M":
             misfits = [
                 f"{name} {tuple(p.shape)}"
@@ -168,7 +184,7 @@ class MagnitudePruning(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the schedule, re-apply restored masks, and zero pruned weights after every optimizer step."""
-        self._resolved_end_step = self._resolve_end_step(trainer)
+        self._resolve_schedule(trainer)
         if self._masks is None:
             self._set_masks({name: torch.ones_like(p, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
         else:
@@ -178,7 +194,7 @@ class MagnitudePruning(Callback):
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         rank_zero_info(
             f"MagnitudePruning: {len(self._params)} parameters, {self.schedule} schedule to "
-            f"{self.target_sparsity:.2%} {self.pattern.kind} sparsity between steps {self.start_step} and "
+            f"{self.target_sparsity:.2%} {self.pattern.kind} sparsity between steps {self._resolved_start_step} and "
             f"{self._resolved_end_step}"
         )
 
@@ -213,13 +229,37 @@ class MagnitudePruning(Callback):
         self._remove_hooks()
         reached = self._metrics.get("sparsity/actual", 0.0)
         if self._mask_sparsity < self.target_sparsity:
+            steps = trainer.global_step
             rank_zero_warn(
-                f"MagnitudePruning: training ended at step {trainer.global_step}, before the schedule reached its "
-                f"target at step {self._resolved_end_step}; sparsity is {reached:.2%}, target "
-                f"{self.target_sparsity:.2%}. Lower `end_step` or train longer."
+                f"MagnitudePruning: training ended after {steps} optimizer steps (the last one was step "
+                f"{steps - 1}), but the schedule reaches its target only at step {self._resolved_end_step}; "
+                f"sparsity is {reached:.2%}, target {self.target_sparsity:.2%}. Set `end_step` below {steps} "
+                "(or a fraction below 1.0), or train longer."
             )
         else:
             rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {self.target_sparsity:.2%})")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Warn when a checkpoint callback's "best" checkpoint is less sparse than the target."""
+        self.best_checkpoint_below_target = None
+        for checkpoint in trainer.checkpoint_callbacks:
+            path = getattr(checkpoint, "best_model_path", "")
+            if not path or getattr(checkpoint, "monitor", None) is None:
+                continue
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (OSError, RuntimeError):
+                continue
+            state = saved.get("callbacks", {}).get(self.state_key, {})
+            sparsity = float(state.get("mask_sparsity", 0.0))
+            if sparsity < self.target_sparsity:
+                self.best_checkpoint_below_target = path
+                rank_zero_warn(
+                    f"MagnitudePruning: the best checkpoint by {checkpoint.monitor!r} ({path}) was saved at "
+                    f"{sparsity:.2%} sparsity, below the target {self.target_sparsity:.2%} that the final weights "
+                    "reached. `test(ckpt_path='best')` would score a less-pruned model than the one you deploy; "
+                    "`lightning-accel --test_after_fit` tests the final weights instead."
+                )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Remove the optimizer hooks so that a later fit starts clean."""

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from lightning_accel._validation import validate_fraction, validate_int
+from lightning_accel._validation import validate_fraction, validate_int, validate_step
 
 Schedule = Literal["one_shot", "linear", "cubic"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def validate_schedule(
-    schedule: str, target_sparsity: float, initial_sparsity: float, start_step: int, end_step: int | None
+    schedule: str,
+    target_sparsity: float,
+    initial_sparsity: float,
+    start_step: int | float,
+    end_step: int | float | None,
+    allow_fractions: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the argument when a schedule setting is out of range."""
+    """Raise ``ValueError`` naming the argument when a schedule setting is out of range.
+
+    With ``allow_fractions``, steps may also be fractions of the fit's training steps (floats in (0, 1]), as the
+    callbacks accept them; they are compared with each other only when both are of the same kind.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}")
     validate_fraction("target_sparsity", target_sparsity)
@@ -22,10 +31,14 @@ def validate_schedule(
         raise ValueError(
             f"`initial_sparsity` must be <= `target_sparsity` ({target_sparsity!r}), got {initial_sparsity!r}"
         )
-    validate_int("start_step", start_step, 0)
-    if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)):
-        raise ValueError(f"`end_step` must be an integer > `start_step` ({start_step}) or None, got {end_step!r}")
-    if end_step is not None and end_step <= start_step:
+    if allow_fractions:
+        start_step = validate_step("start_step", start_step)
+        end_step = validate_step("end_step", end_step, allow_none=True)
+    else:
+        validate_int("start_step", start_step, 0)
+        if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)):
+            raise ValueError(f"`end_step` must be an integer > `start_step` ({start_step}) or None, got {end_step!r}")
+    if end_step is not None and type(end_step) is type(start_step) and end_step <= start_step:
         raise ValueError(f"`end_step` must be > `start_step` ({start_step}), got {end_step!r}")
 
 

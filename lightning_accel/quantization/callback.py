@@ -14,7 +14,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lightning_accel._validation import validate_bool, validate_int, validate_patterns
+from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
+from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -211,9 +212,13 @@ class QuantizationAwareTraining(Callback):
         include: Glob patterns over module names to quantize; ``None`` selects every ``nn.Linear`` and
             ``nn.Conv1d/2d/3d`` (exact types; subclasses keep their own forward and are skipped).
         exclude: Glob patterns over module names to keep in float.
-        start_step: Optimizer step from which fake quantization is on; before it the model trains in float.
-        freeze_observers_step: Step from which activation ranges and weight scales stay fixed. ``None``: never.
-        freeze_bn_step: Step from which every BatchNorm keeps its running statistics (eval mode). ``None``: never.
+        start_step: Where fake quantization starts; before it the model trains in float. An optimizer step (int) or
+            a fraction of the fit's training steps (float in (0, 1], e.g. 0.6), as Lightning's
+            ``val_check_interval``.
+        freeze_observers_step: Step or fraction from which activation ranges and weight scales stay fixed.
+            ``None``: never.
+        freeze_bn_step: Step or fraction from which every BatchNorm keeps its running statistics (eval mode).
+            ``None``: never.
         fold_bn: Train and export a conv that is directly followed by a BatchNorm with the BatchNorm folded into its
             weight, so that the int8 weights the runtime sees are the ones that were trained.
         export_path: Where rank 0 writes the int8 ONNX model at the end of fit (needs the module's
@@ -234,9 +239,9 @@ class QuantizationAwareTraining(Callback):
         self,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        start_step: int = 0,
-        freeze_observers_step: int | None = None,
-        freeze_bn_step: int | None = None,
+        start_step: int | float = 0,
+        freeze_observers_step: int | float | None = None,
+        freeze_bn_step: int | float | None = None,
         fold_bn: bool = True,
         export_path: str | os.PathLike | None = None,
         log_ranges: bool = True,
@@ -244,16 +249,17 @@ class QuantizationAwareTraining(Callback):
         model_input: str | int | None = None,
         on_mismatch: str = "warn",
     ) -> None:
-        validate_int("start_step", start_step, 0)
-        validate_int("freeze_observers_step", freeze_observers_step, 0, allow_none=True)
-        validate_int("freeze_bn_step", freeze_bn_step, 0, allow_none=True)
-        if freeze_observers_step is not None and freeze_observers_step <= start_step:
+        start_step = validate_step("start_step", start_step)
+        freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
+        freeze_bn_step = validate_step("freeze_bn_step", freeze_bn_step, allow_none=True)
+        comparable = type(freeze_observers_step) is type(start_step)
+        if freeze_observers_step is not None and comparable and freeze_observers_step <= start_step:
             raise ValueError(
                 f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
                 f"they are frozen, or None; got {freeze_observers_step!r}"
             )
-        validate_bool("fold_bn", fold_bn)
-        validate_bool("log_ranges", log_ranges)
+        fold_bn = validate_bool("fold_bn", fold_bn)
+        log_ranges = validate_bool("log_ranges", log_ranges)
         validate_weight_bits(weight_bits)
         _check_model_input(model_input)
         _check_on_mismatch(on_mismatch)
@@ -269,12 +275,18 @@ class QuantizationAwareTraining(Callback):
         self.model_input = model_input
         self.on_mismatch = on_mismatch
         self.skipped_ranges = 0
+        self._log_selection = True  # once per callback: setup runs again for test after fit
         self._model: nn.Module | None = None
         self._quantizers: dict[str, ActivationFakeQuant] = {}
         self._pending_state: dict[str, Any] | None = None
         self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
         self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
+        # (start, freeze observers, freeze BatchNorm) as optimizer steps, once fractions are resolved at fit start.
+        steps = (start_step, freeze_observers_step, freeze_bn_step)
+        self._steps: tuple[int, int | None, int | None] | None = (
+            steps if not any(isinstance(v, float) for v in steps) else None
+        )
 
     @property
     def state_key(self) -> str:
@@ -282,12 +294,31 @@ class QuantizationAwareTraining(Callback):
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
     def phase_at(self, step: int) -> int:
-        """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen."""
-        if step < self.start_step:
+        """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen.
+
+        Fractional steps are resolved at fit start; before that this raises ``RuntimeError``.
+        """
+        if self._steps is None:
+            raise RuntimeError("QuantizationAwareTraining: fractional steps are resolved when fit starts")
+        start, freeze_observers, _ = self._steps
+        if step < start:
             return PHASE_FLOAT
-        if self.freeze_observers_step is not None and step >= self.freeze_observers_step:
+        if freeze_observers is not None and step >= freeze_observers:
             return PHASE_FROZEN
         return PHASE_OBSERVING
+
+    def _resolve_steps(self, trainer: Trainer) -> None:
+        """Turn fractional steps into optimizer steps of this fit, and check their order."""
+        total = trainer.estimated_stepping_batches
+        start = resolve_step("start_step", self.start_step, total)
+        freeze_observers = resolve_step("freeze_observers_step", self.freeze_observers_step, total)
+        freeze_bn = resolve_step("freeze_bn_step", self.freeze_bn_step, total)
+        if freeze_observers is not None and freeze_observers <= start:
+            raise ValueError(
+                f"`freeze_observers_step` ({self.freeze_observers_step!r} = step {freeze_observers}) must come after "
+                f"`start_step` ({self.start_step!r} = step {start}) in this fit of {total} steps"
+            )
+        self._steps = (start, freeze_observers, freeze_bn)
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
@@ -308,12 +339,23 @@ class QuantizationAwareTraining(Callback):
             self._load_into_model(self._pending_state)
         if self.export_path is not None and fitting:
             _dry_run_export(pl_module, type(self).__name__, **self._prepare_arguments())
+        self._set_phase(self.phase_at(trainer.global_step) if self._steps else PHASE_FLOAT, training=False)
+        if self._log_selection:
+            quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
+            candidates = [name for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name]
+            rank_zero_info(f"QuantizationAwareTraining ({stage}): {summarize_selection(quantized, candidates)}")
+            self._log_selection = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve fractional steps against this fit's length (before the sanity check validates)."""
+        self._resolve_steps(trainer)
         self._set_phase(self.phase_at(trainer.global_step), training=False)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
         self._set_phase(self.phase_at(trainer.global_step), training=True)
-        if self.freeze_bn_step is not None and trainer.global_step >= self.freeze_bn_step:
+        freeze_bn_step = self._steps[2]
+        if freeze_bn_step is not None and trainer.global_step >= freeze_bn_step:
             for bn in self._batch_norms:  # again every step: Lightning's model.train() after validation undoes it
                 bn.eval()
 
@@ -385,10 +427,11 @@ class QuantizationAwareTraining(Callback):
             )
             return
         uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
-        if uncalibrated and trainer.global_step <= self.start_step:
+        start = self._steps[0]
+        if uncalibrated and trainer.global_step <= start:
             rank_zero_warn(
                 f"QuantizationAwareTraining: training ended at step {trainer.global_step}, before QAT's start_step "
-                f"{self.start_step}, so there is no int8 model: nothing was written to {self.export_path}"
+                f"{start}, so there is no int8 model: nothing was written to {self.export_path}"
             )
             return
         if uncalibrated:
@@ -495,7 +538,7 @@ def calibrate_(
     Raises:
         ValueError: when no batch came, or every batch gave a quantizer NaN/inf activations (named).
     """
-    validate_int("num_batches", num_batches, 1)
+    num_batches = validate_int("num_batches", num_batches, 1)
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     picker = batch_picker(model_input)
@@ -563,8 +606,8 @@ class PostTrainingQuantization(Callback):
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
         self.export_path = _check_export_path(export_path)
-        validate_int("calibration_batches", calibration_batches, 1)
-        validate_bool("fold_bn", fold_bn)
+        calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
+        fold_bn = validate_bool("fold_bn", fold_bn)
         validate_weight_bits(weight_bits)
         _check_model_input(model_input)
         _check_on_mismatch(on_mismatch)

@@ -251,7 +251,7 @@ def export_onnx(
     _check_example_input("example_input", example_input)
     for index, extra in enumerate(check_inputs or ()):
         _check_example_input(f"check_inputs[{index}]", extra)
-    validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
+    opset_version = validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
     if on_mismatch not in ON_MISMATCH_CHOICES:
         raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
     onnx = _require_onnx()

@@ -1,0 +1,75 @@
+"""Turning jsonargparse's nested validation reports into one readable ``error:`` line.
+
+A typo in one callback option produced 60-70 lines in which the key sat near the bottom. The report has a fixed
+shape (``Parser key "..."``, ``Problem with given class_path '...'``, ``Expected a ...``, ``Given value: ...``),
+so the useful facts can be picked out: the key, the expected type or values, the value given, and for an unknown
+option the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_EXPECTED = re.compile(r"Expected a <class '([^']+)'>")
+_SUBTYPES = re.compile(r"Subtypes: \[([^\]]*(?:\][^\]]*)?)\]")
+_GOT_VALUE = re.compile(r"(?:Got value|Given value): (.+)")
+
+
+def _options_of(class_path: str) -> list[str]:
+    """The constructor options of an importable class, or ``[]``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(target.__init__).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p for p in parameters if p != "self" and parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _clean_type(text: str) -> str:
+    return re.sub(r"<class '([^']+)'>", r"\1", text).replace("NoneType", "None").replace("typing.", "")
+
+
+def summarize_config_error(message: str) -> str:
+    """One line with the key, what is expected, the value given and, for a typo, a close match.
+
+    Messages that are not jsonargparse validation reports come back as their first line.
+    """
+    keys = _KEY.findall(message)
+    class_match = _CLASS_PATH.search(message)
+    if not keys:
+        return message.strip().splitlines()[0] if message.strip() else message
+    class_path = class_match.group(1) if class_match else None
+    owner = f" ({class_path.rpartition('.')[2]})" if class_path else ""
+    unknown = _NOT_ACCEPTED.search(message)
+    if unknown:
+        option = unknown.group(1)
+        options = _options_of(class_path) if class_path else []
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        listed = f" Valid options: {', '.join(options)}." if options else ""
+        return f"{keys[0]}{owner}: unknown option {option!r}{hint}{listed}"
+    # The innermost key holds the real problem; the outer ones name where it sits.
+    inner_at = message.find(f'Parser key "{keys[-1]}"')
+    detail = message[inner_at:]
+    where = keys[0] + owner + (f".{keys[-1]}" if len(keys) > 1 else "")
+    subtypes = _SUBTYPES.search(detail)
+    expected = (
+        _clean_type(subtypes.group(1)) if subtypes else ", ".join(_clean_type(e) for e in _EXPECTED.findall(detail))
+    )
+    value_match = _GOT_VALUE.search(detail)
+    value = value_match.group(1).strip() if value_match else "?"
+    if keys[-1] == "pattern" and re.fullmatch(r"\d+", value):
+        return (
+            f"{where}: got the number {value}: YAML reads an unquoted N:M such as 2:4 as a base-60 number. "
+            "Quote it: pattern: '2:4'"
+        )
+    if "list" in expected and not value.startswith("["):
+        return f"{where}: expected a list such as [{value!r}], got the single value {value!r}"
+    return f"{where}: expected {expected or 'another value'}, got {value}"
