@@ -2,10 +2,10 @@
 
 A pattern names **modules**: ``"head"`` selects the module ``head`` and everything inside it, ``"encoder.*"``
 every module below ``encoder``; a pattern that matches a module's parameter names (``"head.*"``) names that
-module too, so both spellings mean the same in every callback. Pruning acts on the weights of the selected Linear/Conv modules, QAT quantizes the
-selected Linear/Conv modules themselves. A pattern whose last part is a literal parameter name
-(``"*.in_proj_weight"``, ``"head.weight"``) names that **parameter** directly, which lets pruning reach weights
-outside Linear/Conv modules. Patterns use ``fnmatch`` rules (``*`` also crosses dots).
+module too, so both spellings mean the same in every callback. Pruning acts on the weights of the selected
+Linear/Conv modules, QAT quantizes the selected Linear/Conv modules themselves. A pattern whose last part is a
+literal parameter name (``"*.in_proj_weight"``, ``"head.weight"``) names that **parameter** directly, which lets
+pruning reach weights outside Linear/Conv modules. Patterns use ``fnmatch`` rules (``*`` also crosses dots).
 
 A pattern that matches no name raises an error that lists names that exist: a typo must never silently select
 everything or nothing.

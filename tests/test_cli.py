@@ -110,7 +110,7 @@ def test_qat_config_exports_an_int8_onnx_model_that_keeps_accuracy(tmp_path, mon
 
     monkeypatch.chdir(ROOT)
     int8_path = tmp_path / "model.int8.onnx"
-    cli = run_config("qat", tmp_path, "--trainer.callbacks.export_path", str(int8_path))
+    cli = run_config("qat", tmp_path, "--qat.export_path", str(int8_path))
     images, labels = map(torch.cat, zip(*cli.datamodule.test_dataloader(), strict=True))
     with torch.no_grad():
         fake_quant = cli.model.eval()(images).argmax(1)
@@ -142,7 +142,7 @@ def test_amp_config_trains_under_bf16_and_its_half_export_keeps_test_accuracy(tm
             "examples/digits/amp.yaml",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks.export_half",
+            "--precision.export_half",
             str(export),
             "--test_after_fit=false",
         ]

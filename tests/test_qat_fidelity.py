@@ -75,10 +75,10 @@ def test_lightning_accel_test_with_ckpt_path_scores_the_int8_model(tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["lightning-accel"])
     common = ["--config", "examples/digits/qat.yaml", "--trainer.enable_progress_bar=false"]
     schedule = [
-        "--trainer.callbacks.start_step=10",
-        "--trainer.callbacks.freeze_bn_step=20",
-        "--trainer.callbacks.freeze_observers_step=30",
-        f"--trainer.callbacks.export_path={tmp_path / 'm.onnx'}",
+        "--qat.start_step=10",
+        "--qat.freeze_bn_step=20",
+        "--qat.freeze_observers_step=30",
+        f"--qat.export_path={tmp_path / 'm.onnx'}",
     ]
     fit = build_cli(
         [

@@ -166,7 +166,9 @@ class MagnitudePruning(Callback):
         candidates = [
             f"{name}.weight" for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name
         ]
-        rank_zero_info(f"MagnitudePruning ({stage}): {summarize_selection(self._params, candidates)}")
+        rank_zero_info(
+            f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summarize_selection(self._params, candidates)}"
+        )
         if self.pattern.kind == "N:M":
             misfits = [
                 f"{name} {tuple(p.shape)}"

@@ -343,7 +343,8 @@ class QuantizationAwareTraining(Callback):
         if self._log_selection:
             quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
             candidates = [name for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name]
-            rank_zero_info(f"QuantizationAwareTraining ({stage}): {summarize_selection(quantized, candidates)}")
+            summary = summarize_selection(quantized, candidates)
+            rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {summary}")
             self._log_selection = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,0 +1,287 @@
+"""Configuration a Lightning user expects: one selection convention, steps as fractions, callback sections on the
+command line, one-line errors, plain and numpy values, and an honest "best" checkpoint."""
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_accel import (
+    MagnitudePruning,
+    MixedPrecision,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    build_cli,
+)
+from lightning_accel._modules import select_modules, select_weights
+from lightning_accel._validation import resolve_step, validate_step
+from lightning_accel.quantization import prepare_qat_
+from tests.helpers import RandomImages, TinyModule, fast_trainer_kwargs, fit_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_WEIGHTS = {"net.conv.weight", "net.fc1.weight", "net.fc2.weight"}
+
+# --- one selection convention ----------------------------------------------------------------------------------
+
+SELECTION_CASES = [
+    # (include, exclude, pruned weights, quantized modules): the same spelling means the same in both callbacks.
+    (None, ["net.fc2"], {"net.conv.weight", "net.fc1.weight"}, {"net.conv", "net.fc1"}),
+    (None, ["net.fc2.*"], {"net.conv.weight", "net.fc1.weight"}, {"net.conv", "net.fc1"}),
+    (None, ["*fc2*"], {"net.conv.weight", "net.fc1.weight"}, {"net.conv", "net.fc1"}),
+    (["net.fc*"], None, {"net.fc1.weight", "net.fc2.weight"}, {"net.fc1", "net.fc2"}),
+    (["net"], ["net.conv"], {"net.fc1.weight", "net.fc2.weight"}, {"net.fc1", "net.fc2"}),
+    (["net.fc1.weight"], None, {"net.fc1.weight"}, {"net.fc1"}),
+    (None, None, ALL_WEIGHTS, {"net.conv", "net.fc1", "net.fc2"}),
+]
+
+
+@pytest.mark.parametrize(("include", "exclude", "pruned", "quantized"), SELECTION_CASES)
+def test_a_pattern_means_the_same_in_pruning_and_in_qat(include, exclude, pruned, quantized):
+    assert set(select_weights(TinyModule(), include, exclude)) == pruned
+    assert set(prepare_qat_(TinyModule(), include, exclude)) == quantized
+
+
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+def test_a_pattern_that_matches_nothing_is_an_error_listing_names(argument):
+    with pytest.raises(ValueError, match=rf"`{argument}` pattern 'head' matches no module.*'net\.fc1'"):
+        select_weights(TinyModule(), **{argument: ["head"]})
+    with pytest.raises(ValueError, match=rf"`{argument}` pattern 'head' matches no module.*'net\.fc1'"):
+        select_modules(TinyModule(), **{argument: ["head"]})
+
+
+def test_an_explicit_parameter_pattern_reaches_attention_projections():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    chosen = select_weights(layer, include=["*.in_proj_weight"])
+    assert set(chosen) == {"self_attn.in_proj_weight"}
+    assert "self_attn.in_proj_weight" not in select_weights(layer)  # not a Linear: only when named
+
+
+def test_tied_parameters_are_one_tensor_selected_under_any_name():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)
+            self.body = nn.Linear(8, 8)
+            self.embedding = nn.Embedding(20, 8)
+            self.embedding.weight = self.head.weight
+
+    model = TiedLM()
+    assert set(select_weights(model)) == {"head.weight", "body.weight"}
+    by_other_name = select_weights(model, include=["embedding.weight"])
+    assert list(by_other_name.values()) == [model.head.weight]
+
+
+def test_the_selection_is_logged_at_setup(caplog):
+    with caplog.at_level("INFO"):
+        fit_tiny([MagnitudePruning(0.5, exclude=["net.fc2"], every_n_steps=2), QuantizationAwareTraining()])
+    text = caplog.text
+    assert (
+        "MagnitudePruning (fit): 2 selected: net.conv.weight, net.fc1.weight; "
+        "left out by include/exclude: net.fc2.weight" in text
+    )
+    assert "QuantizationAwareTraining (fit): 3 selected" in text
+
+
+# --- steps as fractions ----------------------------------------------------------------------------------------
+
+STEP_CASES = [
+    (0, 0),
+    (7, 7),
+    (np.int64(5), 5),
+    (0.5, 0.5),
+    (1.0, 1.0),
+    (np.float32(0.25), 0.25),
+    (220.0, 220),  # a whole step that a config parser turned into a float
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), STEP_CASES)
+def test_steps_accept_ints_fractions_and_numpy_scalars(given, expected):
+    value = validate_step("start_step", given)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("given", [-1, 0.0, 1.5, "10", True, None])
+def test_bad_steps_name_the_argument_and_the_two_units(given):
+    with pytest.raises(ValueError, match=r"`start_step` must be an optimizer step .* or a fraction"):
+        validate_step("start_step", given)
+
+
+def test_an_unknown_total_with_a_fraction_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`end_step`=0.5 is a fraction .* number is unknown"):
+        resolve_step("end_step", 0.5, float("inf"))
+    assert resolve_step("end_step", 12, float("inf")) == 12
+
+
+def test_fractional_steps_resolve_against_the_fit(tmp_path):
+    # 64 images, batch 8: 8 steps per epoch, 16 steps in 2 epochs.
+    qat = QuantizationAwareTraining(start_step=0.5, freeze_observers_step=0.75)
+    pruning = MagnitudePruning(0.5, start_step=0.25, end_step=0.5, every_n_steps=1)
+    fit_tiny([qat, pruning], TinyModule(), epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    assert qat.phase_at(7) == 0 and qat.phase_at(8) == 1 and qat.phase_at(12) == 2
+    assert pruning.sparsity_at(3) == 0.0 and pruning.sparsity_at(8) == 0.5
+    with open(next(tmp_path.rglob("metrics.csv"))) as metrics:
+        rows = [r for r in csv.DictReader(metrics) if r.get("qat/phase_observing")]
+    observing = [int(r["step"]) for r in rows if float(r["qat/phase_observing"]) == 1.0]
+    assert observing and min(observing) == 8  # logged as 0/1 scalars that read without the source
+    assert all(
+        float(r["qat/phase_float"]) + float(r["qat/phase_observing"]) + float(r["qat/phase_frozen"]) == 1 for r in rows
+    )
+
+
+def test_fractional_steps_in_the_wrong_order_fail_before_training():
+    qat = QuantizationAwareTraining(start_step=10, freeze_observers_step=0.25)  # step 4 of 16: before the start
+    module = TinyModule()
+    with pytest.raises(ValueError, match=r"`freeze_observers_step` \(0.25 = step 4\) must come after `start_step`"):
+        fit_tiny([qat], module, epochs=2)
+
+
+# --- values: numpy scalars, PathLike, strict booleans -----------------------------------------------------------
+
+
+def test_numpy_scalars_and_pathlike_are_accepted_where_numbers_and_paths_are(tmp_path):
+    pruning = MagnitudePruning(np.float64(0.5), every_n_steps=np.int32(3), start_step=np.int64(1))
+    assert pruning.target_sparsity == 0.5 and pruning.every_n_steps == 3 and type(pruning.every_n_steps) is int
+    qat = QuantizationAwareTraining(export_path=tmp_path / "m.onnx")
+    assert qat.export_path == os.fspath(tmp_path / "m.onnx")
+    assert PostTrainingQuantization(tmp_path / "p.onnx", calibration_batches=np.int16(2)).calibration_batches == 2
+    assert MixedPrecision("bf16-mixed", export_half=tmp_path / "h.pt").export_half == os.fspath(tmp_path / "h.pt")
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["lightning-accel"])
+
+
+def test_callback_sections_take_options_by_name_on_the_command_line(in_root):
+    cli = build_cli(
+        [
+            "--config",
+            "examples/digits/accelerate.yaml",
+            "--pruning.target_sparsity=0.5",
+            "--qat.start_step=0.5",
+            "--precision.precision=bf16-mixed",
+        ],
+        run=False,
+    )
+    by_type = {type(c): c for c in cli.trainer.callbacks}
+    assert by_type[MagnitudePruning].target_sparsity == 0.5
+    assert by_type[QuantizationAwareTraining].start_step == 0.5
+    assert by_type[QuantizationAwareTraining].export_path == "artifacts/model.int8.onnx"  # from the YAML
+    assert by_type[MixedPrecision].precision == "bf16-mixed"
+
+
+def test_print_config_shows_the_sections(in_root, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", "examples/digits/accelerate.yaml", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "pruning:\n  class_path: lightning_accel.MagnitudePruning" in printed
+    assert "qat:\n  class_path: lightning_accel.QuantizationAwareTraining" in printed
+
+
+ERROR_CASES = [
+    ("typo", "pruning:\n  target_sparcity: 0.5\n", "unknown option 'target_sparcity'; did you mean 'target_sparsity'?"),
+    (
+        "typo in a callbacks list",
+        "trainer:\n  callbacks:\n    - class_path: lightning_accel.MagnitudePruning\n"
+        "      init_args:\n        target_sparcity: 0.5\n",
+        "did you mean 'target_sparsity'?",
+    ),
+    (
+        "string for a list",
+        "pruning:\n  target_sparsity: 0.5\n  exclude: head.*\n",
+        "expected a list such as ['head.*']",
+    ),
+    ("unquoted N:M", "pruning:\n  target_sparsity: 0.5\n  pattern: 2:4\n", "Quote it: pattern: '2:4'"),
+    ("yes for a boolean", "precision:\n  channels_last: 'yes'\n", "`channels_last` must be true or false, got 'yes'"),
+    ("out of range", "pruning:\n  target_sparsity: 1.5\n", "`target_sparsity` must be a number in [0, 1), got 1.5"),
+]
+
+
+@pytest.mark.parametrize(("name", "yaml", "expected"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_configuration_errors_are_one_line(in_root, tmp_path, capsys, name, yaml, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_a_boolean_word_on_the_command_line_is_refused(in_root, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--precision.channels_last", "on"])
+    assert "`channels_last` must be true or false, got 'on'" in capsys.readouterr().err
+
+
+class BrokenModel(TinyModule):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        raise ValueError(f"my own bug, width {width}")
+
+
+def test_an_error_in_the_users_own_code_keeps_its_traceback(in_root, tmp_path):
+    config = tmp_path / "user.yaml"
+    config.write_text("model:\n  class_path: tests.test_configuration.BrokenModel\n")
+    with pytest.raises(ValueError, match="my own bug, width 4") as info:
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--config", str(config)])
+    frames = [entry.name for entry in info.traceback]
+    assert "__init__" in frames  # the user's frame is there to read
+
+
+# --- honest checkpoints and messages ---------------------------------------------------------------------------
+
+
+class ImprovingLoss(TinyModule):
+    """Validation loss that only gets worse, so that the "best" checkpoint is the first one."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", float(self.current_epoch))
+
+
+def test_a_best_checkpoint_below_the_target_sparsity_is_warned_about(tmp_path):
+    pruning = MagnitudePruning(0.8, end_step=20, every_n_steps=2)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="score", mode="min")
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=4, enable_checkpointing=True), callbacks=[pruning, best])
+    with pytest.warns(UserWarning, match=r"best checkpoint by 'score' .* below the target 80.00%"):
+        trainer.fit(ImprovingLoss(), datamodule=RandomImages())
+    assert pruning.best_checkpoint_below_target == best.best_model_path
+
+
+def test_test_after_fit_tests_the_final_weights_when_best_is_below_target(in_root, tmp_path, caplog):
+    extra = tmp_path / "best.yaml"
+    extra.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args:\n        monitor: val/loss\n        mode: max\n"
+    )
+    with caplog.at_level("INFO"):
+        build_cli(
+            [
+                "fit",
+                "--config",
+                "examples/digits/pruning.yaml",
+                "--config",
+                str(extra),
+                "--trainer.max_epochs=3",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+    assert "Testing the final weights" in caplog.text
+
+
+def test_the_end_of_run_message_does_not_contradict_itself():
+    with pytest.warns(UserWarning, match=r"ended after 8 optimizer steps \(the last one was step 7\).*only at step 8"):
+        fit_tiny([MagnitudePruning(0.5, end_step=8, every_n_steps=2)], TinyModule(), epochs=1)
