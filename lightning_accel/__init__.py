@@ -17,12 +17,16 @@ from lightning_accel.quantization import (
     calibrate_,
     check_onnx,
     export_onnx,
+    load_quantized,
 )
+from lightning_accel.report_callback import AccelerationReport, build_report
+from lightning_accel.sparse import load_sparse, load_sparse_, save_sparse
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccelCLI",
+    "AccelerationReport",
     "ExportCheck",
     "MagnitudePruning",
     "MixedPrecision",
@@ -32,12 +36,17 @@ __all__ = [
     "__version__",
     "apply_masks_",
     "build_cli",
+    "build_report",
     "calibrate_",
     "check_onnx",
     "choose_precision",
     "compute_masks",
     "export_onnx",
+    "load_quantized",
+    "load_sparse",
+    "load_sparse_",
     "mask_sparsity",
+    "save_sparse",
     "sparsity_at",
     "tensor_sparsity",
 ]

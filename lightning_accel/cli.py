@@ -18,9 +18,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_accel._config_errors import summarize_config_error
+from lightning_accel.export_command import ArtifactTrainer
 from lightning_accel.precision import MixedPrecision
 from lightning_accel.pruning import MagnitudePruning
 from lightning_accel.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_accel.report_callback import AccelerationReport
 
 #: Top-level config sections, one per callback: ``--pruning.target_sparsity 0.5`` or ``pruning:`` in YAML adds
 #: that callback to the Trainer, so each callback's options can be set on the command line by name.
@@ -29,6 +31,7 @@ CALLBACK_SECTIONS: dict[str, type] = {
     "pruning": MagnitudePruning,
     "qat": QuantizationAwareTraining,
     "ptq": PostTrainingQuantization,
+    "report": AccelerationReport,
 }
 
 
@@ -112,7 +115,17 @@ class _OneLineErrorParser(LightningArgumentParser):
 
 
 class AccelCLI(LightningCLI):
-    """LightningCLI that can evaluate the best checkpoint on the test set right after ``fit``."""
+    """LightningCLI with callback sections, one-line configuration errors, ``--test_after_fit`` and ``export``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As LightningCLI; the Trainer class defaults to one that also has the ``export`` subcommand."""
+        kwargs.setdefault("trainer_class", ArtifactTrainer)
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands, plus ``export`` (artifacts and report from a checkpoint)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--test_after_fit`` and one section per callback (``--pruning.*``, ``--qat.*``, ...)."""

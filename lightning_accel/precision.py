@@ -17,6 +17,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lightning_accel._files import atomic_target, resolve_artifact_path
+from lightning_accel._logging import add_hyperparameters
 from lightning_accel._validation import validate_bool, validate_int
 
 PrecisionChoice = Literal["auto", "bf16-mixed", "16-mixed", "fp8"]
@@ -109,6 +111,8 @@ class MixedPrecision(Callback):
         self.nonfinite = nonfinite
         self.patience = patience
         self.export_half = export_half
+        #: Where the half export goes: ``export_half``, under the run's log directory when relative (set at setup).
+        self.resolved_export_path: str | None = None
 
         self.resolved_precision: str | None = None
         self._installed_plugin: Precision | None = None
@@ -143,6 +147,8 @@ class MixedPrecision(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Choose the precision and install Lightning's plugin for it (before the strategy sets up)."""
+        if self.export_half is not None and stage == "fit":
+            self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_half))
         current = trainer.strategy.precision_plugin
         already_set = current is self._installed_plugin or (
             self.resolved_precision == FULL_PRECISION and current.precision == FULL_PRECISION
@@ -209,8 +215,9 @@ class MixedPrecision(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Record the precision in use as a hyperparameter of every logger."""
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"precision": self.resolved_precision, "precision_requested": self.precision})
+        add_hyperparameters(
+            trainer, pl_module, {"precision": self.resolved_precision, "precision_requested": self.precision}
+        )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Note the step (reported on failure), and convert 4-D float inputs to channels-last in place."""
@@ -265,9 +272,9 @@ class MixedPrecision(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the half-precision state dict, if asked."""
-        if self.export_half is not None:
+        if self.resolved_export_path is not None:
             dtype = torch.float16 if self.resolved_precision == "16-mixed" else torch.bfloat16
-            _save_half(pl_module, self.export_half, dtype)
+            _save_half(pl_module, self.resolved_export_path, dtype)
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -305,11 +312,6 @@ def _save_half(module: torch.nn.Module, path: str, dtype: torch.dtype) -> None:
         for name, t in module.state_dict().items()
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(target) as temporary:
         torch.save(state, temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     rank_zero_info(f"MixedPrecision: wrote the {dtype} state dict to {target} ({target.stat().st_size:,} bytes)")

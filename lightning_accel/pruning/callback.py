@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
+from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.masks import (
@@ -183,6 +184,18 @@ class MagnitudePruning(Callback):
                 )
         if self._masks is not None:
             self._check_masks_fit(self._masks)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Add the pruning settings to the logged hyperparameters (beside the model's)."""
+        add_hyperparameters(
+            trainer,
+            pl_module,
+            {
+                "pruning/target_sparsity": self.target_sparsity,
+                "pruning/pattern": self.pattern_string,
+                "pruning/schedule": self.schedule,
+            },
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the schedule, re-apply restored masks, and zero pruned weights after every optimizer step."""

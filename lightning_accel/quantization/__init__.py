@@ -15,6 +15,7 @@ from lightning_accel.quantization.prepare import (
     quantized_modules,
     set_qat_phase,
 )
+from lightning_accel.quantization.restore import load_quantized
 
 __all__ = [
     "ActivationFakeQuant",
@@ -27,6 +28,7 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "is_prepared",
+    "load_quantized",
     "prepare_qat_",
     "quantized_modules",
     "set_qat_phase",

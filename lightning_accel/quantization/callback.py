@@ -14,6 +14,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
+from lightning_accel._files import resolve_artifact_path
+from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
@@ -275,6 +277,8 @@ class QuantizationAwareTraining(Callback):
         self.model_input = model_input
         self.on_mismatch = on_mismatch
         self.skipped_ranges = 0
+        #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
+        self.resolved_export_path: str | None = None
         self._log_selection = True  # once per callback: setup runs again for test after fit
         self._model: nn.Module | None = None
         self._quantizers: dict[str, ActivationFakeQuant] = {}
@@ -327,7 +331,8 @@ class QuantizationAwareTraining(Callback):
         fitting = stage == "fit"
         if self.export_path is not None and fitting:
             _require_example_input(pl_module, type(self).__name__)
-            _check_writable(self.export_path)
+            self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+            _check_writable(self.resolved_export_path)
         if self.weight_bits == 8:
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
         prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits)
@@ -351,6 +356,7 @@ class QuantizationAwareTraining(Callback):
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
         self._resolve_steps(trainer)
         self._set_phase(self.phase_at(trainer.global_step), training=False)
+        add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
@@ -424,7 +430,7 @@ class QuantizationAwareTraining(Callback):
             return
         if trainer.fast_dev_run:
             rank_zero_warn(
-                f"QuantizationAwareTraining: fast_dev_run, so the int8 export to {self.export_path} is skipped"
+                f"QuantizationAwareTraining: fast_dev_run, so the int8 export to {self.resolved_export_path} is skipped"
             )
             return
         uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
@@ -432,7 +438,7 @@ class QuantizationAwareTraining(Callback):
         if uncalibrated and trainer.global_step <= start:
             rank_zero_warn(
                 f"QuantizationAwareTraining: training ended at step {trainer.global_step}, before QAT's start_step "
-                f"{start}, so there is no int8 model: nothing was written to {self.export_path}"
+                f"{start}, so there is no int8 model: nothing was written to {self.resolved_export_path}"
             )
             return
         if uncalibrated:
@@ -443,7 +449,7 @@ class QuantizationAwareTraining(Callback):
         checks = (
             _first_batch_input(trainer, pl_module, batch_picker(self.model_input)) if trainer.is_global_zero else []
         )
-        _export_on_rank_zero(pl_module, self.export_path, checks, self.on_mismatch)
+        _export_on_rank_zero(pl_module, self.resolved_export_path, checks, self.on_mismatch)
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -619,6 +625,8 @@ class PostTrainingQuantization(Callback):
         self.model_input = model_input
         self.weight_bits = weight_bits
         self.on_mismatch = on_mismatch
+        #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
+        self.resolved_export_path: str | None = None
         self._input_checked = False
 
     def _prepare_arguments(self) -> dict[str, Any]:
@@ -636,7 +644,8 @@ class PostTrainingQuantization(Callback):
             return
         if self.weight_bits == 8:
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
-        _check_writable(self.export_path)
+        self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+        _check_writable(self.resolved_export_path)
         _dry_run_export(pl_module, type(self).__name__, **self._prepare_arguments())
         self._input_checked = False
 
@@ -666,7 +675,7 @@ class PostTrainingQuantization(Callback):
             return
         if trainer.fast_dev_run:
             rank_zero_warn(
-                f"PostTrainingQuantization: fast_dev_run, so the int8 export to {self.export_path} is skipped"
+                f"PostTrainingQuantization: fast_dev_run, so the int8 export to {self.resolved_export_path} is skipped"
             )
             return
         copy_of_model = copy.deepcopy(pl_module)
@@ -678,4 +687,4 @@ class PostTrainingQuantization(Callback):
             **self._prepare_arguments(),
         )
         checks = _first_batch_input(trainer, pl_module, batch_picker(self.model_input))
-        _export_on_rank_zero(copy_of_model, self.export_path, checks, self.on_mismatch)
+        _export_on_rank_zero(copy_of_model, self.resolved_export_path, checks, self.on_mismatch)

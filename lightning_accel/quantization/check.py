@@ -101,13 +101,17 @@ def onnx_session(path: str | Path) -> Any:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def onnx_outputs(session: Any, example_input: Any) -> list[Tensor]:
-    """Run an ONNX Runtime session on an example input."""
+def onnx_feed(session: Any, example_input: Any) -> dict[str, np.ndarray]:
+    """The input feed of an ONNX Runtime session for an example input (tensor, tuple or dict)."""
     args, kwargs, names = split_example(example_input)
     values = dict(zip(names, [*args, *kwargs.values()], strict=True))
     wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs that the graph does not use
-    feed = {name: as_float32(value).cpu().numpy() for name, value in values.items() if name in wanted}
-    return [torch.from_numpy(np.asarray(out)).float() for out in session.run(None, feed)]
+    return {name: as_float32(value).cpu().numpy() for name, value in values.items() if name in wanted}
+
+
+def onnx_outputs(session: Any, example_input: Any) -> list[Tensor]:
+    """Run an ONNX Runtime session on an example input."""
+    return [torch.from_numpy(np.asarray(out)).float() for out in session.run(None, onnx_feed(session, example_input))]
 
 
 def compare_outputs(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> ExportCheck:

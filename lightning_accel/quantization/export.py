@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_accel._files import atomic_target
 from lightning_accel._validation import validate_int
 from lightning_accel.quantization.check import (
     MIN_AGREEMENT,
@@ -263,9 +264,7 @@ def export_onnx(
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(target) as temporary:
         with warnings.catch_warnings():
             # The TorchScript exporter is the one that maps ATen fake-quant ops to QDQ; its deprecation notice and
             # tracer warnings about constant scales are expected here.
@@ -289,9 +288,6 @@ def export_onnx(
         onnx.save(onnx_model, str(temporary))
         if on_mismatch != "ignore":
             _check_written(deploy, temporary, target, [example_input, *(check_inputs or ())], on_mismatch)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return target
 
 

@@ -9,6 +9,7 @@ The model's ``forward`` is untouched, so keyword and multiple inputs keep workin
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -388,3 +389,26 @@ def load_quantizer_state_(model: nn.Module, state: dict[str, dict[str, Tensor]])
 def iter_batch_norms(model: nn.Module) -> Iterator[nn.Module]:
     """Every BatchNorm module of ``model``."""
     return (m for m in model.modules() if isinstance(m, _BATCH_NORMS))
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every fake-quantized module turned back into its plain class.
+
+    The copy computes what the float model computes (no quantizers, no folding hooks) and exports as ordinary fp32;
+    ``model`` is not changed. For a model that was never prepared this is a plain deep copy.
+    """
+    for module in quantized_modules(model).values():
+        module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, _Quantized):
+            module.__class__ = next(base for base in type(module).__bases__ if base is not _Quantized)
+            for child in ("input_quant", "weight_quant", "output_quant"):
+                module._modules.pop(child, None)
+        elif isinstance(module, _BATCH_NORMS) and "output_quant" in module._modules:
+            module._modules.pop("output_quant")
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key, hook in list(hooks.items()):
+                    if hook in (_quantize_bn_output, _check_bn_input):
+                        del hooks[key]
+    return plain

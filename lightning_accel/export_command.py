@@ -1,0 +1,59 @@
+"""``lightning-accel export``: every artifact and the report from a finished run's checkpoint, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_accel._files import resolve_artifact_path
+from lightning_accel.quantization.restore import load_quantized, quantization_state
+from lightning_accel.report import write_report
+from lightning_accel.report_callback import AccelerationReport, _print_table, build_report
+
+
+class ArtifactTrainer(Trainer):
+    """Lightning's Trainer plus :meth:`export`, which the ``lightning-accel export`` subcommand runs."""
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Write every artifact of a trained model, and its acceleration report, from a checkpoint.
+
+        The checkpoint's weights are loaded, and when it holds QAT state the int8 model is rebuilt from it
+        (:func:`~lightning_accel.load_quantized`). Artifacts and ``report.md``/``report.json`` go to the
+        ``AccelerationReport`` section's directory, or ``export/`` under the log directory.
+
+        Args:
+            model: The model (from the run's config).
+            datamodule: The data (from the run's config), for validation batches.
+            ckpt_path: The checkpoint of the finished run.
+
+        Returns:
+            The report.
+        """
+        if ckpt_path is None:
+            raise ValueError("`ckpt_path` must name the checkpoint to export, e.g. --ckpt_path path/to/last.ckpt")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if quantization_state(checkpoint) is not None:
+            load_quantized(model, ckpt_path)
+        else:
+            model.load_state_dict(checkpoint["state_dict"])
+        report_callback = next((c for c in self.callbacks if isinstance(c, AccelerationReport)), None)
+        directory = resolve_artifact_path(self, report_callback.directory if report_callback else "export")
+        loader = None
+        if datamodule is not None:
+            datamodule.setup("validate")
+            loader = datamodule.val_dataloader()
+        max_batches = report_callback.max_batches if report_callback else 20
+        report = build_report(self, model, directory, latency=True, max_batches=max_batches, loader=loader)
+        markdown_path = write_report(report, directory)[1]
+        _print_table(report)
+        rank_zero_info(f"lightning-accel export: wrote the artifacts and {markdown_path} from {Path(ckpt_path).name}")
+        return report

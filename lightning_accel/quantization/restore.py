@@ -1,0 +1,72 @@
+"""Rebuilding the int8 model from a QAT checkpoint, without retraining."""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_accel.quantization.prepare import (
+    _BATCH_NORMS,
+    load_quantizer_state_,
+    prepare_qat_,
+    set_qat_phase,
+)
+
+_STATE_PREFIX = "QuantizationAwareTraining"
+_LEGACY_WEIGHT_BITS = 8
+
+
+def quantization_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The QAT callback's settings (include/exclude) and state in a loaded checkpoint, or ``None``."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith(_STATE_PREFIX) and isinstance(state, dict) and state.get("quantizers"):
+            settings = ast.literal_eval(key[len(_STATE_PREFIX) :] or "{}")
+            return settings, state
+    return None
+
+
+def load_quantized(module: nn.Module, ckpt_path: str | os.PathLike) -> nn.Module:
+    """Restore a QAT-trained model from a Lightning checkpoint as the int8 model it was trained to be.
+
+    The module is prepared exactly as the ``QuantizationAwareTraining`` callback prepared it (same selection, weight
+    bits and BatchNorm folding), the checkpoint's weights and quantizer ranges are loaded, and fake quantization
+    is switched on in eval mode. ``export_onnx(module, ...)`` then writes the int8 model, and the module computes
+    what that file computes. (``load_from_checkpoint`` alone gives the float model, since quantizer state lives in
+    the callback's part of the checkpoint.)
+
+    Args:
+        module: A fresh instance of the model class (e.g. ``MyModel(**hparams)``), not yet prepared.
+        ckpt_path: A checkpoint written while ``QuantizationAwareTraining`` was in the Trainer.
+
+    Returns:
+        ``module``, prepared, loaded and in eval mode.
+
+    Raises:
+        ValueError: when the checkpoint holds no quantizer state (it was written before QAT started, or without it).
+    """
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    found = quantization_state(checkpoint)
+    if found is None:
+        raise ValueError(
+            f"{ckpt_path} holds no QuantizationAwareTraining state with observed ranges: it was written without the "
+            "callback or before its start_step. Load it with `load_state_dict` for the float model instead."
+        )
+    settings, state = found
+    quantizer_names = set(state["quantizers"])
+    batch_norms = {name for name, m in module.named_modules() if isinstance(m, _BATCH_NORMS)}
+    fold_bn = any(f"{name}.output_quant" in quantizer_names for name in batch_norms)
+    prepare_qat_(
+        module,
+        settings.get("include"),
+        settings.get("exclude"),
+        fold_bn=fold_bn,
+        weight_bits=state.get("weight_bits", _LEGACY_WEIGHT_BITS),
+    )
+    module.load_state_dict(checkpoint["state_dict"])
+    load_quantizer_state_(module, state["quantizers"])
+    set_qat_phase(module, fake_quant=True, observe=False)
+    return module.eval()

@@ -1,0 +1,242 @@
+"""Measuring what acceleration gained and what it cost: sizes, latency and quality side by side.
+
+Plain functions (usable without Lightning) that the :class:`~lightning_accel.report_callback.AccelerationReport`
+callback calls at the end of fit and ``lightning-accel export`` calls on a checkpoint. Every number is measured on
+the spot: file sizes from the files, sparsity from the weights, latency as the median of interleaved timed runs
+after warm-up on this machine (named with its int8 instruction sets), quality on the validation data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_accel._files import atomic_write_bytes
+from lightning_accel._modules import WEIGHT_MODULE_TYPES
+
+#: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and which int8-relevant instruction sets it has (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "int8_instructions": [f for f in INT8_FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_cpu(cpu: Mapping[str, Any]) -> str:
+    """One line: model, int8 instruction sets (or their absence) and threads."""
+    present = ", ".join(cpu["int8_instructions"]) or "none of AVX2/AVX-512/VNNI/AMX"
+    return f"{cpu['model']}; int8 instructions: {present}; {cpu['threads']} threads"
+
+
+def weight_sparsity(model: nn.Module) -> dict[str, Any]:
+    """Parameter count, and the zero fraction of the Linear/Conv weights, globally and per layer."""
+    per_layer, zeros, total = {}, 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHT_MODULE_TYPES) and name:
+            weight = module.weight.detach()
+            layer_zeros = int((weight == 0).sum())
+            per_layer[name] = layer_zeros / weight.numel()
+            zeros, total = zeros + layer_zeros, total + weight.numel()
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "prunable_weights": total,
+        "sparsity": zeros / total if total else 0.0,
+        "per_layer_sparsity": per_layer,
+    }
+
+
+def state_dict_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
+    """The model's ``state_dict`` as ``torch.save`` writes it (floating tensors cast to ``dtype`` if given)."""
+    state = {
+        k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
+        for k, v in model.state_dict().items()
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def median_latencies(
+    runners: Mapping[str, Callable[[], Any]], repeats: int = 20, rounds: int = 5, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each runner, measured in interleaved rounds after warm-up.
+
+    Interleaving (A, B, C, A, B, C, ...) spreads the machine's load drift over every contender, so the ratios
+    between them hold even on a noisy shared machine.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            samples[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def classification_pairs(batch: Any) -> tuple[Any, Tensor] | None:
+    """``(input, labels)`` when a batch is an (input, integer class) pair, else ``None``."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        labels = batch[1]
+        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+            return batch[0], labels
+    return None
+
+
+def evaluate(
+    predictors: Mapping[str, Callable[[Tensor], Tensor]],
+    batches: Iterable[Any],
+    max_batches: int,
+    reference: str,
+) -> dict[str, dict[str, float]]:
+    """Score every predictor on the same batches.
+
+    With (input, class) batches: accuracy. Always: argmax agreement (for 2-D outputs) and SNR against the
+    ``reference`` predictor, the same measures as the export check.
+    """
+    from lightning_accel.quantization.check import compare_outputs
+
+    outputs: dict[str, list[Tensor]] = {name: [] for name in predictors}
+    labels: list[Tensor] = []
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        pair = classification_pairs(batch)
+        inputs = pair[0] if pair else (batch[0] if isinstance(batch, tuple | list) else batch)
+        if pair:
+            labels.append(pair[1].cpu())
+        for name, predict in predictors.items():
+            outputs[name].append(predict(inputs).detach().float().cpu())
+    results: dict[str, dict[str, float]] = {}
+    stacked = {name: torch.cat(values) for name, values in outputs.items() if values}
+    for name, output in stacked.items():
+        entry: dict[str, float] = {}
+        if labels and output.dim() == 2 and len(labels) and output.shape[0] == sum(len(t) for t in labels):
+            entry["accuracy"] = (output.argmax(1) == torch.cat(labels)).float().mean().item()
+        if name != reference and reference in stacked:
+            check = compare_outputs([stacked[reference]], [output])
+            if check.agreement is not None:
+                entry["agreement"] = check.agreement
+            entry["snr_db"] = check.snr_db
+        results[name] = entry
+    return results
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown tables (the same content as report.json)."""
+    lines = ["# Acceleration report", "", f"Measured on {describe_cpu(report['cpu'])}.", ""]
+    model = report["model"]
+    lines += [
+        "| model | value |",
+        "| --- | --- |",
+        f"| parameters | {model['parameters']:,} |",
+        f"| Linear/Conv weights | {model['prunable_weights']:,} |",
+        f"| sparsity of those weights | {model['sparsity']:.2%} |",
+        f"| training precision | {report.get('precision', 'fp32')} |",
+        "",
+    ]
+    sizes = report.get("sizes", {})
+    if sizes:
+        base = sizes.get("fp32 state dict", {}).get("bytes")
+        lines += ["| artifact | bytes | vs fp32 state dict |", "| --- | --- | --- |"]
+        for name, entry in sizes.items():
+            ratio = (
+                f"{base / entry['bytes']:.1f}x smaller"
+                if base and entry["bytes"] and name != "fp32 state dict"
+                else "1x"
+            )
+            lines.append(f"| {name} (`{Path(entry['path']).name}`) | {entry['bytes']:,} | {ratio} |")
+        lines.append("")
+    latency = report.get("latency_ms", {})
+    if latency:
+        columns = sorted({c for row in latency.values() for c in row}, key=list(next(iter(latency.values()))).index)
+        lines += ["| latency (median ms) | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+        for batch, row in latency.items():
+            cells = []
+            for column in columns:
+                value, base = row.get(column), row.get(columns[0])
+                cells.append(f"{value:.3f} ({base / value:.2f}x)" if value and base else "n/a")
+            lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        lines.append("")
+    quality = report.get("quality", {})
+    if quality:
+        lines += ["| quality on validation data | accuracy | agreement | SNR (dB) |", "| --- | --- | --- | --- |"]
+        for name, entry in quality.items():
+            accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a"
+            agreement = f"{entry['agreement']:.2%}" if "agreement" in entry else "(reference)"
+            snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
+            lines.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
+        lines.append("")
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``directory`` (atomically) and return both paths."""
+    directory = Path(directory)
+    json_path = atomic_write_bytes(directory / "report.json", json.dumps(report, indent=2, default=_plain).encode())
+    markdown_path = atomic_write_bytes(directory / "report.md", to_markdown(report).encode())
+    return json_path, markdown_path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, float]:
+    """The figures worth comparing across runs (TensorBoard HParams metrics)."""
+    figures: dict[str, float] = {"report/sparsity": report["model"]["sparsity"]}
+    sizes = report.get("sizes", {})
+    base = sizes.get("fp32 state dict", {}).get("bytes")
+    for name, key in (("int8 ONNX", "report/int8_onnx_size_ratio"), ("sparse int8", "report/sparse_size_ratio")):
+        if base and name in sizes:
+            figures[key] = base / sizes[name]["bytes"]
+    for batch, row in report.get("latency_ms", {}).items():
+        if "ORT fp32" in row and "ORT int8" in row:
+            figures[f"report/int8_speedup_{batch.replace(' ', '')}"] = row["ORT fp32"] / row["ORT int8"]
+    for name, entry in report.get("quality", {}).items():
+        if "accuracy" in entry:
+            figures[f"report/accuracy/{name}"] = entry["accuracy"]
+    return figures

@@ -1,0 +1,358 @@
+"""The AccelerationReport callback: at the end of fit, what every technique gained and cost, in one place."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_accel._files import atomic_write_bytes, resolve_artifact_path
+from lightning_accel._validation import validate_bool, validate_int
+from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared, set_qat_phase
+from lightning_accel.report import (
+    cpu_description,
+    describe_cpu,
+    evaluate,
+    headline,
+    median_latencies,
+    ort_session,
+    state_dict_bytes,
+    to_markdown,
+    weight_sparsity,
+    write_report,
+)
+from lightning_accel.sparse import load_sparse_, save_sparse
+
+
+class AccelerationReport(Callback):
+    """Measure the trained model and its artifacts at the end of fit, and report size, speed and quality together.
+
+    On rank 0 it writes, into ``directory``: the fp32 state dict, a half-precision state dict, the fp32 ONNX model,
+    the int8 ONNX model (when QAT or PTQ prepared the model), and the compressed sparse int8 artifact; then
+    ``report.json`` and ``report.md`` with:
+
+    - parameters, the zero fraction of the Linear/Conv weights (global and per layer), the training precision;
+    - the size on disk of each artifact (and of files the other callbacks wrote);
+    - CPU latency of PyTorch eager fp32, ONNX Runtime fp32 and ONNX Runtime int8 at batch 1 and at the validation
+      batch size: medians of interleaved timed runs after warm-up, with the CPU and its int8 instructions named;
+    - quality on the validation data of the model before training started (the dense starting point), the float
+      weights, the fake-quant model, the ONNX Runtime int8 model and the sparse artifact reloaded: accuracy for
+      (input, class) batches, and agreement and SNR against the float weights.
+
+    The same table is printed to the console, logged to TensorBoard as text, scalars (``report/*``) and plot
+    images, and its headline figures become HParams metrics, so runs can be compared.
+
+    Args:
+        directory: Where to write; relative paths are under the run's log directory (default ``"report"``).
+        latency: Measure latency (needs the ``onnx`` extra for the ONNX Runtime rows).
+        max_batches: Validation batches to score quality on.
+        plots: Draw the plots (needs the ``report`` extra: matplotlib).
+
+    Example:
+        >>> callbacks = [MagnitudePruning(0.9), QuantizationAwareTraining(), AccelerationReport()]
+        >>> trainer = Trainer(callbacks=callbacks)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike = "report",
+        latency: bool = True,
+        max_batches: int = 20,
+        plots: bool = True,
+    ) -> None:
+        if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
+            raise TypeError(f"`directory` must be a path (str or os.PathLike), got {directory!r}")
+        self.directory = os.fspath(directory)
+        self.latency = validate_bool("latency", latency)
+        self.max_batches = validate_int("max_batches", max_batches, 1)
+        self.plots = validate_bool("plots", plots)
+        self.report: dict[str, Any] | None = None
+        self.history: dict[str, Any] = {}
+        self._dense_start: dict[str, float] | None = None
+        self._resolved: Path | None = None
+
+    # --- hooks --------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the directory on every rank (the log directory is agreed between ranks)."""
+        self._resolved = resolve_artifact_path(trainer, self.directory)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score the model as training starts: the dense starting point that the report compares against."""
+        self.history = {"steps": [], "sparsity_target": [], "sparsity_actual": [], "activation_scales": {}}
+        if not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        loader = _validation_loader(trainer)
+        if loader is None:
+            return
+        model = float_copy(pl_module).eval()
+        scores = evaluate({"dense start": _predictor(model)}, loader, self.max_batches, reference="dense start")
+        self._dense_start = scores.get("dense start")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Record the sparsity schedule, the measured sparsity and the activation ranges at the log interval."""
+        if not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps:
+            return
+        from lightning_accel.pruning import MagnitudePruning, tensor_sparsity
+
+        pruning = next((c for c in trainer.callbacks if isinstance(c, MagnitudePruning)), None)
+        if pruning is not None and pruning.masks:
+            self.history["steps"].append(trainer.global_step)
+            self.history["sparsity_target"].append(pruning.sparsity_at(trainer.global_step))
+            params = dict(pl_module.named_parameters())
+            self.history["sparsity_actual"].append(tensor_sparsity({n: params[n] for n in pruning.masks}))
+        elif is_prepared(pl_module):
+            self.history["steps"].append(trainer.global_step)
+        for name, quantizer in activation_quantizers(pl_module).items():
+            if quantizer.calibrated:
+                self.history["activation_scales"].setdefault(name, []).append(float(quantizer.scale))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build, write, print and log the report (rank 0)."""
+        if not trainer.is_global_zero:
+            return
+        if trainer.fast_dev_run:
+            rank_zero_warn("AccelerationReport: fast_dev_run, so no report is written")
+            return
+        self.report = build_report(
+            trainer, pl_module, self._resolved, self.latency, self.max_batches, self._dense_start
+        )
+        json_path, markdown_path = write_report(self.report, self._resolved)
+        _print_table(self.report)
+        figures = self._plot()
+        _log_to_loggers(trainer, pl_module, self.report, figures)
+        if figures:
+            from lightning_accel._plots import close
+
+            close(figures)
+        rank_zero_info(f"AccelerationReport: wrote {markdown_path} and {json_path.name}")
+
+    def _plot(self) -> dict[str, Any]:
+        if not self.plots:
+            return {}
+        try:
+            from lightning_accel._plots import plot_report
+        except ImportError:  # pragma: no cover - the extra is missing
+            self.report.setdefault("notes", []).append("No plots: matplotlib is not installed (extra `report`).")
+            return {}
+        try:
+            return plot_report(self.report, self.history, self._resolved / "plots")
+        except ImportError:
+            self.report.setdefault("notes", []).append("No plots: matplotlib is not installed (extra `report`).")
+            return {}
+
+
+# --- building the report -----------------------------------------------------------------------------------------
+
+
+def _validation_loader(trainer: Trainer) -> Any:
+    """The first validation dataloader; before the validation loop has loaded it, the data module's."""
+    loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None:
+        try:
+            loaders = trainer.datamodule.val_dataloader()
+        except (NotImplementedError, AttributeError):  # a data module without validation data
+            loaders = None
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[0] if loaders else None
+    return loaders
+
+
+def _predictor(model: torch.nn.Module) -> Any:
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def predict(inputs: Any) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            return model(**{k: v.to(device) for k, v in inputs.items()})
+        return model(inputs.to(device))
+
+    return predict
+
+
+def _example(pl_module: LightningModule, loader: Any) -> tuple[Any, Any]:
+    """(an input at batch 1, a validation-batch input): from ``example_input_array`` and the first batch."""
+    batch_input = None
+    if loader is not None:
+        try:
+            first = next(iter(loader))
+            batch_input = first[0] if isinstance(first, tuple | list) else first
+        except StopIteration:
+            batch_input = None
+    example = pl_module.example_input_array
+    if example is None and isinstance(batch_input, torch.Tensor):
+        example = batch_input[:1]
+    return example, batch_input
+
+
+def build_report(
+    trainer: Trainer | None,
+    pl_module: LightningModule,
+    directory: str | Path,
+    latency: bool = True,
+    max_batches: int = 20,
+    dense_start: dict[str, float] | None = None,
+    loader: Any = None,
+) -> dict[str, Any]:
+    """Write every artifact of ``pl_module`` into ``directory`` and measure sizes, latency and quality.
+
+    Args:
+        trainer: The trainer (for its validation data, callbacks and precision), or ``None``.
+        pl_module: The trained model (plain, or prepared by QAT/PTQ).
+        directory: Where the artifacts go.
+        latency: Measure latency.
+        max_batches: Validation batches to score on.
+        dense_start: The scores recorded before training started, if any.
+        loader: Validation batches; by default the trainer's validation dataloader.
+    """
+    from lightning_accel.precision import MixedPrecision
+    from lightning_accel.quantization import PostTrainingQuantization, QuantizationAwareTraining, export_onnx
+
+    directory = Path(directory)
+    loader = loader if loader is not None else (_validation_loader(trainer) if trainer is not None else None)
+    callbacks = trainer.callbacks if trainer is not None else []
+    notes: list[str] = []
+    float_model = float_copy(pl_module).eval().cpu()
+    quantized = is_prepared(pl_module) and all(q.calibrated for q in activation_quantizers(pl_module).values())
+    precision = str(trainer.precision) if trainer is not None else "32-true"
+    report: dict[str, Any] = {
+        "cpu": cpu_description(),
+        "precision": precision,
+        "model": weight_sparsity(float_model),
+        "sizes": {},
+        "latency_ms": {},
+        "quality": {},
+        "notes": notes,
+    }
+    sizes = report["sizes"]
+
+    def record(name: str, path: Path) -> None:
+        sizes[name] = {"path": str(path), "bytes": path.stat().st_size}
+
+    record("fp32 state dict", atomic_write_bytes(directory / "model.fp32.pt", state_dict_bytes(float_model)))
+    half = torch.float16 if "16-mixed" in precision and "bf16" not in precision else torch.bfloat16
+    half_name = "model.fp16.pt" if half is torch.float16 else "model.bf16.pt"
+    record(
+        f"{str(half).split('.')[-1]} state dict",
+        atomic_write_bytes(directory / half_name, state_dict_bytes(float_model, half)),
+    )
+    record("sparse int8", save_sparse(float_model, directory / "model.sparse.npz.xz"))
+
+    example, batch_input = _example(pl_module, loader)
+    sessions: dict[str, Any] = {}
+    if example is None:
+        notes.append(
+            "No example input (set `example_input_array` on the module, or give validation data): no ONNX export "
+            "and no latency."
+        )
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+
+            have_ort = True
+        except ImportError:
+            have_ort = False
+            notes.append("onnxruntime is not installed (extra `onnx`): no ONNX files, ONNX Runtime latency or quality.")
+        if have_ort:
+            fp32_path = export_onnx(float_model, directory / "model.fp32.onnx", example, on_mismatch="warn")
+            record("fp32 ONNX", fp32_path)
+            sessions["ORT fp32"] = ort_session(fp32_path)
+            if quantized:
+                checks = [batch_input] if isinstance(batch_input, torch.Tensor) else None
+                int8_path = export_onnx(pl_module, directory / "model.int8.onnx", example, check_inputs=checks)
+                record("int8 ONNX", int8_path)
+                sessions["ORT int8"] = ort_session(int8_path)
+            else:
+                notes.append("The model is not quantized (no QAT/PTQ state): no int8 rows.")
+    for callback in callbacks:
+        written = getattr(callback, "resolved_export_path", None)
+        ours = isinstance(callback, MixedPrecision | QuantizationAwareTraining | PostTrainingQuantization)
+        if ours and written and Path(written).exists():
+            record(f"{type(callback).__name__} export", Path(written))
+
+    fake_quant = None
+    if quantized:
+        fake_quant = copy.deepcopy(pl_module).eval().cpu()
+        set_qat_phase(fake_quant, fake_quant=True, observe=False)
+    sparse_model = load_sparse_(copy.deepcopy(float_model), directory / "model.sparse.npz.xz").eval()
+
+    if latency and example is not None:
+        _measure_latency(report, float_model, sessions, example, batch_input)
+
+    if loader is None:
+        notes.append("No validation dataloader: quality not measured.")
+    else:
+        from lightning_accel.quantization.check import onnx_outputs
+
+        predictors = {"float weights": _predictor(float_model)}
+        if fake_quant is not None:
+            predictors["fake-quant (PyTorch)"] = _predictor(fake_quant)
+        if "ORT int8" in sessions:
+            session = sessions["ORT int8"]
+            predictors["ORT int8"] = lambda inputs: onnx_outputs(session, inputs)[0]
+        predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
+        scores = evaluate(predictors, loader, max_batches, reference="float weights")
+        report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
+    return report
+
+
+def _measure_latency(
+    report: dict[str, Any], float_model: torch.nn.Module, sessions: dict[str, Any], example: Any, batch_input: Any
+) -> None:
+    from lightning_accel.quantization.check import onnx_feed
+
+    batches = {"batch 1": example}
+    if isinstance(batch_input, torch.Tensor) and batch_input.shape[0] > 1:
+        batches[f"batch {batch_input.shape[0]}"] = batch_input
+    predict = _predictor(float_model)
+    for label, inputs in batches.items():
+        runners = {"PyTorch eager fp32": lambda inputs=inputs: predict(inputs)}
+        for name, session in sessions.items():
+            feed = onnx_feed(session, inputs)
+            runners[name] = lambda session=session, feed=feed: session.run(None, feed)
+        repeats = 50 if label == "batch 1" else 10
+        medians = median_latencies(runners, repeats=repeats, rounds=5)
+        report["latency_ms"][label] = {name: seconds * 1e3 for name, seconds in medians.items()}
+    report["notes"].append(
+        f"Latency: median of 5 interleaved rounds after warm-up, on {describe_cpu(report['cpu'])}. int8 speed "
+        "depends on the CPU's int8 instructions (VNNI/AMX); the size gain holds on every CPU."
+    )
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.markdown import Markdown
+    except ImportError:
+        print(to_markdown(report))
+        return
+    Console().print(Markdown(to_markdown(report)))
+
+
+def _log_to_loggers(
+    trainer: Trainer, pl_module: LightningModule, report: dict[str, Any], figures: dict[str, Any]
+) -> None:
+    """Text, scalars, images and HParams metrics for every logger that takes them."""
+    from lightning_accel._logging import add_hyperparameters
+
+    figures_logged = False
+    metrics = headline(report)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("acceleration_report", to_markdown(report), trainer.global_step)
+        if hasattr(experiment, "add_figure"):
+            for name, figure in figures.items():
+                experiment.add_figure(f"acceleration_report/{name}", figure, trainer.global_step, close=False)
+                figures_logged = True
+    add_hyperparameters(trainer, pl_module, {}, metrics)
+    if figures and not figures_logged and trainer.loggers:
+        rank_zero_info("AccelerationReport: the loggers take no images; the plots are PNG files in the report folder")
