@@ -1,0 +1,216 @@
+"""AccelerationReport, the sparse artifact, load_quantized and `lightning-accel export`: every number recomputed."""
+
+import builtins
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_accel import (
+    AccelerationReport,
+    MagnitudePruning,
+    MixedPrecision,
+    QuantizationAwareTraining,
+    build_cli,
+    export_onnx,
+    load_quantized,
+    load_sparse,
+    save_sparse,
+)
+from lightning_accel.quantization import is_prepared
+from tests.helpers import RandomImages, TinyModule, fast_trainer_kwargs
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+def module_with_example():
+    module = TinyModule()
+    module.example_input_array = EXAMPLE
+    return module
+
+
+def fit_with_report(tmp_path, logger=False, extra=(), module=None, **kwargs):
+    report = AccelerationReport(directory=tmp_path / "report", max_batches=4)
+    callbacks = [MagnitudePruning(0.75, end_step=8, every_n_steps=2), QuantizationAwareTraining(start_step=4), report]
+    trainer = Trainer(
+        **fast_trainer_kwargs(max_epochs=2, logger=logger, log_every_n_steps=2, **kwargs),
+        callbacks=[*callbacks, *extra],
+    )
+    module = module or module_with_example()
+    trainer.fit(module, datamodule=RandomImages())
+    return trainer, module, report
+
+
+def test_the_report_numbers_match_an_independent_recomputation(tmp_path):
+    _, module, report = fit_with_report(tmp_path)
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report.report))
+    # Sizes from the files themselves.
+    for entry in saved["sizes"].values():
+        assert Path(entry["path"]).stat().st_size == entry["bytes"]
+    # Sparsity from the weights.
+    weights = {n: m.weight for n, m in module.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert saved["model"]["sparsity"] == pytest.approx(zeros / sum(w.numel() for w in weights.values()))
+    assert saved["model"]["per_layer_sparsity"]["net.fc1"] == pytest.approx(
+        float((module.net.fc1.weight == 0).float().mean())
+    )
+    assert saved["model"]["parameters"] == sum(p.numel() for p in module.parameters())
+    # Quality: ORT int8 accuracy on the validation batches, run here.
+    data = RandomImages()
+    session = ort.InferenceSession(saved["sizes"]["int8 ONNX"]["path"], providers=["CPUExecutionProvider"])
+    x, y = data.x[: 4 * data.batch_size], data.y[: 4 * data.batch_size]
+    int8_accuracy = (torch.from_numpy(session.run(None, {"input": x.numpy()})[0]).argmax(1) == y).float().mean().item()
+    assert saved["quality"]["ORT int8"]["accuracy"] == pytest.approx(int8_accuracy)
+    assert saved["quality"]["fake-quant (PyTorch)"]["accuracy"] == pytest.approx(int8_accuracy, abs=1 / len(y))
+    assert "dense start" in saved["quality"]
+    # Latency rows: measured for both batch sizes and every runtime, and the CPU is named.
+    assert set(saved["latency_ms"]) == {"batch 1", "batch 8"}
+    assert all(set(row) == {"PyTorch eager fp32", "ORT fp32", "ORT int8"} for row in saved["latency_ms"].values())
+    assert all(v > 0 for row in saved["latency_ms"].values() for v in row.values())
+    assert saved["cpu"]["model"] and "int8 instructions" in (tmp_path / "report" / "report.md").read_text()
+    assert not is_prepared(TinyModule()) and is_prepared(module)  # fit did not convert the model
+
+
+def test_tensorboard_gets_the_text_summary_plot_images_scalars_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer, _, _ = fit_with_report(tmp_path, logger=logger, extra=[MixedPrecision("bf16-mixed")])
+    events = EventAccumulator(str(Path(trainer.log_dir)), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert any("acceleration_report" in tag for tag in tags["tensors"])  # the text summary
+    assert any(tag.startswith("acceleration_report/") for tag in tags["images"])
+    assert "report/sparsity" in tags["scalars"]
+    hparams = (Path(trainer.log_dir) / "hparams.yaml").read_text()
+    assert "optimizer: sgd" in hparams and "precision: bf16-mixed" in hparams  # the model's, and ours beside them
+    assert "pruning/target_sparsity: 0.75" in hparams
+    assert (tmp_path / "report" / "plots" / "sparsity_schedule.png").stat().st_size > 1000
+
+
+def test_without_onnxruntime_the_latency_rows_are_skipped_with_a_note(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    trainer = Trainer(**fast_trainer_kwargs(), callbacks=[AccelerationReport(directory=tmp_path, plots=False)])
+    module = module_with_example()
+    trainer.fit(module, datamodule=RandomImages())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert any("onnxruntime is not installed" in note for note in report["notes"])
+    assert all(set(row) == {"PyTorch eager fp32"} for row in report["latency_ms"].values())
+
+
+def test_without_example_input_the_first_validation_batch_is_used_and_without_either_it_says_so(tmp_path):
+    trainer = Trainer(**fast_trainer_kwargs(), callbacks=[AccelerationReport(directory=tmp_path / "a", plots=False)])
+    trainer.fit(TinyModule(), datamodule=RandomImages())  # no example_input_array
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert "fp32 ONNX" in report["sizes"] and "batch 1" in report["latency_ms"]
+
+    class NoValidation(RandomImages):
+        def val_dataloader(self):
+            return []
+
+    trainer = Trainer(
+        **fast_trainer_kwargs(limit_val_batches=0),
+        callbacks=[AccelerationReport(directory=tmp_path / "b", plots=False)],
+    )
+    trainer.fit(TinyModule(), datamodule=NoValidation())
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert any("No example input" in note for note in report["notes"])
+
+
+def test_relative_export_paths_resolve_under_the_log_directory(tmp_path):
+    qat = QuantizationAwareTraining(export_path="artifacts/m.int8.onnx")
+    trainer = Trainer(**fast_trainer_kwargs(logger=CSVLogger(tmp_path)), callbacks=[qat])
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    assert Path(qat.resolved_export_path) == Path(trainer.log_dir) / "artifacts" / "m.int8.onnx"
+    assert Path(qat.resolved_export_path).exists() and not Path("artifacts/m.int8.onnx").exists()
+
+
+def test_sparse_artifact_round_trip_keeps_zeros_and_int8_values(tmp_path):
+    torch.manual_seed(0)
+    weight = torch.randn(128, 256)
+    weight[torch.rand(128, 256) < 0.9] = 0
+    state = {"layer.weight": weight, "layer.bias": torch.randn(128), "steps": torch.tensor(3)}
+    path = save_sparse(state, tmp_path / "m.sparse.npz.xz")
+    loaded = load_sparse(path)
+    assert torch.equal(loaded["layer.bias"], state["layer.bias"]) and torch.equal(loaded["steps"], state["steps"])
+    assert (loaded["layer.weight"][weight == 0] == 0).all()  # pruned weights stay exactly zero
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    assert (loaded["layer.weight"] - weight).abs().le(scale / 2 + 1e-7).all()
+    assert path.stat().st_size < 0.1 * weight.numel() * 4  # 90% zeros: a bitmask and int8 values, compressed
+    with pytest.raises(ValueError, match="not a lightning_accel sparse artifact"):
+        bad = tmp_path / "bad.npz.xz"
+        import io
+        import lzma
+
+        buffer = io.BytesIO()
+        np.savez(buffer, other=np.zeros(2))
+        bad.write_bytes(lzma.compress(buffer.getvalue()))
+        load_sparse(bad)
+
+
+def test_load_quantized_rebuilds_the_int8_model_from_a_checkpoint(tmp_path):
+    qat = QuantizationAwareTraining(start_step=4, weight_bits=7)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="qat")
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=2, enable_checkpointing=True), callbacks=[qat, checkpoint])
+    module = module_with_example()
+    trainer.fit(module, datamodule=RandomImages())
+    x = RandomImages().x
+    with torch.no_grad():
+        expected = module.eval()(x)
+    restored = load_quantized(module_with_example(), tmp_path / "qat.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), expected)
+    path = export_onnx(restored, tmp_path / "restored.onnx", EXAMPLE)
+    import onnx
+
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(path).graph.node)  # int8, not fp32
+    plain = Trainer(
+        **fast_trainer_kwargs(enable_checkpointing=True, default_root_dir=tmp_path),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="plain")],
+    )
+    plain.fit(module_with_example(), datamodule=RandomImages())
+    with pytest.raises(ValueError, match="holds no QuantizationAwareTraining state"):
+        load_quantized(module_with_example(), tmp_path / "plain.ckpt")
+
+
+def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["lightning-accel"])
+    common = [
+        "--config",
+        "examples/digits/accelerate.yaml",
+        "--trainer.enable_progress_bar=false",
+        "--report.plots=false",
+    ]
+    fit = build_cli(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs=2",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ]
+    )
+    trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path / 'export'}"])
+    exported = json.loads(next((tmp_path / "export").rglob("report.json")).read_text())
+    assert {"fp32 state dict", "fp32 ONNX", "int8 ONNX", "sparse int8"} <= set(exported["sizes"])
+    assert exported["model"]["sparsity"] == pytest.approx(trained["model"]["sparsity"])
+    assert exported["quality"]["ORT int8"]["accuracy"] == pytest.approx(trained["quality"]["ORT int8"]["accuracy"])
+    assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]
