@@ -200,7 +200,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["| quality on validation data | accuracy | agreement | SNR (dB) |", "| --- | --- | --- | --- |"]
         for name, entry in quality.items():
             accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a"
-            agreement = f"{entry['agreement']:.2%}" if "agreement" in entry else "(reference)"
+            reference = name == report.get("quality_reference")
+            agreement = f"{entry['agreement']:.2%}" if "agreement" in entry else ("(reference)" if reference else "")
             snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
             lines.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
         lines.append("")

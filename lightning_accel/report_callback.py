@@ -300,6 +300,7 @@ def build_report(
         predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
         scores = evaluate(predictors, loader, max_batches, reference="float weights")
         report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
+        report["quality_reference"] = "float weights"
     return report
 
 
