@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
-from pathlib import Path
 
 from lightning import Callback, Trainer, seed_everything
 
 from examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_accel.report import cpu_description as cpu_info
+from lightning_accel.report import describe_cpu
 
 
 class TrainTimer(Callback):
@@ -76,19 +76,6 @@ def interleaved_ratio(
     return c, r, c / r
 
 
-#: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
 def cpu_description() -> str:
-    """The CPU model and which int8-relevant instruction sets it has, read from /proc/cpuinfo (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags_line = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[-1].split())
-    present = [flag for flag in INT8_FLAGS if flag in flags]
-    absent = [flag for flag in INT8_FLAGS if flag not in flags]
-    return f"{model}; int8 instructions: {', '.join(present) or 'none'}; absent: {', '.join(absent) or 'none'}"
+    """The CPU model, its int8 instruction sets and the threads used (the same line the report prints)."""
+    return describe_cpu(cpu_info())
