@@ -57,6 +57,17 @@ class TinyModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+#: The example input of TinyNet: one 1x8x8 image.
+EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+def module_with_example(**kwargs) -> TinyModule:
+    """A TinyModule with ``example_input_array`` set, as the exports need."""
+    module = TinyModule(**kwargs)
+    module.example_input_array = EXAMPLE
+    return module
+
+
 class RandomImages(LightningDataModule):
     """Seeded random 1x8x8 images with 4 classes, in a fixed order (no shuffling) for reproducible runs."""
 

@@ -21,16 +21,9 @@ from tests.helpers import (
     assert_states_equal,
     fast_trainer_kwargs,
     fit_tiny,
+    module_with_example,
 )
 from tests.quant_models import ResidualModule
-
-EXAMPLE = torch.zeros(1, 1, 8, 8)
-
-
-def module_with_example(**kwargs):
-    module = TinyModule(**kwargs)
-    module.example_input_array = EXAMPLE
-    return module
 
 
 def fit(callbacks, module=None, epochs=2, **kwargs):

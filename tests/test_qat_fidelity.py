@@ -25,17 +25,10 @@ from lightning_accel import (
     export_onnx,
 )
 from lightning_accel.quantization import activation_quantizers, to_deployable
-from tests.helpers import RandomImages, TinyModule, fast_trainer_kwargs, fit_tiny
+from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, fit_tiny, module_with_example
 from tests.quant_models import snr_db
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = torch.zeros(1, 1, 8, 8)
-
-
-def module_with_example(**kwargs):
-    module = TinyModule(**kwargs)
-    module.example_input_array = EXAMPLE
-    return module
 
 
 # --- evaluation scores the deployed model --------------------------------------------------------------------

@@ -25,16 +25,9 @@ from lightning_accel import (
     save_sparse,
 )
 from lightning_accel.quantization import is_prepared
-from tests.helpers import RandomImages, TinyModule, fast_trainer_kwargs
+from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, module_with_example
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = torch.zeros(1, 1, 8, 8)
-
-
-def module_with_example():
-    module = TinyModule()
-    module.example_input_array = EXAMPLE
-    return module
 
 
 def fit_with_report(tmp_path, logger=False, extra=(), module=None, **kwargs):

@@ -86,6 +86,16 @@ def _check_model_input(model_input: Any) -> None:
         )
 
 
+def _prepare_arguments(callback: Any) -> dict[str, Any]:
+    """The preparation settings a QAT or PTQ callback passes to ``prepare_qat_``/``calibrate_``."""
+    return {
+        "include": callback.include,
+        "exclude": callback.exclude,
+        "fold_bn": callback.fold_bn,
+        "weight_bits": callback.weight_bits,
+    }
+
+
 def _require_example_input(pl_module: LightningModule, owner: str) -> None:
     if pl_module.example_input_array is None:
         raise ValueError(
@@ -343,7 +353,7 @@ class QuantizationAwareTraining(Callback):
         if self._pending_state is not None:
             self._load_into_model(self._pending_state)
         if self.export_path is not None and fitting:
-            _dry_run_export(pl_module, type(self).__name__, **self._prepare_arguments())
+            _dry_run_export(pl_module, type(self).__name__, **_prepare_arguments(self))
         self._set_phase(self.phase_at(trainer.global_step) if self._steps else PHASE_FLOAT, training=False)
         if self._log_selection:
             quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
@@ -481,14 +491,6 @@ class QuantizationAwareTraining(Callback):
             self._pending_state = state
 
     # --- helpers ------------------------------------------------------------------------------------------------
-
-    def _prepare_arguments(self) -> dict[str, Any]:
-        return {
-            "include": self.include,
-            "exclude": self.exclude,
-            "fold_bn": self.fold_bn,
-            "weight_bits": self.weight_bits,
-        }
 
     def _load_into_model(self, state: dict[str, Any]) -> None:
         load_quantizer_state_(self._model, state)
@@ -629,14 +631,6 @@ class PostTrainingQuantization(Callback):
         self.resolved_export_path: str | None = None
         self._input_checked = False
 
-    def _prepare_arguments(self) -> dict[str, Any]:
-        return {
-            "include": self.include,
-            "exclude": self.exclude,
-            "fold_bn": self.fold_bn,
-            "weight_bits": self.weight_bits,
-        }
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Fail early: the example input, the export path and a dry-run export of a calibrated copy."""
         _require_example_input(pl_module, type(self).__name__)
@@ -646,7 +640,7 @@ class PostTrainingQuantization(Callback):
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
         self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
         _check_writable(self.resolved_export_path)
-        _dry_run_export(pl_module, type(self).__name__, **self._prepare_arguments())
+        _dry_run_export(pl_module, type(self).__name__, **_prepare_arguments(self))
         self._input_checked = False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -684,7 +678,7 @@ class PostTrainingQuantization(Callback):
             trainer.train_dataloader,
             self.calibration_batches,
             model_input=self.model_input,
-            **self._prepare_arguments(),
+            **_prepare_arguments(self),
         )
         checks = _first_batch_input(trainer, pl_module, batch_picker(self.model_input))
         _export_on_rank_zero(copy_of_model, self.resolved_export_path, checks, self.on_mismatch)
