@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick --output benchmarks/quick
 
 clean:
 	rm -rf $(VENV) lightning_logs artifacts .pytest_cache .ruff_cache *.egg-info

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from lightning import Callback, Trainer, seed_everything
 
@@ -79,3 +81,26 @@ def interleaved_ratio(
 def cpu_description() -> str:
     """The CPU model, its int8 instruction sets and the threads used (the same line the report prints)."""
     return describe_cpu(cpu_info())
+
+
+#: Threads every benchmark uses (the machines this project runs on have 2 cores).
+THREADS = 2
+
+
+@dataclass
+class Section:
+    """One benchmark's result: a title, its Markdown table(s) and the same figures as plain data."""
+
+    title: str
+    markdown: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The section for RESULTS.json."""
+        return {"title": self.title, "data": self.data}
+
+
+def goal(value: float, target: float, better: str = "lower") -> str:
+    """Mark a figure against its goal: 'met' or 'MISSED', never tuned away."""
+    met = value <= target if better == "lower" else value >= target
+    return "met" if met else "**MISSED**"

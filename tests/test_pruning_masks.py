@@ -103,3 +103,22 @@ def test_apply_masks_zeroes_in_place_and_keeps_identity(weights):
     assert {n: id(p) for n, p in params.items()} == ids
     assert tensor_sparsity(params) == pytest.approx(mask_sparsity(masks))
     assert all(torch.equal(params[n][masks[n]], weights[n][masks[n]]) for n in params)
+
+
+def test_global_threshold_matches_a_full_sort_with_ties_broken_by_position():
+    generator = torch.Generator().manual_seed(3)
+    weights = {
+        "a": torch.randint(-20, 20, (64, 33), generator=generator).float() / 4,  # many exact ties
+        "b": torch.randn(17, 5, generator=generator),
+        "c": torch.zeros(4, 4),
+    }
+    for sparsity in (0.1, 0.5, 0.77, 0.95):
+        masks = compute_masks(weights, sparsity)
+        flat = torch.cat([w.abs().flatten() for w in weights.values()])
+        k = round(sparsity * flat.numel())
+        # Reference: a stable sort by magnitude, so equal magnitudes are pruned in position order.
+        order = torch.sort(flat, stable=True).indices
+        expected = torch.ones_like(flat, dtype=torch.bool)
+        expected[order[:k]] = False
+        got = torch.cat([m.flatten() for m in masks.values()])
+        assert torch.equal(got, expected), sparsity

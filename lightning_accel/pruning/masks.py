@@ -108,13 +108,52 @@ def unstructured_masks(
         raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
     if not scores:
         return {}
-    flat = torch.cat([s.to(next(iter(scores.values())).device) for s in scores.values()])
-    keep = _keep_all_but_smallest(flat, round(sparsity * flat.numel()))
-    sizes = [s.numel() for s in scores.values()]
-    return {
-        name: part.view_as(weights[name]).to(weights[name].device)
-        for name, part in zip(scores, keep.split(sizes), strict=True)
-    }
+    total = sum(s.numel() for s in scores.values())
+    keep = _global_keep(scores, round(sparsity * total))
+    return {name: part.view_as(weights[name]) for name, part in keep.items()}
+
+
+#: Buckets of the histogram that narrows down the global threshold.
+_HISTOGRAM_BINS = 4096
+
+
+def _global_keep(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Keep-masks that drop exactly the ``k`` smallest scores over all tensors, ties broken by position.
+
+    Concatenating every score and sorting it costs several times the weights' own memory, which at a billion
+    parameters is the difference between fitting and not. Instead a histogram narrows the k-th value down to one
+    bucket, only that bucket's scores are gathered to find it exactly (``torch.kthvalue``), and each tensor is then
+    masked on its own: extra memory stays near one tensor's size plus the masks.
+    """
+    if k <= 0:
+        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+    low = min(float(s.min()) for s in scores.values())
+    high = max(float(s.max()) for s in scores.values())
+    threshold = low
+    if high > low:
+        counts = sum(torch.histc(s.float().cpu(), _HISTOGRAM_BINS, low, high) for s in scores.values())
+        cumulative = torch.cumsum(counts, 0)
+        bucket = int(torch.searchsorted(cumulative, torch.tensor(float(k))))
+        width = (high - low) / _HISTOGRAM_BINS
+        # Widen by a bucket on each side: histc's edge rounding must not lose the k-th value.
+        lower, upper = low + (bucket - 1) * width, low + (bucket + 2) * width
+        below = sum(int((s < lower).sum()) for s in scores.values())
+        inside = torch.cat([s[(s >= lower) & (s <= upper)].float().cpu() for s in scores.values()])
+        if below < k <= below + inside.numel():
+            threshold = float(torch.kthvalue(inside, k - below).values)
+        else:  # the histogram missed (pathological rounding): take the exact value the simple way
+            threshold = float(torch.kthvalue(torch.cat([s.float().cpu() for s in scores.values()]), k).values)
+    remaining_ties = k - sum(int((s < threshold).sum()) for s in scores.values())
+    keep = {}
+    for name, score in scores.items():
+        mask = score >= threshold
+        if remaining_ties > 0:
+            tied = (score == threshold).nonzero().flatten()[:remaining_ties]
+            mask[tied] = False
+            remaining_ties -= tied.numel()
+        mask[score > threshold] = True
+        keep[name] = mask
+    return keep
 
 
 def channel_mask(weight: Tensor, sparsity: float, previous: Tensor | None = None) -> Tensor:
