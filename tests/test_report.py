@@ -207,3 +207,13 @@ def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_chec
     assert exported["model"]["sparsity"] == pytest.approx(trained["model"]["sparsity"])
     assert exported["quality"]["ORT int8"]["accuracy"] == pytest.approx(trained["quality"]["ORT int8"]["accuracy"])
     assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]
+
+
+def test_report_and_exports_under_ddp_are_written_once_by_rank_zero(tmp_path):
+    qat = QuantizationAwareTraining(start_step=2, export_path=str(tmp_path / "m.int8.onnx"))
+    report = AccelerationReport(directory=tmp_path / "report", max_batches=2, plots=False)
+    trainer = Trainer(**fast_trainer_kwargs(strategy="ddp_spawn", devices=2, max_epochs=1), callbacks=[qat, report])
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert (tmp_path / "m.int8.onnx").exists() and "int8 ONNX" in saved["sizes"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
