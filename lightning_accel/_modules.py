@@ -73,7 +73,8 @@ def select_weights(
     Args:
         model: The model.
         include: Patterns naming modules (their Linear/Conv weights are selected) or parameters. ``None`` selects
-            the weight of every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+            the weight of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` that is trained (``requires_grad``): a
+            frozen weight cannot recover from pruning, so it is pruned only when a pattern names it.
         exclude: Patterns naming modules or parameters to leave out.
         owner: The callback named in errors.
 
@@ -107,7 +108,10 @@ def select_weights(
     selected = {}
     for name, parameter in model.named_parameters():
         aliases = names_by_id[id(parameter)]
-        chosen = any(a in default for a in aliases) if include is None else any(named_by(include, a) for a in aliases)
+        if include is None:  # frozen weights cannot recover from pruning: only when named
+            chosen = parameter.requires_grad and any(a in default for a in aliases)
+        else:
+            chosen = any(named_by(include, a) for a in aliases)
         if chosen and not (exclude and any(named_by(exclude, a) for a in aliases)):
             selected[name] = parameter
     return selected

@@ -285,3 +285,14 @@ def test_test_after_fit_tests_the_final_weights_when_best_is_below_target(in_roo
 def test_the_end_of_run_message_does_not_contradict_itself():
     with pytest.warns(UserWarning, match=r"ended after 8 optimizer steps \(the last one was step 7\).*only at step 8"):
         fit_tiny([MagnitudePruning(0.5, end_step=8, every_n_steps=2)], TinyModule(), epochs=1)
+
+
+def test_frozen_weights_are_left_dense_unless_named(caplog):
+    module = TinyModule()
+    module.net.conv.weight.requires_grad_(False)  # e.g. a frozen pretrained stem
+    assert set(select_weights(module)) == {"net.fc1.weight", "net.fc2.weight"}
+    assert "net.conv.weight" in select_weights(module, include=["net.conv"])
+    with caplog.at_level("INFO"):
+        fit_tiny([MagnitudePruning(0.5, every_n_steps=2)], module)
+    assert "left dense because frozen (requires_grad=False): net.conv.weight" in caplog.text
+    assert not (module.net.conv.weight == 0).any()

@@ -127,3 +127,18 @@ def test_global_threshold_matches_a_full_sort_with_ties_broken_by_position(monke
         expected[order[:k]] = False
         got = torch.cat([m.flatten() for m in masks.values()])
         assert torch.equal(got, expected), sparsity
+
+
+def test_two_four_on_convolutions_groups_input_channels_as_sparse_tensor_cores_do():
+    weight = torch.randn(8, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = compute_masks({"conv": weight}, 0.5, pattern="2:4")["conv"]
+    along_channels = mask.permute(0, 2, 3, 1).reshape(-1, 4)  # (out, kh, kw, in) in groups of 4 input channels
+    assert (along_channels.sum(dim=1) == 2).all()  # every group of 4 input channels keeps exactly 2
+    along_kernel = mask.reshape(-1, 4)  # the old layout: 4 consecutive elements of the flattened row
+    assert not (along_kernel.sum(dim=1) == 2).all()
+    kept = torch.where(mask, weight.abs(), torch.inf).permute(0, 2, 3, 1).reshape(-1, 4)
+    dropped = torch.where(mask, -torch.inf, weight.abs()).permute(0, 2, 3, 1).reshape(-1, 4)
+    assert (kept.min(dim=1).values >= dropped.max(dim=1).values).all()  # the two kept are each group's largest
+    linear = torch.randn(6, 8)
+    linear_mask = compute_masks({"fc": linear}, 0.5, pattern="2:4")["fc"]
+    assert (linear_mask.reshape(6, 2, 4).sum(-1) == 2).all()  # Linear: along the input features, as before

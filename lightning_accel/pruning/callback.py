@@ -167,20 +167,22 @@ class MagnitudePruning(Callback):
         candidates = [
             f"{name}.weight" for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name
         ]
-        rank_zero_info(
-            f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summarize_selection(self._params, candidates)}"
-        )
+        frozen = [n for n, p in pl_module.named_parameters() if n in candidates and not p.requires_grad]
+        summary = summarize_selection(self._params, [c for c in candidates if c not in frozen])
+        if frozen and self.include is None:
+            summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
+        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summary}")
         if self.pattern.kind == "N:M":
             misfits = [
                 f"{name} {tuple(p.shape)}"
                 for name, p in self._params.items()
-                if p.dim() < 2 or p[0].numel() % self.pattern.m
+                if p.dim() < 2 or p.shape[1] % self.pattern.m
             ]
             if misfits:
                 raise ValueError(
-                    f"`pattern` '{self.pattern.n}:{self.pattern.m}' needs rows (all but the first dimension) with a "
-                    f"multiple of {self.pattern.m} elements; these selected parameters have other shapes: "
-                    f"{', '.join(misfits)}. Leave them dense with `exclude`."
+                    f"`pattern` '{self.pattern.n}:{self.pattern.m}' groups input channels, so it needs an input "
+                    f"dimension (shape[1]) that is a multiple of {self.pattern.m}; these selected parameters have "
+                    f"other shapes: {', '.join(misfits)}. Leave them dense with `exclude`."
                 )
         if self._masks is not None:
             self._check_masks_fit(self._masks)

@@ -182,27 +182,34 @@ def channel_mask(weight: Tensor, sparsity: float, previous: Tensor | None = None
 
 
 def n_m_mask(weight: Tensor, n: int, m: int, sparsity: float, previous: Tensor | None = None) -> Tensor:
-    """Keep ``n`` of every ``m`` consecutive input weights (per output row), reached gradually.
+    """Keep ``n`` of every ``m`` consecutive input channels (per output row and kernel position), reached gradually.
+
+    A Linear weight ``(out, in)`` is grouped along ``in``. A conv weight ``(out, in, *kernel)`` is grouped along its
+    input channels at each kernel position, the layout NVIDIA's sparse tensor cores (and ASP) use: the weight is
+    viewed as ``(out, *kernel, in)``, which is how implicit-GEMM convolutions read it.
 
     The candidates are the ``m - n`` smallest magnitudes of each group. At ``sparsity == 1 - n/m`` all of them
     are pruned, which is the N:M layout sparse tensor cores run. Below it, only the ``round(sparsity * numel)``
     smallest candidates are pruned, so a schedule can approach the pattern gradually.
 
     Raises:
-        ValueError: when a row's length (the product of all but the first dimension) is not a multiple of ``m``.
+        ValueError: when the input dimension (``weight.shape[1]``) is not a multiple of ``m``.
     """
-    row_length = weight[0].numel() if weight.dim() > 1 else weight.numel()
-    if weight.dim() < 2 or row_length % m:
+    if weight.dim() < 2 or weight.shape[1] % m:
         raise ValueError(
-            f"pattern '{n}:{m}' needs weights whose rows (all but the first dimension) have a multiple of {m} "
-            f"elements, got shape {tuple(weight.shape)}; exclude this parameter with `exclude`"
+            f"pattern '{n}:{m}' needs weights whose input dimension (shape[1]) is a multiple of {m}, got shape "
+            f"{tuple(weight.shape)}; exclude this parameter with `exclude`"
         )
-    groups = _scores(weight, previous).reshape(-1, m)
+    channels_last = (0, *range(2, weight.dim()), 1)  # (out, in, *kernel) -> (out, *kernel, in)
+    scores = _scores(weight, previous).permute(channels_last).contiguous()
+    groups = scores.reshape(-1, m)
     rank_in_group = groups.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
     candidate = rank_in_group < (m - n)
     limit = min(round(sparsity * weight.numel()), int(candidate.sum()))
     candidate_scores = groups.masked_fill(~candidate, math.inf).flatten()
-    return _keep_all_but_smallest(candidate_scores, limit).view_as(weight)
+    keep = _keep_all_but_smallest(candidate_scores, limit).view(scores.shape)
+    inverse = tuple(channels_last.index(d) for d in range(weight.dim()))
+    return keep.permute(inverse).contiguous()
 
 
 def compute_masks(
