@@ -1,6 +1,7 @@
 """Fake quantization without Lightning: qparams, prepare, BatchNorm folding, calibration and ONNX export."""
 
 import builtins
+import dataclasses
 
 import numpy as np
 import onnx
@@ -234,3 +235,48 @@ def test_bias_is_rounded_to_the_int32_grid_with_a_straight_through_gradient():
     assert (rounded - bias).abs().le(input_scale * weight_scale / 2 + 1e-7).all()
     rounded.sum().backward()
     assert torch.equal(bias.grad, torch.ones(4))
+
+
+class DictOutputNet(nn.Module):
+    """HuggingFace style: a dict of named outputs (and a non-tensor entry the export leaves out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.body(x))
+        return {"logits": self.head(hidden), "hidden_states": hidden, "num_layers": 2}
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    attentions: torch.Tensor | None = None
+
+
+class DataclassOutputNet(DictOutputNet):
+    def forward(self, x):
+        out = super().forward(x)
+        return Output(out["logits"], out["hidden_states"])
+
+
+@pytest.mark.parametrize("make", [DictOutputNet, DataclassOutputNet])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_dict_and_dataclass_outputs_export_with_their_keys_as_names(tmp_path, make, quantize):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(32, 8)
+    if quantize:
+        calibrate_(model, [(x,)], num_batches=1)
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "hidden_states"]
+    logits, hidden = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    expected = expected if isinstance(expected, dict) else dataclasses.asdict(expected)
+    assert snr_db(expected["logits"], torch.from_numpy(logits)) > 30
+    assert snr_db(expected["hidden_states"], torch.from_numpy(hidden)) > 30

@@ -26,8 +26,9 @@ from lightning_accel.quantization.check import (
     MIN_SNR_DB,
     as_float32,
     check_onnx,
+    named_outputs,
+    output_tensors,
     split_example,
-    torch_outputs,
 )
 from lightning_accel.quantization.fake_quant import (
     ActivationFakeQuant,
@@ -259,8 +260,9 @@ def export_onnx(
     quantized = is_prepared(model)
     deploy = to_deployable(model) if quantized else copy.deepcopy(model).eval().float()
     args, kwargs, input_names = split_example(example_input)
-    output_count = len(torch_outputs(deploy, example_input))
-    output_names = ["output"] if output_count == 1 else [f"output_{i}" for i in range(output_count)]
+    raw_output = _raw_output(deploy, example_input)
+    output_names = _output_names(raw_output)
+    traced = deploy if _is_plain_output(raw_output) else _TensorOutputs(deploy)
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
 
     target = Path(path)
@@ -270,7 +272,7 @@ def export_onnx(
             # tracer warnings about constant scales are expected here.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                deploy.cpu(),
+                traced.cpu(),
                 tuple(as_float32(a).cpu() for a in args),
                 str(temporary),
                 kwargs={k: as_float32(v).cpu() for k, v in kwargs.items()} if kwargs else None,
@@ -292,6 +294,37 @@ def export_onnx(
 
 
 ON_MISMATCH_CHOICES = ("warn", "raise", "ignore")
+
+
+class _TensorOutputs(nn.Module):
+    """Returns a model's dict or dataclass output as a tuple, which the tracer can follow; names go separately."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(output_tensors(self.model(*args, **kwargs)))
+
+
+@torch.no_grad()
+def _raw_output(model: nn.Module, example_input: Any) -> Any:
+    args, kwargs, _ = split_example(example_input)
+    device = next(model.parameters()).device
+    return model(*[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()})
+
+
+def _output_names(output: Any) -> list[str]:
+    names = [name for name, _ in named_outputs(output)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The model's output names are not unique: {names}")
+    return names
+
+
+def _is_plain_output(output: Any) -> bool:
+    return isinstance(output, torch.Tensor) or (
+        isinstance(output, tuple | list) and all(isinstance(t, torch.Tensor) for t in output)
+    )
 
 
 def _check_example_input(argument: str, example_input: Any) -> None:
