@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
+from lightning_accel._lightning import configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
@@ -156,7 +157,8 @@ class MagnitudePruning(Callback):
     # --- Lightning hooks ----------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Select the parameters to prune and check that the pattern fits them."""
+        """Select the parameters to prune (layers built in ``configure_model`` included) and check the pattern."""
+        configure_model_early(trainer, pl_module)
         self._params = select_weights(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError(

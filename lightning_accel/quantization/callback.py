@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from lightning_accel._files import resolve_artifact_path
+from lightning_accel._lightning import configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
@@ -345,6 +346,7 @@ class QuantizationAwareTraining(Callback):
             _check_writable(self.resolved_export_path)
         if self.weight_bits == 8:
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
+        configure_model_early(trainer, pl_module)  # layers built in configure_model are quantized too
         prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits)
         self._model = pl_module
         self._batch_norms = list(iter_batch_norms(pl_module))
@@ -636,6 +638,7 @@ class PostTrainingQuantization(Callback):
         _require_example_input(pl_module, type(self).__name__)
         if stage != "fit":
             return
+        configure_model_early(trainer, pl_module)  # the dry run copies the model: build lazy layers first
         if self.weight_bits == 8:
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
         self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
