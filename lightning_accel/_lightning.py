@@ -23,3 +23,26 @@ def configure_model_early(trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.precision_plugin.module_init_context(),
     ):
         pl_module.configure_model()
+
+
+class TrainingSteps:
+    """The schedule position: training steps, not optimizer calls.
+
+    With automatic optimization (one optimizer) ``trainer.global_step`` counts the steps, accumulation included.
+    With manual optimization ``global_step`` counts every ``optimizer.step()`` call, so a GAN with two optimizers
+    would run every schedule at twice the speed and reach a "75%" end step at 37.5% of training
+    (``trainer.estimated_stepping_batches`` counts batches). There, the training batches are counted instead; the
+    count is part of the callback's checkpoint state, so a resumed run continues from it.
+    """
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def current(self, trainer: Trainer, pl_module: LightningModule) -> int:
+        """The current training step."""
+        return trainer.global_step if pl_module.automatic_optimization else self.batches
+
+    def batch_done(self, pl_module: LightningModule) -> None:
+        """Count a finished training batch (manual optimization only)."""
+        if not pl_module.automatic_optimization:
+            self.batches += 1

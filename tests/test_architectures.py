@@ -1,6 +1,7 @@
 """Models as users build them: layers created in configure_model are pruned and quantized like any other."""
 
 import torch
+from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -64,3 +65,48 @@ def test_configure_model_layers_resume_bit_identically(tmp_path):
     assert_states_equal(
         {k: a[k] for k in a if k.startswith("model/")}, {k: b[k] for k in a if k.startswith("model/")}, atol=1e-6
     )
+
+
+class TwoOptimizers(TinyModule):
+    """Manual optimization with two optimizers (a GAN-like pair): every batch calls optimizer.step() twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        for optimizer in (first, second):
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self):
+        features = list(self.net.conv.parameters()) + list(self.net.bn.parameters())
+        head = list(self.net.fc1.parameters()) + list(self.net.fc2.parameters())
+        return torch.optim.SGD(features, lr=0.01), torch.optim.SGD(head, lr=0.01)
+
+
+class RecordSchedule(Callback):
+    def __init__(self, pruning, qat):
+        self.pruning, self.qat, self.sparsity, self.observing = pruning, qat, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        index = trainer.current_epoch * 8 + batch_idx
+        self.sparsity[index] = self.pruning.masks and float(
+            sum(int((~m).sum()) for m in self.pruning.masks.values())
+            / sum(m.numel() for m in self.pruning.masks.values())
+        )
+        self.observing[index] = pl_module.net.fc1.input_quant.observe
+
+
+def test_several_optimizers_schedules_count_training_steps_not_optimizer_calls():
+    pruning = MagnitudePruning(0.5, schedule="one_shot", start_step=0.5, every_n_steps=1)
+    qat = QuantizationAwareTraining(start_step=0.75)
+    record = RecordSchedule(pruning, qat)
+    trainer, _ = fit_tiny([pruning, qat, record], TwoOptimizers(), epochs=2)  # 16 batches, 32 optimizer calls
+    assert trainer.global_step == 32
+    assert record.sparsity[7] == 0.0 and abs(record.sparsity[8] - 0.5) < 0.01  # half-way through the batches
+    assert not record.observing[11] and record.observing[12]  # 3/4 of the batches

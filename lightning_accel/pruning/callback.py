@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._lightning import configure_model_early
+from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
@@ -117,6 +117,7 @@ class MagnitudePruning(Callback):
         self._resolved_end_step: int | None = end_step if isinstance(end_step, int) else None
         self.best_checkpoint_below_target: str | None = None
         self._hook_handles: list[Any] = []
+        self._training_steps = TrainingSteps()
         self._metrics: dict[str, float] = {}
 
     @property
@@ -219,7 +220,7 @@ class MagnitudePruning(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Recompute the masks when the schedule is due (rank 0 decides, every rank applies)."""
-        step = trainer.global_step
+        step = self._training_steps.current(trainer, pl_module)
         if step == self._last_step:  # later micro-batches of one accumulated step
             return
         self._last_step = step
@@ -237,6 +238,7 @@ class MagnitudePruning(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log the scheduled and the measured sparsity on the steps the trainer writes logs."""
+        self._training_steps.batch_done(pl_module)
         # ``self.log`` costs far more than the masking itself, so skip the steps whose values would be dropped.
         if trainer.global_step % trainer.log_every_n_steps:
             return
@@ -248,7 +250,7 @@ class MagnitudePruning(Callback):
         self._remove_hooks()
         reached = self._metrics.get("sparsity/actual", 0.0)
         if self._mask_sparsity < self.target_sparsity:
-            steps = trainer.global_step
+            steps = self._training_steps.current(trainer, pl_module)
             rank_zero_warn(
                 f"MagnitudePruning: training ended after {steps} optimizer steps (the last one was step "
                 f"{steps - 1}), but the schedule reaches its target only at step {self._resolved_end_step}; "
@@ -294,6 +296,7 @@ class MagnitudePruning(Callback):
             "masks": {name: mask.cpu() for name, mask in (self._masks or {}).items()},
             "mask_sparsity": self._mask_sparsity,
             "last_step": self._last_step,
+            "training_batches": self._training_steps.batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -310,6 +313,7 @@ class MagnitudePruning(Callback):
         self._masks = masks
         self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
         self._last_step = int(state_dict.get("last_step", -1))
+        self._training_steps.batches = int(state_dict.get("training_batches", 0))
 
     # --- helpers ------------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from lightning_accel._files import resolve_artifact_path
-from lightning_accel._lightning import configure_model_early
+from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
@@ -296,6 +296,7 @@ class QuantizationAwareTraining(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
+        self._training_steps = TrainingSteps()
         self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
         # (start, freeze observers, freeze BatchNorm) as optimizer steps, once fractions are resolved at fit start.
         steps = (start_step, freeze_observers_step, freeze_bn_step)
@@ -356,7 +357,8 @@ class QuantizationAwareTraining(Callback):
             self._load_into_model(self._pending_state)
         if self.export_path is not None and fitting:
             _dry_run_export(pl_module, type(self).__name__, **_prepare_arguments(self))
-        self._set_phase(self.phase_at(trainer.global_step) if self._steps else PHASE_FLOAT, training=False)
+        step = self._training_steps.current(trainer, pl_module)
+        self._set_phase(self.phase_at(step) if self._steps else PHASE_FLOAT, training=False)
         if self._log_selection:
             quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
             candidates = [name for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name]
@@ -367,14 +369,15 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
         self._resolve_steps(trainer)
-        self._set_phase(self.phase_at(trainer.global_step), training=False)
+        self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
         add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
-        self._set_phase(self.phase_at(trainer.global_step), training=True)
+        step = self._training_steps.current(trainer, pl_module)
+        self._set_phase(self.phase_at(step), training=True)
         freeze_bn_step = self._steps[2]
-        if freeze_bn_step is not None and trainer.global_step >= freeze_bn_step:
+        if freeze_bn_step is not None and step >= freeze_bn_step:
             for bn in self._batch_norms:  # again every step: Lightning's model.train() after validation undoes it
                 bn.eval()
 
@@ -382,6 +385,7 @@ class QuantizationAwareTraining(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Reduce this batch's activation ranges over ranks, update the running ranges, and log."""
+        self._training_steps.batch_done(pl_module)
         if self._phase == PHASE_OBSERVING:
             ranges = flag_nonfinite(observed_ranges(self._quantizers))
             if trainer.world_size > 1:
@@ -419,7 +423,7 @@ class QuantizationAwareTraining(Callback):
         quantized if the quantizers hold observed ranges, float (with a warning) if they hold none.
         """
         if trainer.state.fn == "fit":
-            return self.phase_at(trainer.global_step)
+            return self.phase_at(self._training_steps.current(trainer, trainer.lightning_module))
         calibrated = [name for name, q in self._quantizers.items() if q.calibrated]
         if len(calibrated) == len(self._quantizers):
             return PHASE_FROZEN
@@ -446,10 +450,10 @@ class QuantizationAwareTraining(Callback):
             )
             return
         uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
-        start = self._steps[0]
-        if uncalibrated and trainer.global_step <= start:
+        start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
+        if uncalibrated and steps <= start:
             rank_zero_warn(
-                f"QuantizationAwareTraining: training ended at step {trainer.global_step}, before QAT's start_step "
+                f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
                 f"{start}, so there is no int8 model: nothing was written to {self.resolved_export_path}"
             )
             return
@@ -473,6 +477,7 @@ class QuantizationAwareTraining(Callback):
             "quantizers": quantizers,
             "weight_bits": self.weight_bits,
             "skipped_ranges": self.skipped_ranges,
+            "training_batches": self._training_steps.batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -485,6 +490,7 @@ class QuantizationAwareTraining(Callback):
                 f"`weight_bits`={self.weight_bits}: set weight_bits={saved_bits} to continue from it"
             )
         self.skipped_ranges = int(state_dict.get("skipped_ranges", 0))
+        self._training_steps.batches = int(state_dict.get("training_batches", 0))
         if state is None:
             return
         if self._model is not None:
