@@ -121,9 +121,16 @@ class AccelerationReport(Callback):
         if trainer.fast_dev_run:
             rank_zero_warn("AccelerationReport: fast_dev_run, so no report is written")
             return
-        self.report = build_report(
-            trainer, pl_module, self._resolved, self.latency, self.max_batches, self._dense_start
-        )
+        try:
+            self.report = build_report(
+                trainer, pl_module, self._resolved, self.latency, self.max_batches, self._dense_start
+            )
+        except Exception as error:  # the trained model and its checkpoints are safe: never lose a run to the report
+            rank_zero_warn(
+                f"AccelerationReport: the report could not be built ({type(error).__name__}: {error}); the trained "
+                "model and checkpoints are unaffected. `lightning-accel export --ckpt_path ...` can retry it."
+            )
+            return
         json_path, markdown_path = write_report(self.report, self._resolved)
         _print_table(self.report)
         figures = self._plot()
