@@ -217,3 +217,16 @@ def test_report_and_exports_under_ddp_are_written_once_by_rank_zero(tmp_path):
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert (tmp_path / "m.int8.onnx").exists() and "int8 ONNX" in saved["sizes"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
+def test_a_failing_report_warns_and_never_fails_the_finished_run(tmp_path, monkeypatch):
+    import lightning_accel.report_callback as report_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_module, "build_report", broken)
+    trainer = Trainer(**fast_trainer_kwargs(), callbacks=[AccelerationReport(directory=tmp_path, plots=False)])
+    with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: disk full\)"):
+        trainer.fit(module_with_example(), datamodule=RandomImages())
+    assert trainer.state.finished and not (tmp_path / "report.json").exists()
