@@ -62,6 +62,25 @@ def _all_parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def default_weight_names(model: nn.Module) -> set[str]:
+    """Every weight matrix a Linear, a Conv or an attention projection multiplies by.
+
+    ``nn.MultiheadAttention`` keeps its Q/K/V projection as a bare parameter (``in_proj_weight``, or
+    ``q/k/v_proj_weight`` when the dimensions differ), not as a Linear, so it is named here explicitly; its
+    ``out_proj`` is a Linear and is covered as such.
+    """
+    names = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, WEIGHT_MODULE_TYPES):
+            names.add(f"{prefix}weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            for attribute in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, attribute, None) is not None:
+                    names.add(f"{prefix}{attribute}")
+    return names
+
+
 def select_weights(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -72,9 +91,10 @@ def select_weights(
 
     Args:
         model: The model.
-        include: Patterns naming modules (their Linear/Conv weights are selected) or parameters. ``None`` selects
-            the weight of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` that is trained (``requires_grad``): a
-            frozen weight cannot recover from pruning, so it is pruned only when a pattern names it.
+        include: Patterns naming modules (their Linear/Conv/attention weights are selected) or parameters.
+            ``None`` selects every trained (``requires_grad``) weight of an ``nn.Linear``, ``nn.Conv1d/2d/3d`` or
+            ``nn.MultiheadAttention`` projection: a frozen weight cannot recover from pruning, so it is pruned only
+            when a pattern names it.
         exclude: Patterns naming modules or parameters to leave out.
         owner: The callback named in errors.
 
@@ -90,11 +110,7 @@ def select_weights(
     module_names = [name for name, _ in model.named_modules() if name]
     _check_patterns_match("include", include, module_names + parameter_names, owner)
     _check_patterns_match("exclude", exclude, module_names + parameter_names, owner)
-    default = {
-        f"{module_name}.weight" if module_name else "weight"
-        for module_name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, WEIGHT_MODULE_TYPES)
-    }
+    default = default_weight_names(model)
 
     def named_by(patterns: Sequence[str], name: str) -> bool:
         module_name = name.rpartition(".")[0]

@@ -60,7 +60,13 @@ def test_an_explicit_parameter_pattern_reaches_attention_projections():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
     chosen = select_weights(layer, include=["*.in_proj_weight"])
     assert set(chosen) == {"self_attn.in_proj_weight"}
-    assert "self_attn.in_proj_weight" not in select_weights(layer)  # not a Linear: only when named
+    # By default every weight matrix the layer multiplies by, the Q/K/V projection (not a Linear) included.
+    assert set(select_weights(layer)) == {
+        "self_attn.in_proj_weight",
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    }
 
 
 def test_tied_parameters_are_one_tensor_selected_under_any_name():
@@ -296,3 +302,17 @@ def test_frozen_weights_are_left_dense_unless_named(caplog):
         fit_tiny([MagnitudePruning(0.5, every_n_steps=2)], module)
     assert "left dense because frozen (requires_grad=False): net.conv.weight" in caplog.text
     assert not (module.net.conv.weight == 0).any()
+
+
+def test_qat_names_what_it_leaves_in_float_and_why(caplog):
+    class Encoder(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+
+    trainer = Trainer(**fast_trainer_kwargs(), callbacks=[QuantizationAwareTraining()])
+    with caplog.at_level("INFO"):
+        QuantizationAwareTraining().setup(trainer, Encoder(), "fit")
+    assert "layer.linear1" in caplog.text and "layer.linear2" in caplog.text
+    assert "left in float, subclasses with their own forward: layer.self_attn.out_proj" in caplog.text
+    assert "attention Q/K/V projections and out_proj (nn.MultiheadAttention runs them in its own kernel)" in caplog.text

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_accel._distributed import decide_on_rank_zero
 from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
-from lightning_accel._modules import WEIGHT_MODULE_TYPES, select_weights, summarize_selection
+from lightning_accel._modules import default_weight_names, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.masks import (
     SCOPES,
@@ -167,9 +167,8 @@ class MagnitudePruning(Callback):
                 f"and exclude={self.exclude!r} leave no Linear/Conv weight (name parameters such as "
                 "'*.in_proj_weight' explicitly to prune others)"
             )
-        candidates = [
-            f"{name}.weight" for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name
-        ]
+        default = default_weight_names(pl_module)
+        candidates = [name for name, _ in pl_module.named_parameters() if name in default]
         frozen = [n for n, p in pl_module.named_parameters() if n in candidates and not p.requires_grad]
         summary = summarize_selection(self._params, [c for c in candidates if c not in frozen])
         if frozen and self.include is None:

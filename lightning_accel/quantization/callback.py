@@ -22,6 +22,7 @@ from lightning_accel._validation import resolve_step, validate_bool, validate_in
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
+    QUANTIZED_CLASSES,
     activation_quantizers,
     flag_nonfinite,
     iter_batch_norms,
@@ -85,6 +86,25 @@ def _check_model_input(model_input: Any) -> None:
             "`model_input` must be None (the first element of a tuple/list batch, or the whole batch), a dict key "
             f"(str) or a tuple index (int), got {model_input!r}"
         )
+
+
+def _left_in_float(model: nn.Module) -> str:
+    """Name the layers QAT leaves in float whatever the patterns say, with the reason."""
+    subclasses = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, WEIGHT_MODULE_TYPES) and type(m) not in QUANTIZED_CLASSES and not hasattr(m, "weight_quant")
+    ]
+    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    text = ""
+    if subclasses:
+        text += f"; left in float, subclasses with their own forward: {', '.join(subclasses[:6])}"
+    if attention:
+        text += (
+            f"; left in float, attention Q/K/V projections and out_proj (nn.MultiheadAttention runs them in its own "
+            f"kernel): {', '.join(attention[:6])}"
+        )
+    return text
 
 
 def _prepare_arguments(callback: Any) -> dict[str, Any]:
@@ -361,8 +381,8 @@ class QuantizationAwareTraining(Callback):
         self._set_phase(self.phase_at(step) if self._steps else PHASE_FLOAT, training=False)
         if self._log_selection:
             quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
-            candidates = [name for name, m in pl_module.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name]
-            summary = summarize_selection(quantized, candidates)
+            exact = [name for name, m in pl_module.named_modules() if type(m) in QUANTIZED_CLASSES and name]
+            summary = summarize_selection(quantized, exact) + _left_in_float(pl_module)
             rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {summary}")
             self._log_selection = False
 
