@@ -175,3 +175,32 @@ def test_amp_config_trains_under_bf16_and_its_half_export_keeps_test_accuracy(tm
     assert restored.net.classifier[1].weight.dtype == torch.float32
     from_half = evaluate.test(restored, datamodule=cli.datamodule, verbose=False)[0]["test/acc"]
     assert abs(from_half - trained) <= 0.005
+
+
+@pytest.mark.slow
+def test_transformer_example_prunes_quantizes_and_exports_int8(tmp_path, monkeypatch):
+    """The transformer example in a reduced form: every technique, the int8 export and the report."""
+    import onnx
+
+    from lightning_accel import AccelerationReport
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            "examples/digits_transformer/accelerate.yaml",
+            "--trainer.max_epochs=3",
+            "--test_after_fit=false",
+            "--report.plots=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    encoder = {n: p for n, p in cli.model.named_parameters() if n.startswith("net.encoder") and p.dim() == 2}
+    zeros = sum(int((p == 0).sum()) for p in encoder.values()) / sum(p.numel() for p in encoder.values())
+    assert abs(zeros - 0.5) < 1e-3 and len(encoder) == 8  # in_proj, out_proj, linear1, linear2 per layer
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, AccelerationReport)).report
+    assert report["quality"]["ORT int8"]["agreement"] >= 0.99
+    int8 = next(tmp_path.rglob("transformer.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(int8).graph.node)
