@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._files import atomic_write_bytes, resolve_artifact_path
 from lightning_accel._validation import validate_bool, validate_int
+from lightning_accel.quantization.callback import run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared, set_qat_phase
 from lightning_accel.report import (
     cpu_description,
@@ -173,13 +174,9 @@ def _validation_loader(trainer: Trainer) -> Any:
 
 
 def _predictor(model: torch.nn.Module) -> Any:
-    device = next(model.parameters()).device
-
     @torch.no_grad()
     def predict(inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, dict):
-            return model(**{k: v.to(device) for k, v in inputs.items()})
-        return model(inputs.to(device))
+        return run_model(model, inputs)
 
     return predict
 

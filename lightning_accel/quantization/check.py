@@ -104,14 +104,16 @@ def output_tensors(outputs: Any) -> list[Tensor]:
 
 
 @torch.no_grad()
-def torch_outputs(model: nn.Module, example_input: Any) -> list[Tensor]:
-    """Run ``model`` on an example input (on the model's device) and return its output tensors on CPU."""
+def run_example(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input (floating inputs as float32, on the model's device); return its output."""
     args, kwargs, _ = split_example(example_input)
     device = next(model.parameters()).device
-    outputs = model(
-        *[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()}
-    )
-    return [t.detach().float().cpu() for t in output_tensors(outputs)]
+    return model(*[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()})
+
+
+def torch_outputs(model: nn.Module, example_input: Any) -> list[Tensor]:
+    """Run ``model`` on an example input and return its output tensors, float32 on CPU."""
+    return [t.detach().float().cpu() for t in output_tensors(run_example(model, example_input))]
 
 
 def onnx_session(path: str | Path) -> Any:

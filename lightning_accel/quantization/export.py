@@ -28,6 +28,7 @@ from lightning_accel.quantization.check import (
     check_onnx,
     named_outputs,
     output_tensors,
+    run_example,
     split_example,
 )
 from lightning_accel.quantization.fake_quant import (
@@ -260,7 +261,7 @@ def export_onnx(
     quantized = is_prepared(model)
     deploy = to_deployable(model) if quantized else copy.deepcopy(model).eval().float()
     args, kwargs, input_names = split_example(example_input)
-    raw_output = _raw_output(deploy, example_input)
+    raw_output = run_example(deploy, example_input)
     output_names = _output_names(raw_output)
     traced = deploy if _is_plain_output(raw_output) else _TensorOutputs(deploy)
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
@@ -305,13 +306,6 @@ class _TensorOutputs(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(output_tensors(self.model(*args, **kwargs)))
-
-
-@torch.no_grad()
-def _raw_output(model: nn.Module, example_input: Any) -> Any:
-    args, kwargs, _ = split_example(example_input)
-    device = next(model.parameters()).device
-    return model(*[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()})
 
 
 def _output_names(output: Any) -> list[str]:
