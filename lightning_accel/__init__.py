@@ -3,10 +3,15 @@
 from lightning_accel.cli import AccelCLI, build_cli
 from lightning_accel.precision import MixedPrecision, NonFiniteLossError, choose_precision
 from lightning_accel.pruning import (
+    ChannelGroups,
     MagnitudePruning,
     apply_masks_,
     compute_masks,
+    export_program,
+    export_slim,
+    find_channel_groups,
     mask_sparsity,
+    slim,
     sparsity_at,
     tensor_sparsity,
 )
@@ -19,6 +24,7 @@ from lightning_accel.quantization import (
     export_onnx,
     load_quantized,
 )
+from lightning_accel.report import count_macs
 from lightning_accel.report_callback import AccelerationReport, build_report
 from lightning_accel.sparse import load_sparse, load_sparse_, save_sparse
 
@@ -27,6 +33,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AccelCLI",
     "AccelerationReport",
+    "ChannelGroups",
     "ExportCheck",
     "MagnitudePruning",
     "MixedPrecision",
@@ -41,12 +48,17 @@ __all__ = [
     "check_onnx",
     "choose_precision",
     "compute_masks",
+    "count_macs",
     "export_onnx",
+    "export_program",
+    "export_slim",
+    "find_channel_groups",
     "load_quantized",
     "load_sparse",
     "load_sparse_",
     "mask_sparsity",
     "save_sparse",
+    "slim",
     "sparsity_at",
     "tensor_sparsity",
 ]

@@ -69,6 +69,37 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def count_macs(model: nn.Module, example_input: Any) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` in its Linear and Conv layers.
+
+    Counted from the shapes each layer really sees (forward hooks), so a slimmed model counts fewer; the batch
+    size of ``example_input`` multiplies the count. Other layers (norms, activations, attention's matmuls) are not
+    counted: in CNNs and MLPs they are a small share.
+    """
+    from lightning_accel.quantization.check import run_example
+
+    total = 0
+
+    def count(module: nn.Module, args: Any, output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:
+            kernel = int(np.prod(module.kernel_size))
+            total += output.numel() * (module.in_channels // module.groups) * kernel
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, WEIGHT_MODULE_TYPES)]
+    training = model.training
+    try:
+        run_example(model.eval(), example_input)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
 def state_dict_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
     """The model's ``state_dict`` as ``torch.save`` writes it (floating tensors cast to ``dtype`` if given)."""
     state = {

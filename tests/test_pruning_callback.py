@@ -18,6 +18,7 @@ from tests.helpers import (
     fast_trainer_kwargs,
     fit_tiny,
     flatten,
+    module_with_example,
 )
 
 STEPS_PER_EPOCH = 8  # RandomImages: 64 samples / batch 8
@@ -135,7 +136,7 @@ def test_resume_refuses_masks_of_another_pattern_or_shape(tmp_path):
 
     other_pattern = MagnitudePruning(0.5, pattern="channels")
     with pytest.raises(ValueError, match=r"pattern 'unstructured'.*'channels'"):
-        fit([other_pattern], epochs=2, ckpt_path=tmp_path / "run.ckpt")
+        fit([other_pattern], module_with_example(), epochs=2, ckpt_path=tmp_path / "run.ckpt")
 
     state = torch.load(tmp_path / "run.ckpt", weights_only=True)["callbacks"][pruning.state_key]
     state["masks"]["net.fc1.weight"] = torch.ones(3, 3, dtype=torch.bool)
@@ -174,10 +175,11 @@ def test_warns_when_training_stops_before_the_target():
 
 def test_channels_and_n_m_patterns_in_training():
     channels = MagnitudePruning(0.5, pattern="channels", exclude=["net.fc2.*"], every_n_steps=2)
-    _, module = fit([channels])
+    _, module = fit([channels], module=module_with_example())
     rows = module.net.fc1.weight.flatten(1)
     assert int((rows == 0).all(dim=1).sum()) == 8 and torch.equal(rows.any(dim=1), ~(rows == 0).all(dim=1))
-    assert (module.net.fc2.weight != 0).all()
+    # the output layer keeps its rows; it loses the input columns of fc1's pruned channels (one group)
+    assert (module.net.fc2.weight.any(dim=1)).all() and int((module.net.fc2.weight == 0).all(dim=0).sum()) == 8
 
     n_m = MagnitudePruning(0.5, pattern="2:4", exclude=["net.conv.*"], every_n_steps=2)
     _, module = fit([n_m])

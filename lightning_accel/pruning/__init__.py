@@ -1,6 +1,8 @@
 """Magnitude pruning on a schedule: pure schedules and masks, and the MagnitudePruning callback."""
 
 from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
+from lightning_accel.pruning.export import export_program, export_slim
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks, slim
 from lightning_accel.pruning.masks import (
     apply_masks_,
     channel_mask,
@@ -15,13 +17,20 @@ from lightning_accel.pruning.schedule import sparsity_at
 
 __all__ = [
     "DEFAULT_END_FRACTION",
+    "ChannelGroups",
     "MagnitudePruning",
     "apply_masks_",
     "channel_mask",
+    "channel_sparsity",
     "compute_masks",
+    "export_program",
+    "export_slim",
+    "find_channel_groups",
+    "group_masks",
     "mask_sparsity",
     "n_m_mask",
     "parse_pattern",
+    "slim",
     "sparsity_at",
     "tensor_sparsity",
     "unstructured_masks",

@@ -12,10 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
+from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
+from lightning_accel.pruning.export import dry_run_slim_export, export_slim, validate_slim_export_path
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -53,9 +56,15 @@ class MagnitudePruning(Callback):
         end_step: Where the target is reached: a step (int) or a fraction (float). The default 0.75 leaves the last
             quarter of training for fine-tuning at the final sparsity. ``None`` means the same.
         every_n_steps: Recompute the masks every this many optimizer steps between ``start_step`` and ``end_step``.
-        pattern: ``"unstructured"`` (single elements), ``"channels"`` (whole output channels/rows by L2 norm), or
+        pattern: ``"unstructured"`` (single elements), ``"channels"`` (whole coupled channel groups, see below), or
             ``"N:M"`` such as ``"2:4"`` (N nonzeros in every M consecutive input weights, the layout sparse tensor
-            cores accelerate).
+            cores accelerate). ``"channels"`` traces the model once at setup (torch-pruning's dependency graph, on
+            ``example_input_array``) to find the channels that must go together: a conv's BatchNorm, the next
+            layers' input channels, every branch of a residual add or concat, depthwise convs, the Linear after a
+            flatten. Each group loses ``target_sparsity`` of its channels, the smallest by summed L2 norm, and every
+            tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.pruning.groups.slim` can remove
+            them from an exported copy. The model's output layer and groups touching other layers (LayerNorm,
+            attention, embeddings) stay dense; the setup log names them and why.
         scope: For unstructured pruning, ``"global"`` ranks all selected weights together, ``"layer"`` prunes the
             same fraction of each. Structured patterns always work per layer.
         include: Patterns naming modules whose Linear/Conv weights are pruned (``"encoder.*"``, ``"head"``), or
@@ -63,6 +72,10 @@ class MagnitudePruning(Callback):
             ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
         exclude: Patterns naming modules or parameters to leave dense (e.g. ``["classifier"]``).
         log_per_layer: Also log ``sparsity/layer/<name>`` for each selected parameter.
+        export_path: With ``pattern="channels"``: at the end of fit, write the physically smaller model there (rank
+            0): ``.onnx`` for fp32 ONNX, ``.pt2`` for a ``torch.export`` program. A relative path goes under the
+            run's log directory. Int8 exports of ``QuantizationAwareTraining``/``PostTrainingQuantization`` in the
+            same Trainer are slimmed too.
 
     Example:
         >>> from lightning import Trainer
@@ -82,6 +95,7 @@ class MagnitudePruning(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         log_per_layer: bool = False,
+        export_path: str | None = None,
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
@@ -104,6 +118,9 @@ class MagnitudePruning(Callback):
         self.exclude = validate_patterns("exclude", exclude)
         log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
+        self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
+        self.resolved_export_path: str | None = None
+        self._groups: ChannelGroups | None = None
 
         self._params: dict[str, nn.Parameter] = {}
         self._masks: dict[str, Tensor] | None = None  # keep-masks (True = kept), on the parameters' devices
@@ -160,6 +177,9 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Select the parameters to prune (layers built in ``configure_model`` included) and check the pattern."""
         configure_model_early(trainer, pl_module)
+        if self.pattern.kind == "channels":
+            self._setup_channel_groups(trainer, pl_module, stage)
+            return
         self._params = select_weights(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError(
@@ -188,6 +208,38 @@ class MagnitudePruning(Callback):
                 )
         if self._masks is not None:
             self._check_masks_fit(self._masks)
+
+    def _setup_channel_groups(self, trainer: Trainer, pl_module: LightningModule, stage: Any) -> None:
+        """Trace the coupled channel groups; the masks then cover every parameter slice the groups own."""
+        example = pl_module.example_input_array
+        if example is None:
+            raise ValueError(
+                "MagnitudePruning(pattern='channels') traces the model to find the channels that must be removed "
+                f"together, and needs an example input: set `self.example_input_array` in "
+                f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
+            )
+        select_weights(pl_module, self.include, self.exclude)  # patterns that match nothing fail here
+        example = _example(pl_module)
+        self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
+        parameters = dict(pl_module.named_parameters())
+        self._params = {name: parameters[name] for name in self._groups.parameter_names()}
+        if not self._groups.groups:
+            raise ValueError(
+                f"MagnitudePruning(pattern='channels') found no removable channel group in "
+                f"{type(pl_module).__name__}: {self._groups.summary()}"
+            )
+        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._groups.summary()}")
+        if self._masks is not None:
+            self._check_masks_fit(self._masks)
+        if self.export_path is not None:
+            self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+            if trainer.is_global_zero:
+                dry_run_slim_export(pl_module, example, self._groups, self.export_path)
+
+    @property
+    def channel_groups(self) -> ChannelGroups | None:
+        """The coupled channel groups that ``pattern="channels"`` prunes (``None`` for other patterns)."""
+        return self._groups
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add the pruning settings to the logged hyperparameters (beside the model's)."""
@@ -228,7 +280,10 @@ class MagnitudePruning(Callback):
             return
         masks = None
         if trainer.is_global_zero:
-            masks = compute_masks(self._params, target, self.pattern_string, self.scope, previous=self._masks)
+            if self._groups is not None:
+                masks = group_masks(self._params, self._groups, target, previous=self._masks)
+            else:
+                masks = compute_masks(self._params, target, self.pattern_string, self.scope, previous=self._masks)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -260,7 +315,14 @@ class MagnitudePruning(Callback):
             rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {self.target_sparsity:.2%})")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Warn when a checkpoint callback's "best" checkpoint is less sparse than the target."""
+        """Write the slim export (if asked); warn when the "best" checkpoint is less sparse than the target."""
+        if self.resolved_export_path is not None and trainer.is_global_zero:
+            if trainer.fast_dev_run:
+                rank_zero_warn(
+                    f"MagnitudePruning: fast_dev_run, so the slim export to {self.resolved_export_path} is skipped"
+                )
+            else:
+                export_slim(pl_module, self.resolved_export_path, _example(pl_module), self._groups)
         self.best_checkpoint_below_target = None
         for checkpoint in trainer.checkpoint_callbacks:
             path = getattr(checkpoint, "best_model_path", "")
@@ -345,7 +407,12 @@ class MagnitudePruning(Callback):
         self._multipliers = {name: mask.to(self._params[name].dtype) for name, mask in self._masks.items()}
         self._mask_sparsity = sparsity
         apply_masks_(self._params, self._masks)
-        self._metrics = {"sparsity/target": sparsity, "sparsity/actual": tensor_sparsity(self._params)}
+        if self._groups is not None:  # the fraction of channels removed, which the target counts
+            actual = channel_sparsity(self._params, self._groups)
+            self._metrics = {"sparsity/target": sparsity, "sparsity/actual": actual}
+            self._metrics["sparsity/weights"] = tensor_sparsity(self._params)
+        else:
+            self._metrics = {"sparsity/target": sparsity, "sparsity/actual": tensor_sparsity(self._params)}
         if self.log_per_layer:
             for name, p in self._params.items():
                 self._metrics[f"sparsity/layer/{name}"] = tensor_sparsity({name: p})
@@ -359,3 +426,9 @@ class MagnitudePruning(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+
+
+def _example(pl_module: LightningModule) -> Any:
+    """``example_input_array``, with a list taken as positional inputs (Lightning's convention)."""
+    example = pl_module.example_input_array
+    return tuple(example) if isinstance(example, list) else example

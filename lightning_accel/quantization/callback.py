@@ -19,6 +19,7 @@ from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
+from lightning_accel.pruning.groups import ChannelGroups, slim
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -485,7 +486,7 @@ class QuantizationAwareTraining(Callback):
         checks = (
             _first_batch_input(trainer, pl_module, batch_picker(self.model_input)) if trainer.is_global_zero else []
         )
-        _export_on_rank_zero(pl_module, self.resolved_export_path, checks, self.on_mismatch)
+        _export_on_rank_zero(trainer, pl_module, self.resolved_export_path, checks, self.on_mismatch)
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -533,11 +534,33 @@ class QuantizationAwareTraining(Callback):
 
 
 @rank_zero_only
-def _export_on_rank_zero(pl_module: LightningModule, path: str, check_inputs: list[Any], on_mismatch: str) -> None:
-    written = export_onnx(
-        pl_module, path, _example_input(pl_module), check_inputs=check_inputs, on_mismatch=on_mismatch
-    )
-    rank_zero_info(f"Wrote the int8 ONNX model to {written} ({written.stat().st_size:,} bytes)")
+def _export_on_rank_zero(
+    trainer: Trainer, model: nn.Module, path: str, check_inputs: list[Any], on_mismatch: str
+) -> None:
+    example = _example_input(model)
+    model, slimmed = slim_for_trainer(trainer, model, example)
+    written = export_onnx(model, path, example, check_inputs=check_inputs, on_mismatch=on_mismatch)
+    rank_zero_info(f"Wrote the int8 ONNX model{slimmed} to {written} ({written.stat().st_size:,} bytes)")
+
+
+def slim_for_trainer(trainer: Trainer, model: nn.Module, example: Any) -> tuple[nn.Module, str]:
+    """Slim ``model`` when the Trainer prunes channel groups (``MagnitudePruning(pattern="channels")``).
+
+    Slimming removes only channels whose every tensor slice is zero, so the int8 export computes what the masked
+    model computes, with less work. Returns the model to export and a note for the log.
+    """
+    groups = [group for callback in trainer.callbacks for group in _channel_groups(callback)]
+    if not groups:
+        return model, ""
+    before = sum(p.numel() for p in model.parameters())
+    model = slim(model, example, ChannelGroups(groups))
+    after = sum(p.numel() for p in model.parameters())
+    return model, f", slimmed to {after:,} of {before:,} parameters,"
+
+
+def _channel_groups(callback: Callback) -> list[Any]:
+    found = getattr(callback, "channel_groups", None)
+    return list(found.groups) if isinstance(found, ChannelGroups) else []
 
 
 @torch.no_grad()
@@ -710,4 +733,4 @@ class PostTrainingQuantization(Callback):
             **_prepare_arguments(self),
         )
         checks = _first_batch_input(trainer, pl_module, batch_picker(self.model_input))
-        _export_on_rank_zero(copy_of_model, self.resolved_export_path, checks, self.on_mismatch)
+        _export_on_rank_zero(trainer, copy_of_model, self.resolved_export_path, checks, self.on_mismatch)

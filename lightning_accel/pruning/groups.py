@@ -1,0 +1,422 @@
+"""Coupled channel groups, group masks, and ``slim``: physically removing pruned channels at export.
+
+A channel can only be removed when every tensor that shares it loses it too: the BatchNorm after a conv, the next
+layer's input channels, every branch of a residual add or concat, a depthwise conv, the Linear after a flatten.
+torch-pruning's ``DependencyGraph`` (DepGraph, Fang et al., CVPR 2023) traces the model once and answers "what else
+must change if this channel goes"; this module uses that answer as a plan only. Training keeps every tensor at its
+full size and zeroes whole groups with masks (contract 2: parameters keep their identity and names); :func:`slim`
+then removes the zeroed channels from a copy, with our own slicing of the few layer types we accept.
+
+A group is described with plain data (module names and index tensors), so it can be checked, logged and reused
+on a deep copy of the model, whose modules have the same names.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_accel._modules import select_weights
+
+Role = Literal["out", "in"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LAYERS = (nn.Linear, *_CONVS)
+_INSTALL_HINT = "pip install 'lightning-accel[slim]' (torch-pruning)"
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One tensor dimension that a channel group owns.
+
+    Attributes:
+        module: Name of the module (a Linear, Conv or BatchNorm).
+        role: ``"out"`` for the module's output channels (rows; a BatchNorm's features), ``"in"`` for its input
+            channels (columns).
+        indices: Positions along that dimension, one per entry of ``root_indices``.
+        root_indices: The group channel each position belongs to (a flatten maps one channel to many positions).
+        slices: ``(parameter name, dimension)`` pairs that hold those positions: a layer's rows and bias for
+            ``"out"``, its columns for ``"in"``, a BatchNorm's weight and bias.
+    """
+
+    module: str
+    role: Role
+    indices: Tensor
+    root_indices: Tensor
+    slices: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together; ``channels`` of them, named by the ``root`` module's output."""
+
+    root: str
+    channels: int
+    members: tuple[GroupMember, ...]
+
+    def modules(self) -> list[str]:
+        """The names of the modules this group touches, in order."""
+        return list(dict.fromkeys(member.module for member in self.members))
+
+
+@dataclass
+class ChannelGroups:
+    """The result of tracing: the prunable groups, and the layers left dense with the reason for each."""
+
+    groups: list[ChannelGroup] = field(default_factory=list)
+    left_dense: dict[str, str] = field(default_factory=dict)
+
+    def parameter_names(self) -> list[str]:
+        """Names of every parameter the groups zero (weights, biases, BatchNorm affine), each once."""
+        return list(dict.fromkeys(name for group in self.groups for name, _, _ in _member_slices(group)))
+
+    def summary(self) -> str:
+        """One line: how many groups and channels are pruned, and what is left dense and why."""
+        channels = sum(group.channels for group in self.groups)
+        text = f"{len(self.groups)} channel groups ({channels} channels)"
+        if self.left_dense:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in list(self.left_dense.items())[:8])
+            more = f"; and {len(self.left_dense) - 8} more" if len(self.left_dense) > 8 else ""
+            text += f"; left dense: {reasons}{more}"
+        return text
+
+
+def _require_torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as error:  # pragma: no cover - the extra is part of `make install`
+        raise ImportError(f"pattern='channels' traces coupled channels with torch-pruning: {_INSTALL_HINT}") from error
+    return torch_pruning
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _CONVS) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module with parameters cannot take part in a removable group, or ``None`` when it can."""
+    if isinstance(module, (nn.Linear, *_BATCH_NORMS)):
+        return None
+    if isinstance(module, _CONVS):
+        if module.groups == 1 or _is_depthwise(module):
+            return None
+        return f"grouped convolution (groups={module.groups})"
+    return f"couples with {type(module).__name__}, which slimming does not resize"
+
+
+def _slices(module: nn.Module, role: Role) -> list[tuple[str, int]]:
+    """(parameter name, dimension) pairs that one channel of ``role`` occupies in ``module``."""
+    if isinstance(module, _BATCH_NORMS) or _is_depthwise(module) or role == "out":
+        return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
+    return [("weight", 1)]
+
+
+def _member_slices(group: ChannelGroup) -> list[tuple[str, GroupMember, int]]:
+    """Every (parameter name, member, dimension) of a group."""
+    return [(name, member, dim) for member in group.members for name, dim in member.slices]
+
+
+def _reaches_output(node: Any, layer_modules: set[nn.Module]) -> bool:
+    """Whether channels leaving ``node`` reach the model's output without a Linear/Conv consuming them."""
+    if not node.outputs:
+        return True
+    stack, seen = list(node.outputs), set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.module in layer_modules and not _is_depthwise(current.module):
+            continue  # a layer consumes the channels (its input dimension)
+        if not current.outputs:
+            return True
+        stack.extend(current.outputs)
+    return False
+
+
+def find_channel_groups(
+    model: nn.Module,
+    example_input: Any,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> ChannelGroups:
+    """Trace ``model`` once on ``example_input`` and return the channel groups that can be removed.
+
+    A group is kept when every Linear/Conv whose output channels it holds is selected by ``include``/``exclude``
+    (the same module patterns as the callbacks), and it only touches Linear, Conv (plain or depthwise) and
+    BatchNorm layers. Left dense, with the reason: layers whose output channels reach the model's output (the
+    classifier's rows), groups that touch other layers with parameters (LayerNorm, attention, embeddings), grouped
+    convolutions, tied parameters, and layers the tracer did not see in the forward pass.
+
+    Args:
+        model: The model (plain, or prepared for QAT: tracing runs its float path). It runs one forward pass in
+            eval mode with gradients on; its training mode is restored after.
+        example_input: An input for ``model``: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        include: Module patterns to prune (``None``: every Linear/Conv).
+        exclude: Module patterns to leave dense.
+
+    Returns:
+        The groups, and the layers left dense by name with the reason.
+    """
+    tp = _require_torch_pruning()
+    selected = select_weights(model, include, exclude)
+    names = {module: name for name, module in model.named_modules()}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
+    tied = _tied_parameter_ids(model)
+    example = tuple(example_input) if isinstance(example_input, list) else example_input
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    found = ChannelGroups()
+    seen_roots: set[str] = set()
+    layer_modules = set(layers.values())
+    for tp_group in graph.get_all_groups(root_module_types=(nn.Linear, *_CONVS)):
+        members, reason, out_layers = [], None, []
+        for item in tp_group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = names.get(module)
+            if name is None or not any(True for _ in module.parameters(recurse=False)):
+                continue  # a functional op (add, cat, flatten, pooling...): nothing to resize
+            role: Role = "out" if graph.is_out_channel_pruning_fn(handler) else "in"
+            reason = reason or _unsupported_reason(module)
+            if any(id(p) in tied for p in module.parameters(recurse=False)):
+                reason = reason or f"shares a parameter with another layer ({name})"
+            if role == "out" and isinstance(module, _LAYERS):
+                out_layers.append(name)
+                if _reaches_output(graph.module2node[module], layer_modules):
+                    reason = reason or "its output channels are the model's output"
+            prefix = f"{name}." if name else ""
+            members.append(
+                GroupMember(
+                    name,
+                    role,
+                    torch.as_tensor(list(item.idxs), dtype=torch.long),
+                    torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                    tuple((prefix + parameter, dim) for parameter, dim in _slices(module, role)),
+                )
+            )
+        if not out_layers:
+            continue
+        root = out_layers[0]
+        seen_roots.update(out_layers)
+        unselected = [name for name in out_layers if f"{name}.weight" not in selected]
+        if reason is None and unselected:
+            reason = f"coupled with {', '.join(unselected)}, which include/exclude leave dense"
+        if reason is not None:
+            found.left_dense[", ".join(out_layers)] = reason
+            continue
+        channels = int(max(int(m.root_indices.max()) for m in members) + 1)
+        found.groups.append(ChannelGroup(root, channels, tuple(members)))
+    traced = {names[m]: m for m in graph.module2node if m in names}
+    for name, module in layers.items():
+        if name in seen_roots or module in graph.module2node:
+            continue
+        owner = next((prefix for prefix in _parents(name) if prefix in traced), None)
+        found.left_dense[name] = (
+            f"inside {type(traced[owner]).__name__} {owner!r}, which is left dense"
+            if owner is not None
+            else "not seen by the tracer in the example forward pass"
+        )
+    return found
+
+
+def _parents(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b", "a"]``: the modules that contain a module, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    owners: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), set()).add(name.rsplit(".", 1)[0] if "." in name else "")
+    return {key for key, modules in owners.items() if len(modules) > 1}
+
+
+def _channel_scores(group: ChannelGroup, parameters: Mapping[str, Tensor]) -> Tensor:
+    """The group's importance per channel: squared L2 norm summed over every tensor slice in the group."""
+    scores = torch.zeros(group.channels, dtype=torch.float64)
+    for name, member, dim in _member_slices(group):
+        values = parameters[name].detach().float()
+        per_position = values.pow(2).transpose(0, dim).reshape(values.shape[dim], -1).sum(dim=1).cpu()
+        scores.index_add_(0, member.root_indices, per_position[member.indices].double())
+    return scores
+
+
+def group_masks(
+    parameters: Mapping[str, Tensor],
+    groups: ChannelGroups,
+    sparsity: float,
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Keep-masks that remove ``round(sparsity * channels)`` channels of every group, the least important first.
+
+    Importance is the group's summed squared L2 norm per channel; channels that ``previous`` pruned stay pruned
+    (they rank lowest). Every tensor slice of a pruned channel is masked: the producing layer's rows and bias,
+    the BatchNorm's weight and bias, the consuming layers' input columns. So the masked model computes exactly what
+    the slimmed model computes, whatever the activation between the layers.
+
+    Args:
+        parameters: The model's parameters by name (``dict(model.named_parameters())``).
+        groups: The groups from :func:`find_channel_groups`.
+        sparsity: Fraction of each group's channels to remove, in [0, 1).
+        previous: Earlier masks by name; channels they removed stay removed.
+
+    Returns:
+        Bool keep-masks by parameter name, shaped like the parameters.
+    """
+    masks = {name: torch.ones_like(parameters[name], dtype=torch.bool) for name in groups.parameter_names()}
+    for group in groups.groups:
+        scores = _channel_scores(group, parameters)
+        if previous:
+            scores[~_kept_channels(group, previous)] = -1.0
+        count = round(sparsity * group.channels)
+        if count <= 0:
+            continue
+        pruned = torch.zeros(group.channels, dtype=torch.bool)
+        pruned[torch.sort(scores, stable=True).indices[:count]] = True
+        for name, member, dim in _member_slices(group):
+            positions = member.indices[pruned[member.root_indices]]
+            masks[name].index_fill_(dim, positions.to(masks[name].device), False)
+    return masks
+
+
+def _kept_channels(group: ChannelGroup, tensors: Mapping[str, Tensor]) -> Tensor:
+    """Bool per group channel: ``True`` unless every slice of it in ``tensors`` is zero (``False`` in a mask)."""
+    alive = torch.zeros(group.channels, dtype=torch.bool)
+    for name, member, dim in _member_slices(group):
+        if name not in tensors:
+            continue
+        values = tensors[name].detach()
+        nonzero = values.transpose(0, dim).reshape(values.shape[dim], -1).ne(0).any(dim=1).cpu()
+        alive.index_fill_(0, member.root_indices[nonzero[member.indices]], True)
+    return alive
+
+
+def channel_sparsity(parameters: Mapping[str, Tensor], groups: ChannelGroups) -> float:
+    """Fraction of the groups' channels whose every tensor slice is zero: what :func:`slim` would remove."""
+    total = sum(group.channels for group in groups.groups)
+    removed = sum(int((~_kept_channels(group, parameters)).sum()) for group in groups.groups)
+    return removed / total if total else 0.0
+
+
+def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
+    """Return a physically smaller copy of ``model`` without the channels that pruning zeroed.
+
+    A channel is removed when every tensor slice of its group is exactly zero (what ``pattern="channels"`` leaves),
+    so the copy computes what ``model`` computes, up to float summation order. ``model`` is not changed (contract
+    5: fit never converts). A model prepared for QAT stays prepared: per-channel weight scales follow the kept
+    channels, so the copy exports to int8 like the original.
+
+    Args:
+        model: A trained model, plain or prepared for QAT.
+        example_input: An input to trace the model with (``example_input_array``).
+        groups: Groups found earlier by :func:`find_channel_groups`; traced again when ``None``.
+
+    Returns:
+        A new dense model with fewer channels.
+
+    Example:
+        >>> small = slim(model, torch.randn(1, 1, 8, 8))  # doctest: +SKIP
+    """
+    if groups is None:
+        groups = find_channel_groups(_traceable(model), example_input)
+    parameters = dict(model.named_parameters())
+    keep: dict[tuple[str, str], Tensor] = {}  # (module, "out"|"in") -> kept positions
+    modules = dict(model.named_modules())
+    for group in groups.groups:
+        alive = _kept_channels(group, parameters)
+        if alive.all():
+            continue
+        for member in group.members:
+            role = (
+                "out"
+                if isinstance(modules[member.module], _BATCH_NORMS) or _is_depthwise(modules[member.module])
+                else member.role
+            )
+            size = _dimension_size(modules[member.module], role)
+            kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
+            kept[member.indices[~alive[member.root_indices]]] = False
+            keep[(member.module, role)] = kept
+    for module in modules.values():
+        if getattr(module, "_fold_check", None) is not None:
+            module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+    small = copy.deepcopy(model)
+    small_modules = dict(small.named_modules())
+    for (name, role), kept in keep.items():
+        _resize_(small_modules[name], role, kept.nonzero().flatten())
+    return small
+
+
+def _traceable(model: nn.Module) -> nn.Module:
+    """A float view of ``model`` for tracing: a QAT-prepared model is traced as its plain copy (same names)."""
+    from lightning_accel.quantization.prepare import float_copy, is_prepared
+
+    return float_copy(model) if is_prepared(model) else model
+
+
+def _dimension_size(module: nn.Module, role: Role) -> int:
+    if isinstance(module, _BATCH_NORMS):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    return module.out_channels if role == "out" else module.in_channels
+
+
+@torch.no_grad()
+def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
+    """Keep only positions ``kept`` of ``module``'s output (``"out"``) or input (``"in"``) channels, in place."""
+
+    def take(tensor: Tensor | None, dim: int) -> Tensor | None:
+        return None if tensor is None else tensor.index_select(dim, kept.to(tensor.device)).clone()
+
+    def set_parameter(name: str, dim: int) -> None:
+        value = getattr(module, name, None)
+        if value is not None:
+            setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
+
+    count = kept.numel()
+    if isinstance(module, _BATCH_NORMS):
+        set_parameter("weight", 0)
+        set_parameter("bias", 0)
+        for buffer in ("running_mean", "running_var"):
+            if getattr(module, buffer, None) is not None:
+                setattr(module, buffer, take(getattr(module, buffer), 0))
+        module.num_features = count
+        return
+    if role == "out" or _is_depthwise(module):
+        set_parameter("weight", 0)
+        set_parameter("bias", 0)
+        quantizer = getattr(module, "weight_quant", None)
+        if quantizer is not None:  # per-channel weight scales follow the kept channels
+            quantizer.scale = take(quantizer.scale, 0)
+            quantizer.zero_point = take(quantizer.zero_point, 0)
+        if isinstance(module, nn.Linear):
+            module.out_features = count
+        else:
+            module.out_channels = count
+            if _is_depthwise_shape(module):
+                module.in_channels = module.groups = count
+        return
+    set_parameter("weight", 1)
+    if isinstance(module, nn.Linear):
+        module.in_features = count
+    else:
+        module.in_channels = count
+
+
+def _is_depthwise_shape(module: nn.Module) -> bool:
+    """Depthwise before resizing its output: each group holds one input channel."""
+    return module.groups > 1 and module.weight.shape[1] == 1

@@ -1,0 +1,134 @@
+"""Small models of the shapes users prune channels in: plain, residual, depthwise-separable CNNs, MLPs, transformers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PlainCNN(nn.Module):
+    """Conv-BN-ReLU twice (one conv with a bias and no BN, before a non-ReLU activation), flatten, two Linears."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(8 * channels, 16)
+        self.fc2 = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.sigmoid(self.conv2(x))  # sigmoid(0) != 0: the consumer's columns must be masked too
+        x = self.pool(x).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN, a residual add (with a 1x1 projection when the shape changes)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18's layout (stem, four stages of two basic blocks, pooling, classifier) at a chosen width."""
+
+    def __init__(
+        self,
+        width: int = 64,
+        blocks: tuple[int, ...] = (2, 2, 2, 2),
+        in_channels: int = 3,
+        num_classes: int = 10,
+        stem_stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(
+                in_channels, width, 7 if stem_stride > 1 else 3, stem_stride, 3 if stem_stride > 1 else 1, bias=False
+            ),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.pool = nn.MaxPool2d(3, 2, 1) if stem_stride > 1 else nn.Identity()
+        layers, channels = [], width
+        for stage, count in enumerate(blocks):
+            outputs = width * 2**stage
+            for index in range(count):
+                layers.append(BasicBlock(channels, outputs, 2 if stage > 0 and index == 0 else 1))
+                channels = outputs
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.pool(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MobileNet(nn.Module):
+    """Depthwise-separable blocks (MobileNet-style): depthwise 3x3 conv-BN-ReLU6, pointwise 1x1 conv-BN-ReLU6."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU6()
+        )
+        blocks = []
+        for inputs, outputs in ((channels, 2 * channels), (2 * channels, 2 * channels)):
+            blocks += [
+                nn.Conv2d(inputs, inputs, 3, padding=1, groups=inputs, bias=False),
+                nn.BatchNorm2d(inputs),
+                nn.ReLU6(),
+                nn.Conv2d(inputs, outputs, 1, bias=False),
+                nn.BatchNorm2d(outputs),
+                nn.ReLU6(),
+            ]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(2 * channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    """Three Linears with GELU between them."""
+
+    def __init__(self, features: int = 16, hidden: int = 32, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(features, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerClassifier(nn.Module):
+    """Token embedding, two ``nn.TransformerEncoderLayer`` blocks, mean pooling and a classifier."""
+
+    def __init__(self, vocab: int = 16, d_model: int = 16, heads: int = 2, ff: int = 32, num_classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
