@@ -200,6 +200,16 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"| parameters | {model['parameters']:,} |",
         f"| Linear/Conv weights | {model['prunable_weights']:,} |",
         f"| sparsity of those weights | {model['sparsity']:.2%} |",
+        *([f"| MACs per example (Linear/Conv) | {model['macs']:,} |"] if "macs" in model else []),
+        *(
+            [
+                f"| after slimming: parameters | {model['slim_parameters']:,} |",
+                f"| after slimming: MACs per example | {model['slim_macs']:,} "
+                f"({model['macs'] / max(model['slim_macs'], 1):.2f}x fewer) |",
+            ]
+            if "slim_macs" in model
+            else []
+        ),
         f"| training precision | {report.get('precision', 'fp32')} |",
         "",
     ]

@@ -16,6 +16,7 @@ from lightning_accel._validation import validate_bool, validate_int
 from lightning_accel.quantization.callback import run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared, set_qat_phase
 from lightning_accel.report import (
+    count_macs,
     cpu_description,
     describe_cpu,
     evaluate,
@@ -223,6 +224,8 @@ def build_report(
     loader = loader if loader is not None else (_validation_loader(trainer) if trainer is not None else None)
     callbacks = trainer.callbacks if trainer is not None else []
     notes: list[str] = []
+    from lightning_accel.pruning.groups import slim, trainer_channel_groups
+
     float_model = float_copy(pl_module).eval().cpu()
     quantized = is_prepared(pl_module) and all(q.calibrated for q in activation_quantizers(pl_module).values())
     precision = str(trainer.precision) if trainer is not None else "32-true"
@@ -251,6 +254,14 @@ def build_report(
 
     example, batch_input = _example(pl_module, loader)
     sessions: dict[str, Any] = {}
+    groups = trainer_channel_groups(callbacks)
+    slim_model = None
+    if example is not None:
+        report["model"]["macs"] = count_macs(float_model, example)
+        if groups is not None:  # channel pruning: the exports remove the zeroed channels
+            slim_model = slim(float_model, example, groups)
+            report["model"]["slim_macs"] = count_macs(slim_model, example)
+            report["model"]["slim_parameters"] = sum(p.numel() for p in slim_model.parameters())
     if example is None:
         notes.append(
             "No example input (set `example_input_array` on the module, or give validation data): no ONNX export "
@@ -268,9 +279,14 @@ def build_report(
             fp32_path = export_onnx(float_model, directory / "model.fp32.onnx", example, on_mismatch="warn")
             record("fp32 ONNX", fp32_path)
             sessions["ORT fp32"] = ort_session(fp32_path)
+            if slim_model is not None:
+                slim_path = export_onnx(slim_model, directory / "model.slim.onnx", example, on_mismatch="warn")
+                record("slim fp32 ONNX", slim_path)
+                sessions["ORT slim fp32"] = ort_session(slim_path)
             if quantized:
                 checks = [batch_input] if isinstance(batch_input, torch.Tensor) else None
-                int8_path = export_onnx(pl_module, directory / "model.int8.onnx", example, check_inputs=checks)
+                int8_model = slim(pl_module, example, groups) if groups is not None else pl_module
+                int8_path = export_onnx(int8_model, directory / "model.int8.onnx", example, check_inputs=checks)
                 record("int8 ONNX", int8_path)
                 sessions["ORT int8"] = ort_session(int8_path)
             else:

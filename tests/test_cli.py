@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lightning_accel import build_cli
@@ -86,6 +87,26 @@ def baseline_accuracy(tmp_path_factory):
         patch.setattr(sys, "argv", ["lightning-accel"])
         cli = run_config("baseline", tmp_path_factory.mktemp("baseline"))
     return cli.trainer.callback_metrics["test/acc"].item()
+
+
+@pytest.mark.slow
+def test_channels_config_keeps_accuracy_within_1_5_points_and_writes_a_slim_onnx(
+    tmp_path, monkeypatch, baseline_accuracy
+):
+    monkeypatch.chdir(ROOT)
+    cli = run_config("channels", tmp_path)
+    from lightning_accel import MagnitudePruning
+    from lightning_accel.pruning import channel_sparsity
+
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, MagnitudePruning)]
+    assert channel_sparsity(dict(cli.model.named_parameters()), pruning.channel_groups) == 0.5
+    assert cli.trainer.callback_metrics["test/acc"].item() >= baseline_accuracy - 0.015
+    (written,) = (tmp_path / "channels").rglob("digits.slim.onnx")
+    import onnx
+
+    parameters = sum(int(np.prod(t.dims)) for t in onnx.load(str(written)).graph.initializer)
+    dense = sum(p.numel() for p in cli.model.parameters())
+    assert parameters < 0.3 * dense  # half of the channels of every group: about a quarter of the weights
 
 
 @pytest.mark.slow

@@ -73,6 +73,20 @@ def test_the_report_numbers_match_an_independent_recomputation(tmp_path):
     assert not is_prepared(TinyModule()) and is_prepared(module)  # fit did not convert the model
 
 
+def test_with_channel_pruning_the_report_shows_macs_and_latency_before_and_after_slimming(tmp_path):
+    report = AccelerationReport(directory=tmp_path / "report", max_batches=4)
+    pruning = MagnitudePruning(0.5, pattern="channels", end_step=6, every_n_steps=2)
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=[pruning, report])
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    saved = report.report
+    model = saved["model"]
+    assert model["slim_macs"] < 0.6 * model["macs"] and model["slim_parameters"] < model["parameters"]
+    assert all({"ORT fp32", "ORT slim fp32"} <= set(row) for row in saved["latency_ms"].values())
+    session = ort.InferenceSession(saved["sizes"]["slim fp32 ONNX"]["path"], providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "input"
+    assert "after slimming: MACs per example" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_tensorboard_gets_the_text_summary_plot_images_scalars_and_hparams(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

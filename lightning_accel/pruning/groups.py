@@ -360,6 +360,17 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
     return small
 
 
+def trainer_channel_groups(callbacks: Sequence[Any]) -> ChannelGroups | None:
+    """The channel groups that ``MagnitudePruning(pattern="channels")`` callbacks in ``callbacks`` prune, if any."""
+    groups = [
+        group
+        for callback in callbacks
+        if isinstance(getattr(callback, "channel_groups", None), ChannelGroups)
+        for group in callback.channel_groups.groups
+    ]
+    return ChannelGroups(groups) if groups else None
+
+
 def _traceable(model: nn.Module) -> nn.Module:
     """A float view of ``model`` for tracing: a QAT-prepared model is traced as its plain copy (same names)."""
     from lightning_accel.quantization.prepare import float_copy, is_prepared

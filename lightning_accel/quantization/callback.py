@@ -19,7 +19,7 @@ from lightning_accel._lightning import TrainingSteps, configure_model_early
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
-from lightning_accel.pruning.groups import ChannelGroups, slim
+from lightning_accel.pruning.groups import slim, trainer_channel_groups
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -549,18 +549,13 @@ def slim_for_trainer(trainer: Trainer, model: nn.Module, example: Any) -> tuple[
     Slimming removes only channels whose every tensor slice is zero, so the int8 export computes what the masked
     model computes, with less work. Returns the model to export and a note for the log.
     """
-    groups = [group for callback in trainer.callbacks for group in _channel_groups(callback)]
-    if not groups:
+    groups = trainer_channel_groups(trainer.callbacks)
+    if groups is None:
         return model, ""
     before = sum(p.numel() for p in model.parameters())
-    model = slim(model, example, ChannelGroups(groups))
+    model = slim(model, example, groups)
     after = sum(p.numel() for p in model.parameters())
     return model, f", slimmed to {after:,} of {before:,} parameters,"
-
-
-def _channel_groups(callback: Callback) -> list[Any]:
-    found = getattr(callback, "channel_groups", None)
-    return list(found.groups) if isinstance(found, ChannelGroups) else []
 
 
 @torch.no_grad()
