@@ -280,3 +280,76 @@ def test_dict_and_dataclass_outputs_export_with_their_keys_as_names(tmp_path, ma
     expected = expected if isinstance(expected, dict) else dataclasses.asdict(expected)
     assert snr_db(expected["logits"], torch.from_numpy(logits)) > 30
     assert snr_db(expected["hidden_states"], torch.from_numpy(hidden)) > 30
+
+
+def _optimized_op_types(path, directory):
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(directory / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(str(directory / "optimized.onnx")).graph.node]
+
+
+def test_outputs_are_quantized_after_the_relu_so_ort_keeps_int8_through_relu_and_maxpool(tmp_path):
+    from examples.digits import DigitsClassifier
+
+    torch.manual_seed(0)
+    model = DigitsClassifier(channels=8).eval()
+    calibrate_(model, [torch.rand(16, 1, 8, 8) for _ in range(2)], model_input=lambda batch: batch)
+    # The quantizer keeps its name on the layer (checkpoint state), and its range starts at 0 (after the ReLU).
+    quantizer = model.net.features[1].output_quant
+    assert float(quantizer.running_min) == 0.0 and int(quantizer.zero_point) == 0
+    path = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8), on_mismatch="raise")
+    ops = _optimized_op_types(path, tmp_path)
+    # As ONNX Runtime's own quantize_static: no float Relu or MaxPool between the int8 layers.
+    assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 2, ops
+    assert "Relu" not in ops and "MaxPool" not in ops and ops.count("DequantizeLinear") == 1, ops
+
+
+class SharedReluBlock(torch.nn.Module):
+    """One ReLU module used twice: after the first conv, and after a residual add (a common ResNet idiom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+class ReluNotOnTheLayerOutput(torch.nn.Module):
+    """A ReLU registered right after a conv but applied to something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.conv(self.relu(x))
+
+
+def test_a_relu_quantizes_only_its_own_layer_output_and_otherwise_the_layer_keeps_it():
+    torch.manual_seed(0)
+    shared = SharedReluBlock().eval()
+    calibrate_(shared, [torch.randn(8, 4, 6, 6) for _ in range(2)], model_input=lambda batch: batch)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y = shared(x)
+        first = shared.conv1.output_quant(torch.relu(shared.conv1(x)))  # conv1's hook path, by hand
+    # The block output (second use of the ReLU) is not put on conv1's grid: it has values off that grid.
+    scale = float(shared.conv1.output_quant.scale)
+    assert not torch.allclose(y / scale, torch.round(y / scale), atol=1e-4)
+    assert torch.allclose(first / scale, torch.round(first / scale), atol=1e-4)
+
+    other = ReluNotOnTheLayerOutput().eval()
+    calibrate_(other, [torch.randn(8, 4, 6, 6) for _ in range(2)], model_input=lambda batch: batch)
+    assert other.relu.quantizes_for is None and getattr(other.conv, "relu_after", None) is None
+    with torch.no_grad():
+        out = other(x)
+    out_scale = float(other.conv.output_quant.scale)
+    assert torch.allclose(out / out_scale, torch.round(out / out_scale), atol=1e-4)  # quantized at the conv

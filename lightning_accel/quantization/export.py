@@ -88,6 +88,10 @@ def to_deployable(model: nn.Module) -> nn.Module:
             weight, factor = module.folded_weight_and_factor()
             bias = module.folded_bias(factor)
             module.output_quant = bn.output_quant
+            relu = getattr(bn, "relu_after", None)
+            if relu is not None and relu.quantizes_for is bn:  # the ReLU now quantizes the folded conv's output
+                object.__setattr__(module, "relu_after", relu)
+                object.__setattr__(relu, "quantizes_for", module)
             object.__setattr__(module, "folded_bn", None)
             _replace_submodule(deploy, bn.folded_name, nn.Identity())
         else:

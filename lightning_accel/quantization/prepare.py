@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,7 @@ class _Quantized:
             y = super().forward(x)
             if self.folded_bn is not None and not getattr(self, "_fold_verified", False):
                 self._fold_check = y  # lets the BatchNorm check its pairing on the very first forward
+            _remember_output(self, y)
             return y
         x = self.input_quant(x)
         weight, factor = self.folded_weight_and_factor()
@@ -89,7 +91,8 @@ class _Quantized:
             if bias is not None and self.models_bias_rounding():
                 bias = quantize_bias(bias, self.input_quant.scale, self.weight_quant.scale)
             y = self._apply_weight(x, weight, bias)
-            return self.output_quant(y) if self.output_quant is not None else y
+            _remember_output(self, y)
+            return y if self.output_quant is None or _quantized_after_relu(self) else self.output_quant(y)
         # Folded: convolve with the (quantized) folded weight, then undo the fold factor so that the BatchNorm
         # that follows sees the conv output it expects (Krishnamoorthi 2018, section 3.2).
         shape = (1, -1, *([1] * (x.dim() - 2)))
@@ -156,7 +159,66 @@ QUANTIZED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def _quantize_bn_output(bn: nn.Module, args: Any, output: Tensor) -> Tensor:
-    return bn.output_quant(output)
+    _remember_output(bn, output)
+    return output if _quantized_after_relu(bn) else bn.output_quant(output)
+
+
+# --- output quantization after a ReLU ---------------------------------------------------------------------------
+# A layer followed by a ReLU is quantized *after* the ReLU: the range starts at 0, so the uint8 zero point is 0
+# and ONNX Runtime absorbs the ReLU into QLinearConv/QGemm; the values that reach a MaxPool or Flatten are already
+# on the next layer's grid (a MaxPool keeps the range), so ORT runs the pooling in int8 too. Quantizing before
+# the ReLU (as before) left DequantizeLinear -> Relu -> MaxPool -> QuantizeLinear in float between the int8 layers.
+# The quantizer stays registered on the layer (its state keeps its name); the ReLU module applies it through a
+# forward hook. The ReLU is found by registration order and confirmed on the first forward, like a folded
+# BatchNorm: if it does not receive the layer's output, quantization stays on the layer.
+
+
+def _quantized_after_relu(owner: nn.Module) -> bool:
+    return getattr(owner, "relu_after", None) is not None
+
+
+def _remember_output(owner: nn.Module, output: Tensor) -> None:
+    if getattr(owner, "relu_after", None) is not None:
+        owner._relu_check = weakref.ref(output)
+
+
+def _check_relu_input(relu: nn.Module, args: tuple[Any, ...]) -> None:
+    """First forward: confirm that the ReLU receives its layer's output, or give the quantizer back to the layer."""
+    owner = relu.quantizes_for
+    if owner is None or relu.relu_verified:
+        return
+    remembered = getattr(owner, "_relu_check", None)
+    if remembered is None or not args or args[0] is not remembered():
+        object.__setattr__(owner, "relu_after", None)  # not the layer's ReLU: quantize at the layer as before
+        object.__setattr__(relu, "quantizes_for", None)
+    relu.relu_verified = True
+
+
+def _quantize_relu_output(relu: nn.Module, args: Any, output: Tensor) -> Tensor:
+    # A ReLU module reused elsewhere in forward (one ``self.relu`` for a whole ResNet block) passes other inputs
+    # through: only the call on its layer's output carries that layer's quantizer.
+    owner = relu.quantizes_for
+    if owner is None or not args or owner._relu_check is None or args[0] is not owner._relu_check():
+        return output
+    return owner.output_quant(output)
+
+
+def _relu_followers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules immediately followed, in registration order, by an ``nn.ReLU`` module."""
+    return {
+        name: following
+        for (name, _), (_, following) in itertools.pairwise(model.named_modules())
+        if type(following) is nn.ReLU
+    }
+
+
+def _quantize_after_relu(owner: nn.Module, relu: nn.Module) -> None:
+    object.__setattr__(owner, "relu_after", relu)
+    owner._relu_check = None
+    object.__setattr__(relu, "quantizes_for", owner)
+    relu.relu_verified = False
+    relu.register_forward_pre_hook(_check_relu_input)
+    relu.register_forward_hook(_quantize_relu_output)
 
 
 def _check_bn_input(bn: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -242,6 +304,7 @@ def prepare_qat_(
             )
         return prepared
     pairs = _conv_bn_pairs(model) if fold_bn else {}
+    relus = _relu_followers(model)
     selected = {
         name: module
         for name, module in select_modules(model, include, exclude).items()
@@ -262,10 +325,14 @@ def prepare_qat_(
         if bn is None:
             module.output_quant = ActivationFakeQuant()
             object.__setattr__(module, "folded_bn", None)
+            if name in relus:
+                _quantize_after_relu(module, relus[name])
             continue
         module.output_quant = None
         object.__setattr__(module, "folded_bn", bn)
         bn.output_quant = ActivationFakeQuant()
+        if bn_name in relus:
+            _quantize_after_relu(bn, relus[bn_name])
         bn.folded_name = bn_name
         object.__setattr__(bn, "folded_into", module)
         bn.register_forward_pre_hook(_check_bn_input)
@@ -407,8 +474,8 @@ def float_copy(model: nn.Module) -> nn.Module:
                 module._modules.pop(child, None)
         elif isinstance(module, _BATCH_NORMS) and "output_quant" in module._modules:
             module._modules.pop("output_quant")
-            for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                for key, hook in list(hooks.items()):
-                    if hook in (_quantize_bn_output, _check_bn_input):
-                        del hooks[key]
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if hook in (_quantize_bn_output, _check_bn_input, _quantize_relu_output, _check_relu_input):
+                    del hooks[key]
     return plain
