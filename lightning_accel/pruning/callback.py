@@ -23,6 +23,9 @@ from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
     compute_masks,
+    full_tensor,
+    local_part,
+    local_tensor,
     parse_pattern,
     tensor_sparsity,
 )
@@ -256,8 +259,12 @@ class MagnitudePruning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the schedule, re-apply restored masks, and zero pruned weights after every optimizer step."""
         self._resolve_schedule(trainer)
+        # Strategies that shard (FSDP2's fully_shard) replace parameters with sharded ones after setup, under the
+        # same names: look them up again so that masks and zeroing act on the parameters the optimizer steps.
+        current = dict(pl_module.named_parameters())
+        self._params = {name: current.get(name, parameter) for name, parameter in self._params.items()}
         if self._masks is None:
-            self._set_masks({name: torch.ones_like(p, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
+            self._set_masks({name: torch.ones(p.shape, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
         else:
             self._set_masks(self._masks, self._mask_sparsity)
         self._remove_hooks()
@@ -279,11 +286,13 @@ class MagnitudePruning(Callback):
         if not self._is_due(step, target):
             return
         masks = None
+        # Sharded parameters (FSDP) are ranked over their full tensors: every rank takes part in gathering them.
+        weights = {name: full_tensor(p) for name, p in self._params.items()}
         if trainer.is_global_zero:
             if self._groups is not None:
-                masks = group_masks(self._params, self._groups, target, previous=self._masks)
+                masks = group_masks(weights, self._groups, target, previous=self._masks)
             else:
-                masks = compute_masks(self._params, target, self.pattern_string, self.scope, previous=self._masks)
+                masks = compute_masks(weights, target, self.pattern_string, self.scope, previous=self._masks)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -404,11 +413,15 @@ class MagnitudePruning(Callback):
 
     def _set_masks(self, masks: dict[str, Tensor], sparsity: float) -> None:
         self._masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self._params.items()}
-        self._multipliers = {name: mask.to(self._params[name].dtype) for name, mask in self._masks.items()}
+        # Zeroing acts on each rank's own shard of a sharded parameter: keep only that part of the mask.
+        self._multipliers = {
+            name: local_part(mask, self._params[name]).to(self._params[name].dtype)
+            for name, mask in self._masks.items()
+        }
         self._mask_sparsity = sparsity
         apply_masks_(self._params, self._masks)
         if self._groups is not None:  # the fraction of channels removed, which the target counts
-            actual = channel_sparsity(self._params, self._groups)
+            actual = channel_sparsity({name: full_tensor(p) for name, p in self._params.items()}, self._groups)
             self._metrics = {"sparsity/target": sparsity, "sparsity/actual": actual}
             self._metrics["sparsity/weights"] = tensor_sparsity(self._params)
         else:
@@ -420,7 +433,7 @@ class MagnitudePruning(Callback):
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Sequence[Any], kwargs: Any) -> None:
         with torch.no_grad():
             for name, multiplier in self._multipliers.items():
-                self._params[name].mul_(multiplier)
+                local_tensor(self._params[name]).mul_(multiplier)
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:

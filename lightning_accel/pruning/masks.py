@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_accel._validation import validate_fraction
 
@@ -252,14 +253,42 @@ def compute_masks(
     return {name: n_m_mask(w, parsed.n, parsed.m, sparsity, previous.get(name)) for name, w in weights.items()}
 
 
+# --- sharded parameters (FSDP2 / DTensor) ---------------------------------------------------------------------
+# Under FSDP each rank holds a shard of every parameter (a DTensor). Magnitudes must be ranked over the full
+# tensors, or every rank would prune its own shard to the target and the global threshold would differ by rank;
+# the zeroing then acts on each rank's local shard. Outside FSDP these helpers return their input.
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor: gathered from every rank for a DTensor (a collective: call it on every rank)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """The part of ``full`` (a tensor shaped like ``like``) that this rank holds, if ``like`` is sharded."""
+    if not isinstance(like, DTensor):
+        return full
+    # src_data_rank=None: every rank holds the same ``full`` already, so each takes its part without communicating.
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
 @torch.no_grad()
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero, in place, every element of ``params`` that its mask prunes. Parameters keep their identity."""
+    """Zero, in place, every element of ``params`` that its mask prunes. Parameters keep their identity.
+
+    A sharded parameter (DTensor) takes a full-size mask; each rank zeroes its own shard.
+    """
     unknown = sorted(set(masks) - set(params))
     if unknown:
         raise ValueError(f"`masks` must name entries of `params` ({sorted(params)[:5]}...), got unknown {unknown[:5]}")
     for name, mask in masks.items():
-        params[name].masked_fill_(~mask, 0)
+        param = params[name]
+        local_tensor(param).masked_fill_(~local_part(mask, param), 0)
 
 
 def mask_sparsity(masks: Mapping[str, Tensor]) -> float:
@@ -269,8 +298,13 @@ def mask_sparsity(masks: Mapping[str, Tensor]) -> float:
     return pruned / total if total else 0.0
 
 
+def _count_zeros(tensor: Tensor) -> int:
+    zeros = (tensor == 0).sum()
+    return int(zeros.full_tensor() if isinstance(zeros, DTensor) else zeros)  # sharded: summed over ranks
+
+
 def tensor_sparsity(tensors: Mapping[str, Tensor]) -> float:
-    """Fraction of exact zeros over all tensors together (what the weights really hold)."""
+    """Fraction of exact zeros over all tensors together (what the weights really hold; over all shards)."""
     total = sum(t.numel() for t in tensors.values())
-    zeros = sum(int((t == 0).sum()) for t in tensors.values())
+    zeros = sum(_count_zeros(t) for t in tensors.values())
     return zeros / total if total else 0.0
