@@ -39,10 +39,10 @@ def latency_rows(
     """ORT latency of every file at batch 1 and 32, sessions interleaved; cells with the speed-up over ``reference``."""
     sessions = {name: ort_session(path, THREADS) for name, path in paths.items()}
     rows, data = [], {}
-    for batch, repeats in ((1, 10 if quick else repeats[0]), (32, 2 if quick else repeats[1])):
+    for batch, count in ((1, 10 if quick else repeats[0]), (32, 2 if quick else repeats[1])):
         x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
         runners = {name: (lambda s=s, x=x: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
-        medians = median_latencies(runners, repeats=repeats, rounds=3 if quick else 5)
+        medians = median_latencies(runners, repeats=count, rounds=3 if quick else 5)
         data[batch] = {name: value * 1e3 for name, value in medians.items()}
         rows.append({name: (medians[name], medians[reference] / medians[name]) for name in paths})
     return rows, data
