@@ -1,5 +1,6 @@
 """Models as users build them: layers created in configure_model are pruned and quantized like any other."""
 
+import pytest
 import torch
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -110,3 +111,44 @@ def test_several_optimizers_schedules_count_training_steps_not_optimizer_calls()
     assert trainer.global_step == 32
     assert record.sparsity[7] == 0.0 and abs(record.sparsity[8] - 0.5) < 0.01  # half-way through the batches
     assert not record.observing[11] and record.observing[12]  # 3/4 of the batches
+
+
+def test_transformer_blocks_keep_float_linear_outputs_by_default_and_ort_still_runs_int8_kernels(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from lightning_accel import calibrate_, export_onnx
+    from tests.slim_models import TransformerClassifier
+
+    def prepared(outputs):
+        torch.manual_seed(0)
+        model = TransformerClassifier().eval()
+        batches = [torch.randn(4, 5, 16) for _ in range(2)]
+        return calibrate_(model, batches, model_input=lambda batch: batch, outputs=outputs)
+
+    auto, every = prepared("auto"), prepared("all")
+    inside = ["encoder.layers.0.linear1", "encoder.layers.0.linear2", "encoder.layers.1.linear2"]
+    modules = dict(auto.named_modules())
+    assert all(modules[name].output_quant is None for name in inside)
+    assert modules["embed"].output_quant is not None and modules["head"].output_quant is not None
+    assert all(dict(every.named_modules())[name].output_quant is not None for name in inside)
+
+    path = export_onnx(auto, tmp_path / "auto.onnx", torch.zeros(1, 5, 16), on_mismatch="raise")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # the four feed-forward Linears (and the embedding) still run as int8 kernels with a float output
+    assert ops.count("MatMulIntegerToFloat") >= 4, ops
+
+
+def test_outputs_setting_is_validated_and_a_checkpoint_of_another_setting_is_refused():
+    from lightning_accel import QuantizationAwareTraining
+
+    with pytest.raises(ValueError, match=r"`outputs` must be one of \['auto', 'all'\].*'some'"):
+        QuantizationAwareTraining(outputs="some")
+    callback = QuantizationAwareTraining()
+    state = {"quantizers": {"x": {}}, "weight_bits": 7}  # written before `outputs` existed: every output quantized
+    with pytest.raises(ValueError, match=r"outputs='all'.*`outputs`='auto'"):
+        callback.load_state_dict(state)

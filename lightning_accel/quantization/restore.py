@@ -11,13 +11,14 @@ from torch import nn
 
 from lightning_accel.quantization.prepare import (
     _BATCH_NORMS,
+    LEGACY_OUTPUTS,
+    LEGACY_WEIGHT_BITS,
     load_quantizer_state_,
     prepare_qat_,
     set_qat_phase,
 )
 
 _STATE_PREFIX = "QuantizationAwareTraining"
-_LEGACY_WEIGHT_BITS = 8
 
 
 def quantization_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -64,7 +65,8 @@ def load_quantized(module: nn.Module, ckpt_path: str | os.PathLike) -> nn.Module
         settings.get("include"),
         settings.get("exclude"),
         fold_bn=fold_bn,
-        weight_bits=state.get("weight_bits", _LEGACY_WEIGHT_BITS),
+        weight_bits=state.get("weight_bits", LEGACY_WEIGHT_BITS),
+        outputs=state.get("outputs", LEGACY_OUTPUTS),
     )
     module.load_state_dict(checkpoint["state_dict"])
     load_quantizer_state_(module, state["quantizers"])
