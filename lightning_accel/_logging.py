@@ -1,4 +1,4 @@
-"""Adding the callbacks' settings to the logged hyperparameters without replacing the model's."""
+"""Logging the callbacks' settings and summaries: hyperparameters merged with the model's, and text."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def add_hyperparameters(
             logger.log_hyperparams(merged, metrics=dict(metrics))
         else:
             logger.log_hyperparams(merged)
+
+
+def log_text(trainer: Trainer, tag: str, text: str) -> None:
+    """Write ``text`` under ``tag`` to every logger that takes text (TensorBoard's Text tab); others skip it."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text(tag, text, trainer.global_step)

@@ -361,15 +361,14 @@ def _log_to_loggers(
     trainer: Trainer, pl_module: LightningModule, report: dict[str, Any], figures: dict[str, Any]
 ) -> None:
     """Text, scalars, images and HParams metrics for every logger that takes them."""
-    from lightning_accel._logging import add_hyperparameters
+    from lightning_accel._logging import add_hyperparameters, log_text
 
     figures_logged = False
     metrics = headline(report)
+    log_text(trainer, "acceleration_report", to_markdown(report))
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
         experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_text"):
-            experiment.add_text("acceleration_report", to_markdown(report), trainer.global_step)
         if hasattr(experiment, "add_figure"):
             for name, figure in figures.items():
                 experiment.add_figure(f"acceleration_report/{name}", figure, trainer.global_step, close=False)

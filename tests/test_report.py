@@ -95,6 +95,11 @@ def test_tensorboard_gets_the_text_summary_plot_images_scalars_and_hparams(tmp_p
     events = EventAccumulator(str(Path(trainer.log_dir)), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = events.Tags()
     assert any("acceleration_report" in tag for tag in tags["tensors"])  # the text summary
+    # each callback's selection summary (what is pruned/quantized, what is left and why) as text too
+    selection = [tag for tag in tags["tensors"] if tag.startswith("lightning_accel/selection/")]
+    assert any("MagnitudePruning" in tag for tag in selection) and any("Quantization" in tag for tag in selection)
+    text = events.Tensors(next(t for t in selection if "Quantization" in t))[0].tensor_proto.string_val[0].decode()
+    assert "net.conv" in text and "net.fc1" in text
     assert any(tag.startswith("acceleration_report/") for tag in tags["images"])
     assert "report/sparsity" in tags["scalars"]
     hparams = (Path(trainer.log_dir) / "hparams.yaml").read_text()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_accel._distributed import decide_on_rank_zero
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early
-from lightning_accel._logging import add_hyperparameters
+from lightning_accel._logging import add_hyperparameters, log_text
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import dry_run_slim_export, export_slim, validate_slim_export_path
@@ -139,6 +139,7 @@ class MagnitudePruning(Callback):
         self._hook_handles: list[Any] = []
         self._training_steps = TrainingSteps()
         self._metrics: dict[str, float] = {}
+        self._selection_summary = ""
 
     @property
     def state_key(self) -> str:
@@ -196,6 +197,7 @@ class MagnitudePruning(Callback):
         summary = summarize_selection(self._params, [c for c in candidates if c not in frozen])
         if frozen and self.include is None:
             summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
+        self._selection_summary = summary
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summary}")
         if self.pattern.kind == "N:M":
             misfits = [
@@ -231,7 +233,8 @@ class MagnitudePruning(Callback):
                 f"MagnitudePruning(pattern='channels') found no removable channel group in "
                 f"{type(pl_module).__name__}: {self._groups.summary()}"
             )
-        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._groups.summary()}")
+        self._selection_summary = self._groups.summary()
+        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self._masks is not None:
             self._check_masks_fit(self._masks)
         if self.export_path is not None:
@@ -245,7 +248,8 @@ class MagnitudePruning(Callback):
         return self._groups
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Add the pruning settings to the logged hyperparameters (beside the model's)."""
+        """Add the pruning settings to the logged hyperparameters, and the selection summary as text."""
+        log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
         add_hyperparameters(
             trainer,
             pl_module,

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early
-from lightning_accel._logging import add_hyperparameters
+from lightning_accel._logging import add_hyperparameters, log_text
 from lightning_accel._modules import WEIGHT_MODULE_TYPES, summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.groups import slim, trainer_channel_groups
@@ -320,6 +320,7 @@ class QuantizationAwareTraining(Callback):
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
         self._log_selection = True  # once per callback: setup runs again for test after fit
+        self._selection_summary = ""
         self._model: nn.Module | None = None
         self._quantizers: dict[str, ActivationFakeQuant] = {}
         self._pending_state: dict[str, Any] | None = None
@@ -392,12 +393,15 @@ class QuantizationAwareTraining(Callback):
             quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
             exact = [name for name, m in pl_module.named_modules() if type(m) in QUANTIZED_CLASSES and name]
             summary = summarize_selection(quantized, exact) + _left_in_float(pl_module)
+            self._selection_summary = summary
             rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {summary}")
             self._log_selection = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
         self._resolve_steps(trainer)
+        if self._selection_summary:
+            log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
         add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
 
