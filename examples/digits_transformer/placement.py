@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 from lightning import Trainer, seed_everything
 
+from benchmarks.common import quiet_trainer
 from examples.digits import DigitsDataModule
 from examples.digits_transformer import DigitsTransformerClassifier
 from lightning_accel import QuantizationAwareTraining, calibrate_, export_onnx
@@ -36,19 +37,7 @@ PLACEMENTS = ("all", "auto")
 
 
 def _trainer(epochs: int, callbacks=()) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-    )
+    return quiet_trainer(max_epochs=epochs, deterministic=True, callbacks=list(callbacks))
 
 
 def _int8_logits(model, directory: Path, name: str, tokens: torch.Tensor) -> torch.Tensor:
