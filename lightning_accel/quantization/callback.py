@@ -182,12 +182,18 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
     )
 
 
-def _dry_run_export(pl_module: LightningModule, owner: str, **prepare: Any) -> None:
-    """Export a throwaway copy, calibrated on the example input, so that the end of fit cannot fail on it."""
+def _dry_run_export(pl_module: LightningModule, owner: str, groups: Any = None, **prepare: Any) -> None:
+    """Export a throwaway copy, calibrated on the example input, so that the end of fit cannot fail on it.
+
+    With channel ``groups`` (a channel-pruning callback in the Trainer), the copy is slimmed first, as the real
+    export will be.
+    """
     probe = copy.deepcopy(pl_module)
     example = _example_input(pl_module)
     try:
         calibrate_(probe, [example], num_batches=1, model_input=lambda batch: batch, **prepare)
+        if groups is not None:
+            probe = slim(probe, example, groups)
         with tempfile.TemporaryDirectory() as directory:
             export_onnx(probe, Path(directory) / "dry_run.onnx", example, on_mismatch="ignore")
     except Exception as error:
@@ -195,6 +201,14 @@ def _dry_run_export(pl_module: LightningModule, owner: str, **prepare: Any) -> N
             f"{owner}: the int8 export of {type(pl_module).__name__} fails on its example_input_array, so it would "
             f"fail at the end of fit. Checked at setup, before training: {type(error).__name__}: {error}"
         ) from error
+
+
+def _dry_run_slimmed_export(trainer: Trainer, pl_module: LightningModule, callback: Any) -> None:
+    """The int8 export of a channel-pruned run is slimmed: try that too, before training (rank 0)."""
+    groups = trainer_channel_groups(trainer.callbacks)
+    if callback.export_path is None or groups is None or not trainer.is_global_zero or trainer.fast_dev_run:
+        return
+    _dry_run_export(pl_module, type(callback).__name__, groups=groups, **_prepare_arguments(callback))
 
 
 def _same_structure(candidate: Any, example: Any) -> bool:
@@ -400,6 +414,7 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
         self._resolve_steps(trainer)
+        _dry_run_slimmed_export(trainer, pl_module, self)
         if self._selection_summary:
             log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
@@ -715,6 +730,10 @@ class PostTrainingQuantization(Callback):
         _check_writable(self.resolved_export_path)
         _dry_run_export(pl_module, type(self).__name__, **_prepare_arguments(self))
         self._input_checked = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With channel pruning in the Trainer, dry-run the slimmed int8 export too (every setup has run by now)."""
+        _dry_run_slimmed_export(trainer, pl_module, self)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """On the first batch, check that ``model_input`` picks an input the model runs on, as calibration will."""
