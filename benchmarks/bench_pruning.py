@@ -84,7 +84,7 @@ def resume_survival(make_callbacks, epochs: int, resume_epoch: int) -> dict[str,
 
 def run(quick: bool) -> list[Section]:
     """Overhead, the sparsity/accuracy table at four targets, and resume survival."""
-    steps, repeats = (60, 3) if quick else (200, 5)
+    steps, repeats = (60, 3) if quick else (150, 11)
     pruned_s, dense_s, ratio = interleaved_ratio(
         lambda: [MagnitudePruning(0.9, end_step=steps * 3 // 4)], lambda: [], steps=steps, repeats=repeats
     )
