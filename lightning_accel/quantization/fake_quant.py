@@ -41,7 +41,7 @@ class _CompositeFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        unclipped = torch.round(x * torch.reciprocal(scale))
+        unclipped = (x * torch.reciprocal(scale)).round_()  # one new tensor, rounded in place
         if zero_point is not None:  # symmetric weights have none: two passes saved
             unclipped.add_(zero_point)
         clipped = unclipped.clamp(qmin, qmax)
