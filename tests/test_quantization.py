@@ -282,6 +282,23 @@ def test_dict_and_dataclass_outputs_export_with_their_keys_as_names(tmp_path, ma
     assert snr_db(expected["hidden_states"], torch.from_numpy(hidden)) > 30
 
 
+@pytest.mark.parametrize("quantize", [False, True])
+def test_keyword_inputs_with_a_dict_output_export_with_both_names(tmp_path, quantize):
+    torch.manual_seed(0)
+    model = DictOutputNet().eval()
+    x = torch.randn(32, 8)
+    if quantize:
+        calibrate_(model, [{"x": x}], num_batches=1, model_input=lambda batch: batch)
+    path = export_onnx(model, tmp_path / "m.onnx", {"x": x[:1]})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "hidden_states"]
+    (logits, _) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = model(x=x)["logits"]
+    assert snr_db(expected, torch.from_numpy(logits)) > 30
+
+
 def _optimized_op_types(path, directory):
     import onnx
     import onnxruntime as ort

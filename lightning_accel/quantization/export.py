@@ -267,7 +267,12 @@ def export_onnx(
     args, kwargs, input_names = split_example(example_input)
     raw_output = run_example(deploy, example_input)
     output_names = _output_names(raw_output)
-    traced = deploy if _is_plain_output(raw_output) else _TensorOutputs(deploy)
+    traced = deploy
+    if not _is_plain_output(raw_output):
+        # The tracer cannot map keyword inputs onto a ``**kwargs`` signature: the wrapper takes every input
+        # positionally and hands the keyword ones back to the model by name.
+        traced = _TensorOutputs(deploy, len(args), list(kwargs))
+        args, kwargs = (*args, *kwargs.values()), {}
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
 
     target = Path(path)
@@ -304,12 +309,15 @@ ON_MISMATCH_CHOICES = ("warn", "raise", "ignore")
 class _TensorOutputs(nn.Module):
     """Returns a model's dict or dataclass output as a tuple, which the tracer can follow; names go separately."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, positional: int, keyword_names: list[str]) -> None:
         super().__init__()
         self.model = model
+        self.positional = positional
+        self.keyword_names = keyword_names
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        return tuple(output_tensors(self.model(*args, **kwargs)))
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        keywords = dict(zip(self.keyword_names, inputs[self.positional :], strict=True))
+        return tuple(output_tensors(self.model(*inputs[: self.positional], **keywords)))
 
 
 def _output_names(output: Any) -> list[str]:
