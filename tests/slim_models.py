@@ -132,3 +132,19 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class ConcatCNN(nn.Module):
+    """Two conv branches concatenated along channels, one BatchNorm over the concatenation (Inception/DenseNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(1, 6, 3, padding=1)
+        self.narrow = nn.Conv2d(1, 4, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.conv = nn.Conv2d(10, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(torch.cat([self.wide(x), self.narrow(x)], dim=1)))
+        return self.head(self.conv(y).mean(dim=(2, 3)))

@@ -30,12 +30,13 @@ from tests.helpers import (
     fit_tiny,
     module_with_example,
 )
-from tests.slim_models import MLP, MobileNet, PlainCNN, ResNet, TransformerClassifier
+from tests.slim_models import MLP, ConcatCNN, MobileNet, PlainCNN, ResNet, TransformerClassifier
 
 ARCHITECTURES = {
     "plain-cnn": (lambda: PlainCNN(), (2, 1, 8, 8)),
     "resnet": (lambda: ResNet(width=8, blocks=(1, 1), in_channels=1, num_classes=4, stem_stride=1), (2, 1, 8, 8)),
     "mobilenet": (lambda: MobileNet(), (2, 1, 8, 8)),
+    "concat": (lambda: ConcatCNN(), (2, 1, 8, 8)),
     "mlp": (lambda: MLP(), (2, 16)),
     "transformer-ffn": (lambda: TransformerClassifier(), (2, 5, 16)),
 }
@@ -93,6 +94,11 @@ def test_groups_couple_batchnorm_residual_branches_depthwise_convs_and_flatten()
     assert {"stem.0", "stem.1", "layers.0.conv2", "layers.0.bn2", "layers.1.conv1", "layers.1.shortcut.0"} <= set(
         stream.modules()
     )
+
+    _, _, concat = masked("concat")
+    narrow = next(g for g in concat.groups if g.root == "narrow")
+    # the second branch's channels sit after the first branch's in the BatchNorm and in the consumer's inputs
+    assert next(m for m in narrow.members if m.module == "bn").indices.tolist() == [6, 7, 8, 9]
 
     _, _, mobile = masked("mobilenet")
     depthwise = next(g for g in mobile.groups if g.root == "blocks.0")
