@@ -170,3 +170,17 @@ def fast_trainer_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def hide_module(monkeypatch, module: str) -> None:
+    """Make ``import module`` (and its submodules) fail as if the package were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == module or name.startswith(f"{module}."):
+            raise ImportError(f"No module named '{module}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)

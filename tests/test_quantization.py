@@ -1,6 +1,5 @@
 """Fake quantization without Lightning: qparams, prepare, BatchNorm folding, calibration and ONNX export."""
 
-import builtins
 import dataclasses
 
 import numpy as np
@@ -20,7 +19,7 @@ from lightning_accel.quantization import (
     set_qat_phase,
 )
 from lightning_accel.quantization.fake_quant import affine_qparams
-from tests.helpers import TinyNet
+from tests.helpers import TinyNet, hide_module
 from tests.quant_models import ResidualNet, WideCNN, snr_db
 
 
@@ -179,14 +178,7 @@ def test_export_without_observed_ranges_is_refused(tmp_path):
 
 
 def test_export_without_the_onnx_extra_names_the_extra(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_onnx(name, *args, **kwargs):
-        if name == "onnx" or name.startswith("onnx."):
-            raise ImportError("No module named 'onnx'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    hide_module(monkeypatch, "onnx")
     with pytest.raises(ImportError, match=r"pip install 'lightning-accel\[onnx\]'"):
         export_onnx(TinyNet(), tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8))
 

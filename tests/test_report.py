@@ -1,6 +1,5 @@
 """AccelerationReport, the sparse artifact, load_quantized and `lightning-accel export`: every number recomputed."""
 
-import builtins
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from lightning_accel import (
     save_sparse,
 )
 from lightning_accel.quantization import is_prepared
-from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, module_with_example
+from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, hide_module, module_with_example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,14 +108,7 @@ def test_tensorboard_gets_the_text_summary_plot_images_scalars_and_hparams(tmp_p
 
 
 def test_without_onnxruntime_the_latency_rows_are_skipped_with_a_note(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_ort(name, *args, **kwargs):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ImportError("No module named 'onnxruntime'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ort)
+    hide_module(monkeypatch, "onnxruntime")
     trainer = Trainer(**fast_trainer_kwargs(), callbacks=[AccelerationReport(directory=tmp_path, plots=False)])
     module = module_with_example()
     trainer.fit(module, datamodule=RandomImages())

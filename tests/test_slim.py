@@ -245,3 +245,15 @@ def test_ddp_ranks_hold_identical_group_masks(tmp_path):
     assert_states_equal(rank0, rank1)
     bn = next(v for k, v in rank0.items() if k.endswith("/masks/net.bn.weight"))
     assert int((~bn).sum()) == 4
+
+
+def test_slim_export_works_with_qat_listed_first(tmp_path):
+    # QAT prepares the model in its setup before the pruning callback's dry run: the fp32 slim export must still
+    # be the float model, in either list order.
+    pruning = channel_pruning(export_path=str(tmp_path / "slim.onnx"))
+    fit_tiny([QuantizationAwareTraining(start_step=4), pruning], module_with_example(), epochs=2)
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "slim.onnx")).graph
+    assert (4, 1, 3, 3) in [tuple(init.dims) for init in graph.initializer]
+    assert not any(node.op_type == "QuantizeLinear" for node in graph.node)

@@ -223,8 +223,8 @@ class MagnitudePruning(Callback):
                 f"together, and needs an example input: set `self.example_input_array` in "
                 f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
             )
-        select_weights(pl_module, self.include, self.exclude)  # patterns that match nothing fail here
         example = _example(pl_module)
+        # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
         self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
         parameters = dict(pl_module.named_parameters())
         self._params = {name: parameters[name] for name in self._groups.parameter_names()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 import warnings
@@ -46,15 +47,12 @@ def export_program(model: nn.Module, path: str | os.PathLike, example_input: Any
     """
     args, kwargs, _ = split_example(example_input)
     model = copy.deepcopy(model).eval().float()
-    batch = torch.export.Dim("batch", min=1)
-    dynamic = {
-        "args": tuple({0: batch} for _ in args),
-        "kwargs": {name: {0: batch} for name in kwargs},
-    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # advice about specialising tiny example batches
         try:
-            program = torch.export.export(model, args, kwargs or None, dynamic_shapes=_dynamic_shapes(model, dynamic))
+            program = torch.export.export(
+                model, args, kwargs or None, dynamic_shapes=_dynamic_batch(model, args, kwargs)
+            )
         except Exception:  # a model whose code pins the batch size: export it with the example's fixed shape
             program = torch.export.export(model, args, kwargs or None)
     target = Path(path)
@@ -63,18 +61,30 @@ def export_program(model: nn.Module, path: str | os.PathLike, example_input: Any
     return target
 
 
-def _dynamic_shapes(model: nn.Module, dynamic: dict[str, Any]) -> Any:
-    """``dynamic_shapes`` in the form ``torch.export`` wants: by forward's parameter names."""
-    import inspect
-
-    names = [
+def _dynamic_batch(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` that free dimension 0 of every input, keyed by forward's parameter names."""
+    batch = torch.export.Dim("batch", min=1)
+    positional = [
         name
         for name, parameter in inspect.signature(model.forward).parameters.items()
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
     ]
-    shapes = dict(zip(names, dynamic["args"], strict=False))
-    shapes.update(dynamic["kwargs"])
-    return shapes
+    return {name: {0: batch} for name in [*positional[: len(args)], *kwargs]}
+
+
+def _write_slim(
+    model: nn.Module, path: Path, example_input: Any, groups: ChannelGroups | None, on_mismatch: str
+) -> tuple[Path, nn.Module, nn.Module]:
+    """Slim ``model`` (its float model, if prepared for QAT) and write it; return the path, model and slim model."""
+    from lightning_accel.quantization.export import export_onnx
+    from lightning_accel.quantization.prepare import float_copy, is_prepared
+
+    if is_prepared(model):  # this export is the float model; the QAT/PTQ callbacks write the int8 one
+        model = float_copy(model)
+    small = slim(model, example_input, groups)
+    if path.suffix == ".pt2":
+        return export_program(small, path, example_input), model, small
+    return export_onnx(small, path, example_input, on_mismatch=on_mismatch), model, small
 
 
 def export_slim(
@@ -88,17 +98,7 @@ def export_slim(
     Returns:
         The path written.
     """
-    from lightning_accel.quantization.export import export_onnx
-    from lightning_accel.quantization.prepare import float_copy, is_prepared
-
-    if is_prepared(model):  # this export is the float model; the QAT/PTQ callbacks write the int8 one
-        model = float_copy(model)
-    small = slim(model, example_input, groups)
-    target = Path(path)
-    if target.suffix == ".pt2":
-        written = export_program(small, target, example_input)
-    else:
-        written = export_onnx(small, target, example_input)
+    written, model, small = _write_slim(model, Path(path), example_input, groups, on_mismatch="warn")
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in small.parameters())
     rank_zero_info(
@@ -113,13 +113,7 @@ def dry_run_slim_export(model: nn.Module, example_input: Any, groups: ChannelGro
     try:
         with tempfile.TemporaryDirectory() as directory:
             probe = Path(directory) / f"dry_run{Path(export_path).suffix}"
-            small = slim(model, example_input, groups)
-            if probe.suffix == ".pt2":
-                export_program(small, probe, example_input)
-            else:
-                from lightning_accel.quantization.export import export_onnx
-
-                export_onnx(small, probe, example_input, on_mismatch="ignore")
+            _write_slim(model, probe, example_input, groups, on_mismatch="ignore")
     except Exception as error:
         raise RuntimeError(
             f"MagnitudePruning: the slim export to {export_path!r} fails on example_input_array, so it would fail at "

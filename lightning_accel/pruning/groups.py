@@ -399,6 +399,7 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
             setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
 
     count = kept.numel()
+    depthwise = _is_depthwise(module)  # before resizing: it compares the channel counts
     if isinstance(module, _BATCH_NORMS):
         set_parameter("weight", 0)
         set_parameter("bias", 0)
@@ -407,7 +408,7 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
                 setattr(module, buffer, take(getattr(module, buffer), 0))
         module.num_features = count
         return
-    if role == "out" or _is_depthwise(module):
+    if role == "out" or depthwise:
         set_parameter("weight", 0)
         set_parameter("bias", 0)
         quantizer = getattr(module, "weight_quant", None)
@@ -418,7 +419,7 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
             module.out_features = count
         else:
             module.out_channels = count
-            if _is_depthwise_shape(module):
+            if depthwise:
                 module.in_channels = module.groups = count
         return
     set_parameter("weight", 1)
@@ -426,8 +427,3 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
         module.in_features = count
     else:
         module.in_channels = count
-
-
-def _is_depthwise_shape(module: nn.Module) -> bool:
-    """Depthwise before resizing its output: each group holds one input channel."""
-    return module.groups > 1 and module.weight.shape[1] == 1

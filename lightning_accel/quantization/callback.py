@@ -109,6 +109,30 @@ def _left_in_float(model: nn.Module) -> str:
     return text
 
 
+def _set_preparation_settings(
+    callback: Any,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    fold_bn: bool,
+    weight_bits: int,
+    outputs: str,
+    model_input: str | int | None,
+    on_mismatch: str,
+) -> None:
+    """Validate and store the settings QAT and PTQ share (those :func:`_prepare_arguments` passes on, and the check)."""
+    callback.include = validate_patterns("include", include)
+    callback.exclude = validate_patterns("exclude", exclude)
+    callback.fold_bn = validate_bool("fold_bn", fold_bn)
+    validate_weight_bits(weight_bits)
+    callback.weight_bits = weight_bits
+    validate_outputs(outputs)
+    callback.outputs = outputs
+    _check_model_input(model_input)
+    callback.model_input = model_input
+    _check_on_mismatch(on_mismatch)
+    callback.on_mismatch = on_mismatch
+
+
 def _prepare_arguments(callback: Any) -> dict[str, Any]:
     """The preparation settings a QAT or PTQ callback passes to ``prepare_qat_``/``calibrate_``."""
     return {
@@ -312,24 +336,13 @@ class QuantizationAwareTraining(Callback):
                 f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
                 f"they are frozen, or None; got {freeze_observers_step!r}"
             )
-        fold_bn = validate_bool("fold_bn", fold_bn)
         log_ranges = validate_bool("log_ranges", log_ranges)
-        validate_weight_bits(weight_bits)
-        validate_outputs(outputs)
-        _check_model_input(model_input)
-        _check_on_mismatch(on_mismatch)
-        self.outputs = outputs
+        _set_preparation_settings(self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch)
         self.export_path = _check_export_path(export_path)
-        self.include = validate_patterns("include", include)
-        self.exclude = validate_patterns("exclude", exclude)
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step
         self.freeze_bn_step = freeze_bn_step
-        self.fold_bn = fold_bn
         self.log_ranges = log_ranges
-        self.weight_bits = weight_bits
-        self.model_input = model_input
-        self.on_mismatch = on_mismatch
         self.skipped_ranges = 0
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
@@ -701,19 +714,8 @@ class PostTrainingQuantization(Callback):
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
         self.export_path = _check_export_path(export_path)
         calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
-        fold_bn = validate_bool("fold_bn", fold_bn)
-        validate_weight_bits(weight_bits)
-        validate_outputs(outputs)
-        _check_model_input(model_input)
-        _check_on_mismatch(on_mismatch)
-        self.outputs = outputs
+        _set_preparation_settings(self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch)
         self.calibration_batches = calibration_batches
-        self.include = validate_patterns("include", include)
-        self.exclude = validate_patterns("exclude", exclude)
-        self.fold_bn = fold_bn
-        self.model_input = model_input
-        self.weight_bits = weight_bits
-        self.on_mismatch = on_mismatch
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
         self._input_checked = False
