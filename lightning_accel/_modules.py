@@ -63,7 +63,7 @@ def _all_parameter_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def default_weight_names(model: nn.Module) -> set[str]:
-    """Every weight matrix a Linear, a Conv or an attention projection multiplies by.
+    """Every weight matrix a Linear, a (transposed) Conv, a recurrent layer or an attention projection multiplies by.
 
     ``nn.MultiheadAttention`` keeps its Q/K/V projection as a bare parameter (``in_proj_weight``, or
     ``q/k/v_proj_weight`` when the dimensions differ), not as a Linear, so it is named here explicitly; its
@@ -72,8 +72,10 @@ def default_weight_names(model: nn.Module) -> set[str]:
     names = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, WEIGHT_MODULE_TYPES):
+        if isinstance(module, (*WEIGHT_MODULE_TYPES, nn.modules.conv._ConvTransposeNd)):
             names.add(f"{prefix}weight")
+        elif isinstance(module, nn.RNNBase):  # the gate matrices; biases stay
+            names.update(f"{prefix}{name}" for name, p in module.named_parameters(recurse=False) if p.dim() >= 2)
         elif isinstance(module, nn.MultiheadAttention):
             for attribute in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 if getattr(module, attribute, None) is not None:
@@ -174,6 +176,37 @@ def select_modules(
         and (include is None or named_by(include, name, module))
         and not (exclude and named_by(exclude, name, module))
     }
+
+
+def unpruned_weight_holders(model: nn.Module, default: set[str], limit: int = 6) -> str:
+    """Name the trained weight matrices that the default selection leaves dense, grouped by the reason.
+
+    Nothing is left out without a word (for the selection summary): embeddings, and layers whose computation is not
+    one of the recognised matrix products (GPT-2's ``Conv1D`` is one), are named so that a pattern can take them.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        left = [
+            f"{prefix}{name}"
+            for name, p in module.named_parameters(recurse=False)
+            if p.dim() >= 2 and p.requires_grad and f"{prefix}{name}" not in default
+        ]
+        if not left:
+            continue
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            reason = "embeddings (a lookup table: name it, e.g. 'embed.weight', to prune it)"
+        else:
+            reason = (
+                f"weights of layers that are not Linear/Conv/LSTM/GRU/attention ({type(module).__name__}; name the "
+                "parameter to prune it)"
+            )
+        by_reason.setdefault(reason, []).extend(left)
+    text = ""
+    for reason, names in by_reason.items():
+        more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+        text += f"; left dense by default, {reason}: {', '.join(names[:limit])}{more}"
+    return text
 
 
 def describe_selection(include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:

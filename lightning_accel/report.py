@@ -71,7 +71,7 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_input: Any) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` in its Linear and Conv layers.
+    """Multiply-accumulates of one forward pass in its Linear, (transposed) Conv and LSTM/GRU/RNN layers.
 
     Counted from the shapes each layer really sees (forward hooks), so a slimmed model counts fewer; the batch
     size of ``example_input`` multiplies the count. Other layers (norms, activations, attention's matmuls) are not
@@ -81,15 +81,21 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
 
     total = 0
 
-    def count(module: nn.Module, args: Any, output: Tensor) -> None:
+    def count(module: nn.Module, args: Any, output: Any) -> None:
         nonlocal total
         if isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
+        elif isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input element meets a kernel slice
+            kernel = int(np.prod(module.kernel_size))
+            total += args[0].numel() * (module.out_channels // module.groups) * kernel
+        elif isinstance(module, nn.RNNBase):
+            total += _recurrent_macs(module, args[0])
         else:
             kernel = int(np.prod(module.kernel_size))
             total += output.numel() * (module.in_channels // module.groups) * kernel
 
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, WEIGHT_MODULE_TYPES)]
+    counted = (*WEIGHT_MODULE_TYPES, nn.modules.conv._ConvTransposeNd, nn.RNNBase)
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
     training = model.training
     try:
         run_example(model.eval(), example_input)
@@ -97,6 +103,26 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
         model.train(training)
         for handle in handles:
             handle.remove()
+    return total
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _recurrent_macs(module: nn.RNNBase, inputs: Any) -> int:
+    """Gate matrix products of an LSTM/GRU/RNN over every time step, layer and direction (packed input: 0)."""
+    if not isinstance(inputs, Tensor):
+        return 0
+    steps = inputs.shape[0] if inputs.dim() == 2 else inputs.shape[0] * inputs.shape[1]
+    directions = 2 if module.bidirectional else 1
+    hidden, projected = module.hidden_size, module.proj_size or module.hidden_size
+    total = 0
+    for layer in range(module.num_layers):
+        layer_input = module.input_size if layer == 0 else directions * projected
+        per_step = _GATES[module.mode] * hidden * (layer_input + projected)
+        if module.proj_size:
+            per_step += hidden * module.proj_size
+        total += steps * directions * per_step
     return total
 
 

@@ -66,3 +66,31 @@ def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-noise ratio of ``approximation`` against ``reference`` in dB."""
     noise = (reference - approximation).pow(2).mean()
     return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp_min(1e-20)))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm that applies its activation inside the norm module, as timm's ``BatchNormAct2d`` does."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class NormActNet(nn.Module):
+    """EfficientNet/MobileNetV3-style stem (conv + BatchNormAct2d) and a residual conv-BN block."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv1(x))
+        x = F.relu(x + self.bn2(self.conv2(x)))
+        return self.fc(F.max_pool2d(x, 2).flatten(1))

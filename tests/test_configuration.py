@@ -314,5 +314,8 @@ def test_qat_names_what_it_leaves_in_float_and_why(caplog):
     with caplog.at_level("INFO"):
         QuantizationAwareTraining().setup(trainer, Encoder(), "fit")
     assert "layer.linear1" in caplog.text and "layer.linear2" in caplog.text
-    assert "left in float, subclasses with their own forward: layer.self_attn.out_proj" in caplog.text
-    assert "attention Q/K/V projections and out_proj (nn.MultiheadAttention runs them in its own kernel)" in caplog.text
+    assert (
+        "left in float, attention out_proj (nn.MultiheadAttention reads its weight in its own kernel): " in caplog.text
+    )
+    assert "layer.self_attn.out_proj" in caplog.text
+    assert "attention Q/K/V projections (nn.MultiheadAttention runs them in its own kernel" in caplog.text

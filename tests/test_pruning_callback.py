@@ -1,12 +1,14 @@
 """MagnitudePruning in a Trainer: exact targets, zeros after every step, state, resume, DDP, logging, errors."""
 
 import csv
+import re
 
 import pytest
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 from lightning_accel import MagnitudePruning, mask_sparsity, tensor_sparsity
 from tests.helpers import (
@@ -259,3 +261,44 @@ def test_constant_amount_in_lightning_model_pruning_overshoots_where_ours_lands_
     _, ours = fit([MagnitudePruning(0.9, end_step=16, every_n_steps=2)], epochs=3, module=TinyModule(optimizer="adam"))
     assert tensor_sparsity(selected(theirs)) > 0.99  # compounding per epoch: 0.9, then 0.99, then 0.999
     assert tensor_sparsity(selected(ours)) == pytest.approx(0.9, abs=1e-3)
+
+
+# --- weights nobody names are named -----------------------------------------------------------------------------
+
+
+class _SequenceModel(TinyModule):
+    """An embedding, an LSTM, a transposed conv and a head: the layers the default selection used to skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None
+        self.embed = nn.Embedding(16, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.up = nn.ConvTranspose1d(8, 8, 2, stride=2)
+        self.head = nn.Linear(8 * 8, 4)
+
+    def forward(self, x):
+        tokens = (x.flatten(1)[:, :4].abs() * 4).long().clamp(max=15)
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(self.up(out.transpose(1, 2)).flatten(1))
+
+
+def test_lstm_gates_and_transposed_convs_are_pruned_and_embeddings_are_named(capsys):
+    pruning = MagnitudePruning(target_sparsity=0.9, schedule="one_shot")
+    fit_tiny([pruning], _SequenceModel())
+    names = set(pruning.masks)
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "up.weight", "head.weight"} <= names
+    assert "embed.weight" not in names and "lstm.bias_ih_l0" not in names
+    for name in ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "up.weight"):
+        # one global threshold over all of them: each layer lost most of its weights, none was skipped
+        assert (~pruning.masks[name]).float().mean() > 0.5, name
+    assert re.search(r"left dense by default, embeddings[^;]*: embed\.weight", pruning._selection_summary)
+
+
+def test_resuming_with_a_lower_target_warns_that_zeros_do_not_come_back(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="p90", save_last=False)
+    fit_tiny([MagnitudePruning(target_sparsity=0.9, schedule="one_shot"), checkpoint], enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"target_sparsity 0\.5.*below the 90\.00% .*checkpoint.*zero"):
+        fit_tiny(
+            [MagnitudePruning(target_sparsity=0.5, schedule="one_shot")], epochs=2, ckpt_path=tmp_path / "p90.ckpt"
+        )

@@ -351,3 +351,27 @@ def test_weight_bits_are_validated_and_a_checkpoint_of_other_bits_is_refused():
     state = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining)).state_dict()
     with pytest.raises(ValueError, match="weight_bits=8"):
         QuantizationAwareTraining().load_state_dict(state)
+
+
+def test_predict_under_bf16_autocast_scores_the_quantized_layers_in_float32():
+    from lightning_accel.quantization.export import as_evaluated
+
+    qat = QuantizationAwareTraining(start_step=0)
+    trainer, module = fit_tiny([MixedPrecision("bf16-mixed"), qat], module_with_example())
+    x = RandomImages().x
+    predictions = torch.cat(trainer.predict(module, dataloaders=DataLoader(x, batch_size=16)))
+    with torch.no_grad():
+        deployed = as_evaluated(module)(x)
+    assert predictions.dtype == torch.float32
+    assert (predictions - deployed).abs().max() < 1e-4  # bf16 would differ by ~1e-2
+
+
+@pytest.mark.parametrize("technique", ["pruning", "qat"])
+def test_stochastic_weight_averaging_beside_pruning_or_qat_is_refused_at_setup(technique):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    from lightning_accel import MagnitudePruning
+
+    callback = MagnitudePruning(target_sparsity=0.5) if technique == "pruning" else QuantizationAwareTraining()
+    with pytest.raises(ValueError, match=r"StochasticWeightAveraging.*averages weights"):
+        fit_tiny([callback, StochasticWeightAveraging(swa_lrs=0.01)], module_with_example())

@@ -1,6 +1,7 @@
 """Fake quantization without Lightning: qparams, prepare, BatchNorm folding, calibration and ONNX export."""
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from lightning_accel.quantization import (
 )
 from lightning_accel.quantization.fake_quant import affine_qparams
 from tests.helpers import TinyNet, hide_module
-from tests.quant_models import ResidualNet, WideCNN, snr_db
+from tests.quant_models import NormActNet, ResidualNet, WideCNN, snr_db
 
 
 def calibrated(model, batches=4, seed=0):
@@ -362,3 +363,124 @@ def test_a_relu_quantizes_only_its_own_layer_output_and_otherwise_the_layer_keep
         out = other(x)
     out_scale = float(other.conv.output_quant.scale)
     assert torch.allclose(out / out_scale, torch.round(out / out_scale), atol=1e-4)  # quantized at the conv
+
+
+# --- the export checks itself against the evaluated model, never against its own copy ---------------------------
+
+
+def _norm_act_model():
+    torch.manual_seed(0)
+    model = NormActNet()
+    data = [(torch.randn(64, 1, 8, 8),) for _ in range(4)]
+    calibrate_(model, data, num_batches=4)
+    return model
+
+
+def test_an_activation_inside_the_norm_module_survives_the_int8_export(tmp_path):
+    model = _norm_act_model()
+    float_path = export_onnx(NormActNet().eval(), tmp_path / "fp32.onnx", torch.zeros(1, 1, 8, 8))
+    assert "bn1" not in {name for name, m in model.named_modules() if getattr(m, "folded_into", None) is not None}
+    assert "bn2" in {name for name, m in model.named_modules() if getattr(m, "folded_into", None) is not None}
+    x = torch.randn(1000, 1, 8, 8)
+    path = export_onnx(model, tmp_path / "int8.onnx", torch.zeros(1, 1, 8, 8), check_inputs=[x], on_mismatch="raise")
+    int8_ops = [node.op_type for node in onnx.load(path).graph.node]
+    fp32_ops = [node.op_type for node in onnx.load(float_path).graph.node]
+    assert int8_ops.count("HardSwish") == fp32_ops.count("HardSwish") == 1
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+    ort_out = torch.from_numpy(run_onnx(path, input=x))
+    assert (ort_out.argmax(1) == evaluated.argmax(1)).float().mean() >= 0.99
+    assert snr_db(evaluated, ort_out) > 30
+
+
+def test_the_export_refuses_a_deployable_copy_that_differs_from_the_evaluated_model(tmp_path, monkeypatch):
+    import lightning_accel.quantization.export as export_module
+    import lightning_accel.quantization.prepare as prepare_module
+
+    # The old rule folded every BatchNorm subclass and replaced it by nn.Identity, dropping the activation inside.
+    monkeypatch.setattr(prepare_module, "is_plain_batch_norm", lambda m: isinstance(m, nn.BatchNorm2d))
+    model = _norm_act_model()
+    assert getattr(model.bn1, "folded_into", None) is model.conv1
+    with pytest.raises(RuntimeError, match=r"deployable int8 copy.*does not compute what the evaluated model"):
+        export_onnx(model, tmp_path / "int8.onnx", torch.zeros(1, 1, 8, 8), check_inputs=[torch.randn(256, 1, 8, 8)])
+    assert not (tmp_path / "int8.onnx").exists() and list(tmp_path.iterdir()) == []
+
+    # And the file check compares with the evaluated model, not with the copy it exported: a copy that drifts after
+    # the rewrite check (here, a broken deployable model for the file) is caught by the ONNX Runtime check.
+    monkeypatch.undo()
+    good = _norm_act_model()
+    original = export_module.to_deployable
+
+    def drifting(model):
+        deploy = original(model)
+        deploy.fc.bias.data += 5.0  # what a wrong rewrite would leave
+        return deploy
+
+    monkeypatch.setattr(export_module, "to_deployable", drifting)
+    monkeypatch.setattr(export_module, "check_rewrite", lambda *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="does not reproduce the PyTorch model"):
+        export_onnx(
+            good,
+            tmp_path / "drift.onnx",
+            torch.zeros(1, 1, 8, 8),
+            check_inputs=[torch.randn(256, 1, 8, 8)],
+            on_mismatch="raise",
+        )
+
+
+def test_linear_subclasses_that_keep_linear_forward_are_quantized_and_named_otherwise():
+    from lightning_accel.quantization.prepare import left_in_float
+
+    class Tagged(nn.Linear):
+        """Adds an attribute, keeps nn.Linear's forward."""
+
+        tag = "kept"
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Tagged(4, 4), Scaled(4, 4), nn.LSTM(4, 4), nn.ConvTranspose1d(4, 4, 1), nn.Embedding(8, 4))
+    assert set(prepare_qat_(model)) == {"0"}
+    assert isinstance(model[0], Tagged) and model[0].tag == "kept" and type(model[1]) is Scaled
+    text = left_in_float(model)
+    for name, reason in (("1", "own forward"), ("2", "recurrent"), ("3", "transposed"), ("4", "embeddings")):
+        assert re.search(rf"{reason}[^;]*: {name}\b", text), text
+    from lightning_accel.quantization.prepare import float_copy
+
+    assert type(float_copy(model)[0]) is Tagged
+
+
+def test_consecutive_quantizers_of_one_tensor_share_one_scale(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    calibrate_(model, [(torch.randn(32, 8),) for _ in range(3)], num_batches=3)
+    # 0 -> 1 directly, 1 -> ReLU -> 2 (quantized after the ReLU): each consumer takes its producer's grid exactly.
+    for producer, consumer in ((model[0], model[1]), (model[1], model[3])):
+        assert consumer.input_quant.follows is producer.output_quant
+        assert torch.equal(consumer.input_quant.scale, producer.output_quant.scale)
+        assert torch.equal(consumer.input_quant.zero_point, producer.output_quant.zero_point)
+    assert model[0].input_quant.follows is None  # the model input has no quantizer before it
+    x = torch.randn(1000, 8)
+    path = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 8), check_inputs=[x], on_mismatch="raise")
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+    assert (torch.from_numpy(run_onnx(path, input=x)) - evaluated).abs().max() < 1e-4
+
+
+def test_resnet_int8_file_agrees_with_the_evaluated_model_on_1000_inputs(tmp_path, monkeypatch):
+    import lightning_accel.quantization.export as export_module
+    from tests.slim_models import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(width=8, blocks=(1, 1), in_channels=1, stem_stride=1).eval()
+    generator = torch.Generator().manual_seed(0)
+    calibrate_(model, [(torch.randn(64, 1, 8, 8, generator=generator),) for _ in range(4)], num_batches=4)
+    checks = []
+    original = export_module.check_onnx
+    monkeypatch.setattr(export_module, "check_onnx", lambda *a: checks.append(original(*a)) or checks[-1])
+    x = torch.randn(1024, 1, 8, 8, generator=generator)
+    export_onnx(model, tmp_path / "resnet.onnx", torch.zeros(1, 1, 8, 8), check_inputs=[x], on_mismatch="raise")
+    (check,) = checks
+    assert check.samples == 1025
+    assert check.agreement >= 0.995 and check.snr_db >= 30

@@ -11,6 +11,7 @@ import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
 
 from lightning_accel import (
     AccelerationReport,
@@ -18,6 +19,7 @@ from lightning_accel import (
     MixedPrecision,
     QuantizationAwareTraining,
     build_cli,
+    count_macs,
     export_onnx,
     load_quantized,
     load_sparse,
@@ -241,3 +243,14 @@ def test_a_failing_report_warns_and_never_fails_the_finished_run(tmp_path, monke
     with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: disk full\)"):
         trainer.fit(module_with_example(), datamodule=RandomImages())
     assert trainer.state.finished and not (tmp_path / "report.json").exists()
+
+
+def test_count_macs_counts_recurrent_and_transposed_layers():
+    lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True)
+    x = torch.zeros(5, 3, 8)  # 5 steps, batch 3
+    expected = 15 * 2 * 4 * 16 * (8 + 16) + 15 * 2 * 4 * 16 * (32 + 16)
+    assert count_macs(lstm, x) == expected
+    gru = nn.GRU(8, 16, batch_first=True)
+    assert count_macs(gru, torch.zeros(3, 5, 8)) == 15 * 3 * 16 * (8 + 16)
+    up = nn.ConvTranspose2d(4, 6, 3, stride=2)
+    assert count_macs(up, torch.zeros(2, 4, 5, 5)) == 2 * 4 * 5 * 5 * 6 * 9

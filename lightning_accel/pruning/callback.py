@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
 from lightning_accel._files import resolve_artifact_path
-from lightning_accel._lightning import TrainingSteps, configure_model_early
+from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._logging import add_hyperparameters, log_text
-from lightning_accel._modules import default_weight_names, select_weights, summarize_selection
+from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import dry_run_slim_export, export_slim, validate_slim_export_path
 from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
@@ -180,6 +180,7 @@ class MagnitudePruning(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Select the parameters to prune (layers built in ``configure_model`` included) and check the pattern."""
+        refuse_weight_averaging(trainer, "MagnitudePruning", "the masks (pruned weights come back non-zero)")
         configure_model_early(trainer, pl_module)
         if self.pattern.kind == "channels":
             self._setup_channel_groups(trainer, pl_module, stage)
@@ -197,6 +198,8 @@ class MagnitudePruning(Callback):
         summary = summarize_selection(self._params, [c for c in candidates if c not in frozen])
         if frozen and self.include is None:
             summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
+        if self.include is None:
+            summary += unpruned_weight_holders(pl_module, default)
         self._selection_summary = summary
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summary}")
         if self.pattern.kind == "N:M":
@@ -271,6 +274,14 @@ class MagnitudePruning(Callback):
             self._set_masks({name: torch.ones(p.shape, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
         else:
             self._set_masks(self._masks, self._mask_sparsity)
+            if self._mask_sparsity > self.target_sparsity:
+                rank_zero_warn(
+                    f"MagnitudePruning: target_sparsity {self.target_sparsity:.2f} is below the "
+                    f"{self._mask_sparsity:.2%} that the checkpoint's masks reached. Pruned weights are exactly zero, "
+                    "and zeros have the smallest magnitude, so they are chosen first again and do not come back: "
+                    "expect the final sparsity to stay near the checkpoint's, not the new target. Start from a dense "
+                    "checkpoint to prune less."
+                )
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))

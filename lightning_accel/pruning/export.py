@@ -76,12 +76,13 @@ def _write_slim(
     model: nn.Module, path: Path, example_input: Any, groups: ChannelGroups | None, on_mismatch: str
 ) -> tuple[Path, nn.Module, nn.Module]:
     """Slim ``model`` (its float model, if prepared for QAT) and write it; return the path, model and slim model."""
-    from lightning_accel.quantization.export import export_onnx
+    from lightning_accel.quantization.export import as_evaluated, check_rewrite, export_onnx
     from lightning_accel.quantization.prepare import float_copy, is_prepared
 
     if is_prepared(model):  # this export is the float model; the QAT/PTQ callbacks write the int8 one
         model = float_copy(model)
     small = slim(model, example_input, groups)
+    check_rewrite(as_evaluated(model), as_evaluated(small), [example_input], "The slim model")
     if path.suffix == ".pt2":
         return export_program(small, path, example_input), model, small
     return export_onnx(small, path, example_input, on_mismatch=on_mismatch), model, small

@@ -6,7 +6,7 @@ from lightning_accel.quantization.callback import (
     calibrate_,
 )
 from lightning_accel.quantization.check import ExportCheck, check_onnx
-from lightning_accel.quantization.export import export_onnx, store_int8_weights, to_deployable
+from lightning_accel.quantization.export import as_evaluated, export_onnx, store_int8_weights, to_deployable
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
@@ -24,6 +24,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "WeightFakeQuant",
     "activation_quantizers",
+    "as_evaluated",
     "calibrate_",
     "check_onnx",
     "export_onnx",

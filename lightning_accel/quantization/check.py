@@ -1,7 +1,7 @@
 """Checking an exported ONNX file against the PyTorch model it came from.
 
 An export is only useful if the runtime computes what was trained and validated. ``check_onnx`` runs the file in
-ONNX Runtime on given inputs and compares it with the deployable PyTorch model: argmax agreement where the output
+ONNX Runtime on given inputs and compares it with the PyTorch model as evaluated: argmax agreement where the output
 looks like logits, signal-to-noise ratio and the largest absolute difference always.
 """
 
@@ -155,11 +155,12 @@ def compare_outputs(reference: Sequence[Tensor], candidate: Sequence[Tensor]) ->
     )
 
 
-def check_onnx(deployable: nn.Module, path: str | Path, inputs: Sequence[Any]) -> ExportCheck:
-    """Compare an ONNX file with the PyTorch model it was exported from, on several example inputs.
+def check_onnx(reference: nn.Module, path: str | Path, inputs: Sequence[Any]) -> ExportCheck:
+    """Compare an ONNX file with the PyTorch model it must reproduce, on several example inputs.
 
     Args:
-        deployable: The model as exported: for a fake-quantized model, ``to_deployable(model)``.
+        reference: The model as evaluated: for a fake-quantized model, ``as_evaluated(model)`` (the fake-quant
+            model in eval mode), not an intermediate copy made for export.
         path: The ONNX file.
         inputs: Example inputs (each a tensor, a tuple or a dict, as ``export_onnx`` takes them); their outputs
             are concatenated along the batch dimension.
@@ -170,9 +171,9 @@ def check_onnx(deployable: nn.Module, path: str | Path, inputs: Sequence[Any]) -
     if not inputs:
         raise ValueError("`inputs` must hold at least one example input to compare on")
     session = onnx_session(path)
-    reference = [torch_outputs(deployable, example) for example in inputs]
+    expected = [torch_outputs(reference, example) for example in inputs]
     candidate = [onnx_outputs(session, example) for example in inputs]
     return compare_outputs(
-        [torch.cat(parts) for parts in zip(*reference, strict=True)],
+        [torch.cat(parts) for parts in zip(*expected, strict=True)],
         [torch.cat(parts) for parts in zip(*candidate, strict=True)],
     )

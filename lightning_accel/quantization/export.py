@@ -26,10 +26,12 @@ from lightning_accel.quantization.check import (
     MIN_SNR_DB,
     as_float32,
     check_onnx,
+    compare_outputs,
     named_outputs,
     output_tensors,
     run_example,
     split_example,
+    torch_outputs,
 )
 from lightning_accel.quantization.fake_quant import (
     ActivationFakeQuant,
@@ -37,7 +39,12 @@ from lightning_accel.quantization.fake_quant import (
     quantize_bias,
     symmetric_weight_scale,
 )
-from lightning_accel.quantization.prepare import activation_quantizers, is_prepared, quantized_modules
+from lightning_accel.quantization.prepare import (
+    activation_quantizers,
+    is_prepared,
+    quantized_modules,
+    set_qat_phase,
+)
 
 ONNX_OPSET = 17
 
@@ -53,6 +60,64 @@ def _require_onnx() -> Any:
 def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+#: A rewrite of the model (folding, Identity replacement, slimming) may move values across a rounding boundary
+#: of a quantizer now and then, never more: below this SNR against the model it rewrote, a rewrite changed what
+#: the model computes.
+MIN_REWRITE_SNR_DB = 40.0
+
+
+def _detach_fold_checks(model: nn.Module) -> None:
+    for module in quantized_modules(model).values():
+        module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+
+
+@torch.no_grad()
+def as_evaluated(model: nn.Module) -> nn.Module:
+    """An eval-mode float32 copy of ``model`` that computes what ``validate``/``test``/``predict`` score.
+
+    For a fake-quantized model: fake quantization on, nothing observed, and weight scales fixed for the current
+    weights where they still followed them. This, not an intermediate rewrite, is the reference every export is
+    checked against. ``model`` is not changed.
+    """
+    _detach_fold_checks(model)
+    reference = copy.deepcopy(model).eval().float()
+    if not is_prepared(reference):
+        return reference
+    for module in quantized_modules(reference).values():
+        quantizer = module.weight_quant
+        if quantizer.observe:  # the scale followed the weights: what the export will fix for these weights
+            quantizer.scale.copy_(symmetric_weight_scale(module.folded_weight_and_factor()[0], quantizer.qmax))
+    set_qat_phase(reference, fake_quant=True, observe=False)
+    return reference
+
+
+def check_rewrite(reference: nn.Module, rewritten: nn.Module, inputs: Sequence[Any], what: str) -> None:
+    """Raise unless ``rewritten`` computes what ``reference`` computes on ``inputs`` (torch only, no runtime).
+
+    Args:
+        reference: The model as evaluated (see :func:`as_evaluated`).
+        rewritten: A copy made from it for export (folded, slimmed, ...).
+        inputs: Example inputs, as :func:`export_onnx` takes them.
+        what: Names the rewrite in the error.
+
+    Raises:
+        RuntimeError: when argmax agreement (for logits) is below 99% or the SNR below ``MIN_REWRITE_SNR_DB``.
+    """
+    expected = [torch_outputs(reference, example) for example in inputs]
+    got = [torch_outputs(rewritten, example) for example in inputs]
+    result = compare_outputs(
+        [torch.cat(parts) for parts in zip(*expected, strict=True)],
+        [torch.cat(parts) for parts in zip(*got, strict=True)],
+    )
+    if not result.passed(min_snr_db=MIN_REWRITE_SNR_DB):
+        raise RuntimeError(
+            f"{what} does not compute what the evaluated model computes: {result} (wanted agreement >= "
+            f"{MIN_AGREEMENT:.0%} and SNR >= {MIN_REWRITE_SNR_DB:.0f} dB). Exporting it would deploy another model "
+            "than the one validated, so nothing was written. Please report this model's layer types; excluding "
+            "the affected layers from quantization (`exclude=[...]`) avoids it meanwhile."
+        )
 
 
 @torch.no_grad()
@@ -78,8 +143,7 @@ def to_deployable(model: nn.Module) -> nn.Module:
             "observed: train past QuantizationAwareTraining's `start_step`, or calibrate with `calibrate_`, "
             "before exporting"
         )
-    for module in quantized_modules(model).values():
-        module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+    _detach_fold_checks(model)
     # The runtime computes in float32 whatever precision the model trained in (bf16-true, 64-true, ...).
     deploy = copy.deepcopy(model).eval().float()
     for module in quantized_modules(deploy).values():
@@ -234,10 +298,14 @@ def export_onnx(
     The batch dimension of every input and output is dynamic. The file is written under a temporary name and
     renamed, so ``path`` never holds a half-written model. ``model`` itself is not changed.
 
-    The export checks itself: it runs the file in ONNX Runtime on ``example_input`` and on ``check_inputs`` and
-    compares with the PyTorch model as deployed (argmax agreement for logits, SNR and max abs difference), logs
-    the figures, and warns when agreement is below 99% or SNR below 30 dB. Without onnxruntime installed, the
-    check is skipped with a note.
+    The export checks itself against the model as it is evaluated (:func:`as_evaluated`: for a fake-quantized
+    model, fake quantization in eval mode), never against its own intermediate copy. First, before anything is
+    written, the deployable copy (BatchNorms folded, weights on their integer grid) must compute what the
+    evaluated model computes on ``example_input`` and ``check_inputs``, or a ``RuntimeError`` says so. Then the
+    written file runs in ONNX Runtime on the same inputs and is compared with the evaluated model (argmax
+    agreement for logits, SNR and max abs difference); the figures and the sample count are logged, with a
+    warning when agreement is below 99% or SNR below 30 dB. Without onnxruntime installed, that second check is
+    skipped with a note.
 
     Args:
         model: A plain model, or one prepared by ``QuantizationAwareTraining`` / ``calibrate_``.
@@ -263,7 +331,11 @@ def export_onnx(
         raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
     onnx = _require_onnx()
     quantized = is_prepared(model)
-    deploy = to_deployable(model) if quantized else copy.deepcopy(model).eval().float()
+    reference = as_evaluated(model)
+    deploy = to_deployable(model) if quantized else reference
+    inputs = [example_input, *(check_inputs or ())]
+    if quantized:
+        check_rewrite(reference, deploy, inputs, "The deployable int8 copy (BatchNorms folded, weights on their grid)")
     args, kwargs, input_names = split_example(example_input)
     raw_output = run_example(deploy, example_input)
     output_names = _output_names(raw_output)
@@ -299,7 +371,7 @@ def export_onnx(
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(temporary))
         if on_mismatch != "ignore":
-            _check_written(deploy, temporary, target, [example_input, *(check_inputs or ())], on_mismatch)
+            _check_written(reference, temporary, target, inputs, on_mismatch)
     return target
 
 
@@ -355,15 +427,15 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_written(deploy: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str) -> None:
-    """Run the written file in ONNX Runtime and compare with the deployable model; log, and warn or raise."""
+def _check_written(reference: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str) -> None:
+    """Run the written file in ONNX Runtime and compare with the evaluated model; log, and warn or raise."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         rank_zero_info(f"Not checking {target.name} against PyTorch: onnxruntime is not installed (extra `onnx`)")
         return
-    result = check_onnx(deploy, written, inputs)
-    rank_zero_info(f"Checked {target.name} in ONNX Runtime against the PyTorch model: {result}")
+    result = check_onnx(reference, written, inputs)
+    rank_zero_info(f"Checked {target.name} in ONNX Runtime against the evaluated PyTorch model: {result}")
     if result.passed():
         return
     message = (

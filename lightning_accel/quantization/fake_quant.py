@@ -122,6 +122,17 @@ def quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Te
     return quantized if quantized.dtype == bias.dtype else quantized.to(bias.dtype)
 
 
+#: Marks a tensor with the quantizer that produced it (only while observing); see ``ActivationFakeQuant.follows``.
+_PRODUCED_BY = "_lightning_accel_quantized_by"
+_UNDECIDED = "undecided"  # a string: copies and pickles (deepcopy, ddp_spawn) keep it equal
+
+
+def followed_quantizer(quantizer: Any) -> Any:
+    """The quantizer whose output ``quantizer`` always receives, or ``None``."""
+    source = getattr(quantizer, "follows", None)
+    return None if isinstance(source, str) else source
+
+
 class _Float32State(nn.Module):
     """Keeps floating-point buffers in float32 when the model is cast (``bf16-true``, ``16-true``, ``64-true``).
 
@@ -162,6 +173,11 @@ def update_many(
         q.calibrated = True
     for q in quantizers:
         q.initialized.fill_(True)
+    for q in quantizers:
+        source = followed_quantizer(q)
+        if source is not None and source.calibrated:  # one tensor, one scale: nothing for the runtime to requantize
+            for name in ("running_min", "running_max", "scale", "zero_point"):
+                getattr(q, name).copy_(getattr(source, name))
 
 
 class ActivationFakeQuant(_Float32State):
@@ -187,9 +203,34 @@ class ActivationFakeQuant(_Float32State):
         # For ONNX export: scale and zero point as constants, so the exporter writes plain QuantizeLinear nodes.
         self.export_constants = False
         self.batch_range: tuple[Tensor, Tensor] | None = None
+        # The quantizer whose output this one always receives (a block's output quantizer feeding the next layer's
+        # input quantizer), found while observing; ``update_ranges`` then gives both one scale, so the tensor is
+        # quantized once and the runtime has nothing to requantize. Held outside ``_modules`` (not a child).
+        object.__setattr__(self, "follows", _UNDECIDED)
+        self.is_input = False  # set by prepare_qat_ for a layer's input quantizer
+
+    def _note_source(self, x: Tensor) -> None:
+        """Remember which quantizer produced ``x``; a second, different source means there is none to follow."""
+        source = getattr(x, _PRODUCED_BY, None)
+        if source is self:
+            return
+        if isinstance(self.follows, str):
+            object.__setattr__(self, "follows", source)
+        elif self.follows is not source:
+            object.__setattr__(self, "follows", None)
 
     def forward(self, x: Tensor) -> Tensor:
         """Record the batch range (when observing) and fake-quantize (when on and calibrated)."""
+        if not self.observe:
+            return self._forward(x)
+        if self.is_input:
+            self._note_source(x)
+            return self._forward(x)
+        output = self._forward(x)
+        setattr(output, _PRODUCED_BY, self)  # lets a consumer's input quantizer find this one
+        return output
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.observe:
             # This step's range over all calls; the callback reduces it over ranks and then clears it.
             low, high = torch.aminmax(x.detach())
