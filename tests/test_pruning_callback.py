@@ -150,12 +150,16 @@ def test_resume_refuses_masks_of_another_pattern_or_shape(tmp_path):
 
 def test_ddp_ranks_hold_identical_masks_and_weights(tmp_path):
     pruning = MagnitudePruning(0.9, end_step=6, every_n_steps=2)
-    fit([pruning, SaveRankState(tmp_path)], epochs=2, strategy="ddp_spawn", devices=2)
+    _, module = fit([pruning, SaveRankState(tmp_path)], epochs=2, strategy="ddp_spawn", devices=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_states_equal(rank0, rank1)
     masks = [v for k, v in rank0.items() if "/masks/" in k]
     pruned = sum(int((~m).sum()) for m in masks)
     assert pruned == round(0.9 * sum(m.numel() for m in masks))
+    # As the README says: the launching process gets the pruned weights back, but the masks stayed in the workers.
+    for name, mask in ((k.rsplit("/masks/", 1)[1], v) for k, v in rank0.items() if "/masks/" in k):
+        assert torch.equal(module.get_parameter(name).detach() == 0, ~mask)
+    assert pruning.masks == {}
 
 
 def test_logs_target_and_actual_sparsity_to_the_logger(tmp_path):

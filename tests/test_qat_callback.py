@@ -126,11 +126,31 @@ def test_checkpoint_state_is_weights_only_safe_and_weights_load_into_the_plain_m
 
 
 def test_ddp_ranks_share_quantization_parameters(tmp_path):
-    fit([QuantizationAwareTraining(), SaveRankState(tmp_path)], strategy="ddp_spawn", devices=2, epochs=1)
+    qat = QuantizationAwareTraining()
+    _, module = fit([qat, SaveRankState(tmp_path)], strategy="ddp_spawn", devices=2, epochs=1)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_states_equal(rank0, rank1)
     scales = [v for k, v in rank0.items() if k.endswith("input_quant/scale")]
     assert scales and all(s > 0 for s in scales)
+    # As the README says: the launching process gets rank 0's weights back, not the prepared model.
+    trained = {k.split("/", 1)[1]: v for k, v in rank0.items() if k.startswith("model/")}
+    assert trained and all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
+    assert not is_prepared(module) and qat.state_dict()["quantizers"] == {}
+
+
+def test_the_export_is_checked_on_at_least_1000_validation_samples(tmp_path, monkeypatch):
+    import lightning_accel.quantization.export as export_module
+
+    checks = []
+    original = export_module.check_onnx
+    monkeypatch.setattr(export_module, "check_onnx", lambda *a: checks.append(original(*a)) or checks[-1])
+    module = module_with_example()
+    qat = QuantizationAwareTraining(start_step=0, export_path=str(tmp_path / "m.onnx"), on_mismatch="raise")
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1, limit_train_batches=4, limit_val_batches=0), callbacks=[qat])
+    trainer.fit(module, datamodule=RandomImages(n=1200, batch_size=100))
+    (check,) = checks
+    assert check.samples == 1 + 1000  # the example input, then validation batches up to 1,000 samples
+    assert check.agreement >= 0.99
 
 
 class RankDifferentData(RandomImages):
