@@ -1,40 +1,52 @@
 """lightning_accel: Lightning callbacks that make training faster and models smaller and faster."""
 
 from lightning_accel.cli import AccelCLI, build_cli
+from lightning_accel.deploy import (
+    Artifact,
+    Contribution,
+    Deployment,
+    ExportCheck,
+    as_evaluated,
+    build_artifacts,
+    check_onnx,
+    export_onnx,
+    export_program,
+    export_slim,
+    load_sparse,
+    load_sparse_,
+    save_half,
+    save_sparse,
+    slim,
+)
 from lightning_accel.precision import MixedPrecision, NonFiniteLossError, choose_precision
 from lightning_accel.pruning import (
     ChannelGroups,
     MagnitudePruning,
     apply_masks_,
     compute_masks,
-    export_program,
-    export_slim,
     find_channel_groups,
     mask_sparsity,
-    slim,
     sparsity_at,
     tensor_sparsity,
 )
 from lightning_accel.quantization import (
-    ExportCheck,
     PostTrainingQuantization,
     QuantizationAwareTraining,
-    as_evaluated,
     calibrate_,
-    check_onnx,
-    export_onnx,
     load_quantized,
 )
 from lightning_accel.report import count_macs
 from lightning_accel.report_callback import AccelerationReport, build_report
-from lightning_accel.sparse import load_sparse, load_sparse_, save_sparse
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccelCLI",
     "AccelerationReport",
+    "Artifact",
     "ChannelGroups",
+    "Contribution",
+    "Deployment",
     "ExportCheck",
     "MagnitudePruning",
     "MixedPrecision",
@@ -44,6 +56,7 @@ __all__ = [
     "__version__",
     "apply_masks_",
     "as_evaluated",
+    "build_artifacts",
     "build_cli",
     "build_report",
     "calibrate_",
@@ -59,6 +72,7 @@ __all__ = [
     "load_sparse",
     "load_sparse_",
     "mask_sparsity",
+    "save_half",
     "save_sparse",
     "slim",
     "sparsity_at",

@@ -101,3 +101,7 @@ def validate_bool(argument: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{argument}` must be true or false, got {value!r}")
     return value
+
+
+#: What an export does when the written file does not reproduce the evaluated model.
+ON_MISMATCH_CHOICES = ("warn", "raise", "ignore")

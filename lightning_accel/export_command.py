@@ -45,6 +45,7 @@ class ArtifactTrainer(Trainer):
             load_quantized(model, ckpt_path)
         else:
             model.load_state_dict(checkpoint["state_dict"])
+        contributions = _checkpoint_contributions(checkpoint, model)
         report_callback = next((c for c in self.callbacks if isinstance(c, AccelerationReport)), None)
         directory = resolve_artifact_path(self, report_callback.directory if report_callback else "export")
         loader = None
@@ -52,8 +53,28 @@ class ArtifactTrainer(Trainer):
             datamodule.setup("validate")
             loader = datamodule.val_dataloader()
         max_batches = report_callback.max_batches if report_callback else 20
-        report = build_report(self, model, directory, latency=True, max_batches=max_batches, loader=loader)
+        report = build_report(
+            self, model, directory, latency=True, max_batches=max_batches, loader=loader, contributions=contributions
+        )
         markdown_path = write_report(report, directory)[1]
         _print_table(report)
         rank_zero_info(f"lightning-accel export: wrote the artifacts and {markdown_path} from {Path(ckpt_path).name}")
         return report
+
+
+def _checkpoint_contributions(checkpoint: dict[str, Any], model: LightningModule) -> list[Any]:
+    """What the finished run's callbacks would contribute, from their state in the checkpoint, not from defaults.
+
+    The precision comes from ``MixedPrecision``'s saved state (it records the precision it trained in), the int8
+    model from the restored QAT state; a checkpoint without them was trained in fp32 and not quantized.
+    """
+    from lightning_accel.deploy.stage import Contribution
+    from lightning_accel.quantization.prepare import activation_quantizers, is_prepared
+
+    contributions = []
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith("MixedPrecision") and isinstance(state, dict) and state.get("precision"):
+            contributions.append(Contribution(owner="MixedPrecision", precision=str(state["precision"])))
+    if is_prepared(model) and all(q.calibrated for q in activation_quantizers(model).values()):
+        contributions.append(Contribution(owner="QuantizationAwareTraining", int8_model=lambda: model))
+    return contributions

@@ -15,9 +15,9 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixedPrecision
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import atomic_target, resolve_artifact_path
+from lightning_accel._files import resolve_artifact_path
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._validation import validate_bool, validate_int
 
@@ -215,6 +215,9 @@ class MixedPrecision(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Record the precision in use as a hyperparameter of every logger."""
+        from lightning_accel.deploy.stage import forget_deployment
+
+        forget_deployment(trainer)  # a new fit: its artifacts are built afresh at its end
         add_hyperparameters(
             trainer, pl_module, {"precision": self.resolved_precision, "precision_requested": self.precision}
         )
@@ -271,10 +274,17 @@ class MixedPrecision(Callback):
         rank_zero_warn(message)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write the half-precision state dict, if asked."""
-        if self.resolved_export_path is not None:
-            dtype = torch.float16 if self.resolved_precision == "16-mixed" else torch.bfloat16
-            _save_half(pl_module, self.resolved_export_path, dtype)
+        """Build the artifacts (the deploy stage, once, on rank 0): the half-precision state dict, if asked."""
+        from lightning_accel.deploy.stage import deploy_for_trainer
+
+        deploy_for_trainer(trainer, pl_module)
+
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """What mixed precision hands to the deploy stage: the precision trained in, and the half export's path."""
+        from lightning_accel.deploy.stage import Contribution
+
+        precision = self.resolved_precision or str(trainer.precision)
+        return Contribution(owner="MixedPrecision", precision=precision, half_path=self.resolved_export_path)
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -302,16 +312,3 @@ def _first_nonfinite_grad(module: torch.nn.Module) -> str | None:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return name
     return None
-
-
-@rank_zero_only
-def _save_half(module: torch.nn.Module, path: str, dtype: torch.dtype) -> None:
-    """Save floating-point tensors of ``module.state_dict()`` as ``dtype``, atomically (temporary name, rename)."""
-    state = {
-        name: t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
-        for name, t in module.state_dict().items()
-    }
-    target = Path(path)
-    with atomic_target(target) as temporary:
-        torch.save(state, temporary)
-    rank_zero_info(f"MixedPrecision: wrote the {dtype} state dict to {target} ({target.stat().st_size:,} bytes)")

@@ -8,12 +8,12 @@ after warm-up on this machine (named with its int8 instruction sets), quality on
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_accel._files import atomic_write_bytes
 from lightning_accel._modules import WEIGHT_MODULE_TYPES
+from lightning_accel.deploy.half import state_dict_bytes  # noqa: F401 - kept importable from here for one release
 
 #: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -77,7 +78,7 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     size of ``example_input`` multiplies the count. Other layers (norms, activations, attention's matmuls) are not
     counted: in CNNs and MLPs they are a small share.
     """
-    from lightning_accel.quantization.check import run_example
+    from lightning_accel.deploy.check import run_example
 
     total = 0
 
@@ -126,17 +127,6 @@ def _recurrent_macs(module: nn.RNNBase, inputs: Any) -> int:
     return total
 
 
-def state_dict_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
-    """The model's ``state_dict`` as ``torch.save`` writes it (floating tensors cast to ``dtype`` if given)."""
-    state = {
-        k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
-        for k, v in model.state_dict().items()
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
 def median_latencies(
     runners: Mapping[str, Callable[[], Any]], repeats: int = 20, rounds: int = 5, warmup: int = 3
 ) -> dict[str, float]:
@@ -145,17 +135,65 @@ def median_latencies(
     Interleaving (A, B, C, A, B, C, ...) spreads the machine's load drift over every contender, so the ratios
     between them hold even on a noisy shared machine.
     """
+    return {name: spread.median for name, spread in latency_spreads(runners, repeats, rounds, warmup).items()}
+
+
+#: Latencies whose (max - min) / median over the rounds stays above this are reported as noisy.
+NOISY_SPREAD = 0.25
+
+
+@dataclass(frozen=True)
+class LatencySpread:
+    """Seconds per call over the timed rounds: the minimum, the median and the maximum."""
+
+    minimum: float
+    median: float
+    maximum: float
+
+    @property
+    def spread(self) -> float:
+        """``(max - min) / median``: 0 on a quiet machine."""
+        return (self.maximum - self.minimum) / self.median if self.median else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the rounds disagree by more than :data:`NOISY_SPREAD`."""
+        return self.spread > NOISY_SPREAD
+
+
+def latency_spreads(
+    runners: Mapping[str, Callable[[], Any]],
+    repeats: int = 20,
+    rounds: int = 5,
+    warmup: int = 3,
+    max_rounds: int | None = None,
+) -> dict[str, LatencySpread]:
+    """Interleaved timed rounds after warm-up, repeated until the spread is small (up to ``max_rounds``).
+
+    Each round times ``repeats`` calls of every runner in turn. After ``rounds`` rounds, more rounds run while any
+    runner's spread over its rounds is above :data:`NOISY_SPREAD`, up to ``max_rounds`` (default ``3 * rounds``);
+    a spread that stays large is then reported as :attr:`LatencySpread.noisy`, never hidden.
+    """
     for run in runners.values():
         for _ in range(warmup):
             run()
     samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
+    limit = max_rounds if max_rounds is not None else 3 * rounds
+
+    def spreads() -> dict[str, LatencySpread]:
+        return {
+            name: LatencySpread(min(values), statistics.median(values), max(values)) for name, values in samples.items()
+        }
+
+    for index in range(limit):
         for name, run in runners.items():
             start = time.perf_counter()
             for _ in range(repeats):
                 run()
             samples[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        if index + 1 >= rounds and not any(s.noisy for s in spreads().values()):
+            break
+    return spreads()
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
@@ -188,7 +226,7 @@ def evaluate(
     With (input, class) batches: accuracy. Always: argmax agreement (for 2-D outputs) and SNR against the
     ``reference`` predictor, the same measures as the export check.
     """
-    from lightning_accel.quantization.check import compare_outputs
+    from lightning_accel.deploy.check import compare_outputs
 
     outputs: dict[str, list[Tensor]] = {name: [] for name in predictors}
     labels: list[Tensor] = []
@@ -244,11 +282,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         base = sizes.get("fp32 state dict", {}).get("bytes")
         lines += ["| artifact | bytes | vs fp32 state dict |", "| --- | --- | --- |"]
         for name, entry in sizes.items():
-            ratio = (
-                f"{base / entry['bytes']:.1f}x smaller"
-                if base and entry["bytes"] and name != "fp32 state dict"
-                else "1x"
-            )
+            ratio = size_ratio(base, entry["bytes"]) if name != "fp32 state dict" else "1x"
             lines.append(f"| {name} (`{Path(entry['path']).name}`) | {entry['bytes']:,} | {ratio} |")
         lines.append("")
     latency = report.get("latency_ms", {})
@@ -257,9 +291,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["| latency (median ms) | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
         for batch, row in latency.items():
             cells = []
+            noisy = set(report.get("latency_noisy", {}).get(batch, ()))
             for column in columns:
                 value, base = row.get(column), row.get(columns[0])
-                cells.append(f"{value:.3f} ({base / value:.2f}x)" if value and base else "n/a")
+                cell = f"{value:.3f} ({base / value:.2f}x)" if value and base else "n/a"
+                cells.append(cell + (" noisy" if column in noisy or columns[0] in noisy else ""))
             lines.append(f"| {batch} | " + " | ".join(cells) + " |")
         lines.append("")
     quality = report.get("quality", {})
@@ -275,6 +311,17 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def size_ratio(base: int | None, size: int) -> str:
+    """``"3.6x smaller"``, ``"1.4x larger"`` or ``"1x"`` against ``base`` bytes (never "0.7x smaller")."""
+    if not base or not size:
+        return "n/a"
+    if size < base:
+        return f"{base / size:.1f}x smaller"
+    if size > base:
+        return f"{size / base:.1f}x larger"
+    return "1x"
 
 
 def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:

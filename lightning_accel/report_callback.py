@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +12,23 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import atomic_write_bytes, resolve_artifact_path
+from lightning_accel._files import resolve_artifact_path
 from lightning_accel._validation import validate_bool, validate_int
-from lightning_accel.quantization.callback import run_model
-from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared, set_qat_phase
+from lightning_accel.quantization.calibration import run_model
+from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.report import (
+    NOISY_SPREAD,
     count_macs,
     cpu_description,
     describe_cpu,
     evaluate,
     headline,
-    median_latencies,
+    latency_spreads,
     ort_session,
-    state_dict_bytes,
     to_markdown,
     weight_sparsity,
     write_report,
 )
-from lightning_accel.sparse import load_sparse_, save_sparse
 
 
 class AccelerationReport(Callback):
@@ -84,8 +84,18 @@ class AccelerationReport(Callback):
         """Resolve the directory on every rank (the log directory is agreed between ranks)."""
         self._resolved = resolve_artifact_path(trainer, self.directory)
 
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """What the report asks of the deploy stage: every artifact, those nobody else placed in its folder."""
+        from lightning_accel.deploy.stage import Contribution
+
+        example = _example(pl_module, _validation_loader(trainer))[0] if pl_module.example_input_array is None else None
+        return Contribution(owner="AccelerationReport", report_directory=self._resolved, example=example)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the model as training starts: the dense starting point that the report compares against."""
+        from lightning_accel.deploy.stage import forget_deployment
+
+        forget_deployment(trainer)
         self.history = {"steps": [], "sparsity_target": [], "sparsity_actual": [], "activation_scales": {}}
         if not trainer.is_global_zero or trainer.fast_dev_run:
             return
@@ -124,8 +134,17 @@ class AccelerationReport(Callback):
             rank_zero_warn("AccelerationReport: fast_dev_run, so no report is written")
             return
         try:
+            from lightning_accel.deploy.stage import deploy_for_trainer
+
+            deployment = deploy_for_trainer(trainer, pl_module)
             self.report = build_report(
-                trainer, pl_module, self._resolved, self.latency, self.max_batches, self._dense_start
+                trainer,
+                pl_module,
+                self._resolved,
+                self.latency,
+                self.max_batches,
+                self._dense_start,
+                deployment=deployment,
             )
         except Exception as error:  # the trained model and its checkpoints are safe: never lose a run to the report
             rank_zero_warn(
@@ -205,103 +224,75 @@ def build_report(
     max_batches: int = 20,
     dense_start: dict[str, float] | None = None,
     loader: Any = None,
+    contributions: Sequence[Any] | None = None,
+    deployment: Any = None,
 ) -> dict[str, Any]:
-    """Write every artifact of ``pl_module`` into ``directory`` and measure sizes, latency and quality.
+    """Measure every artifact of ``pl_module``: sizes, latency and quality. The deploy stage builds them.
 
     Args:
-        trainer: The trainer (for its validation data, callbacks and precision), or ``None``.
+        trainer: The trainer (for its validation data and callbacks), or ``None``.
         pl_module: The trained model (plain, or prepared by QAT/PTQ).
-        directory: Where the artifacts go.
+        directory: Where the artifacts nobody else placed go.
         latency: Measure latency.
         max_batches: Validation batches to score on.
         dense_start: The scores recorded before training started, if any.
         loader: Validation batches; by default the trainer's validation dataloader.
+        contributions: What the techniques contribute (``lightning_accel.deploy.Contribution``); by default, asked
+            of the trainer's callbacks.
+        deployment: Artifacts already built for this fit (``deploy_for_trainer``); then nothing is built here.
     """
-    from lightning_accel.precision import MixedPrecision
-    from lightning_accel.quantization import PostTrainingQuantization, QuantizationAwareTraining, export_onnx
+    from lightning_accel.deploy.stage import Contribution, build_artifacts, contributions_of
 
-    directory = Path(directory)
     loader = loader if loader is not None else (_validation_loader(trainer) if trainer is not None else None)
-    callbacks = trainer.callbacks if trainer is not None else []
-    notes: list[str] = []
-    from lightning_accel.pruning.groups import slim, trainer_channel_groups
+    example, batch_input = _example(pl_module, loader)
+    if deployment is None:
+        if contributions is None:
+            asked = contributions_of(trainer.callbacks, trainer, pl_module) if trainer is not None else []
+            contributions = [c for c in asked if c.report_directory is None]
+        report_part = Contribution(owner="AccelerationReport", report_directory=Path(directory), example=example)
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        deployment = build_artifacts(pl_module, [*contributions, report_part], example, precision=precision)
+    return measure(deployment, loader, batch_input, latency, max_batches, dense_start)
 
-    float_model = float_copy(pl_module).eval().cpu()
-    quantized = is_prepared(pl_module) and all(q.calibrated for q in activation_quantizers(pl_module).values())
-    precision = str(trainer.precision) if trainer is not None else "32-true"
+
+def measure(
+    deployment: Any,
+    loader: Any,
+    batch_input: Any,
+    latency: bool = True,
+    max_batches: int = 20,
+    dense_start: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The report of a deployment: every artifact listed once, with its size, latency and quality."""
+    float_model = deployment.float_model
+    notes = list(deployment.notes)
     report: dict[str, Any] = {
         "cpu": cpu_description(),
-        "precision": precision,
+        "precision": deployment.precision,
         "model": weight_sparsity(float_model),
         "sizes": {},
         "latency_ms": {},
         "quality": {},
         "notes": notes,
     }
-    sizes = report["sizes"]
-
-    def record(name: str, path: Path) -> None:
-        sizes[name] = {"path": str(path), "bytes": path.stat().st_size}
-
-    record("fp32 state dict", atomic_write_bytes(directory / "model.fp32.pt", state_dict_bytes(float_model)))
-    half = torch.float16 if "16-mixed" in precision and "bf16" not in precision else torch.bfloat16
-    half_name = "model.fp16.pt" if half is torch.float16 else "model.bf16.pt"
-    record(
-        f"{str(half).split('.')[-1]} state dict",
-        atomic_write_bytes(directory / half_name, state_dict_bytes(float_model, half)),
-    )
-    record("sparse int8", save_sparse(float_model, directory / "model.sparse.npz.xz"))
-
-    example, batch_input = _example(pl_module, loader)
-    sessions: dict[str, Any] = {}
-    groups = trainer_channel_groups(callbacks)
-    slim_model = None
+    artifacts = deployment.artifacts
+    for kind, artifact in artifacts.items():
+        report["sizes"][kind] = {
+            "path": str(artifact.path),
+            "bytes": artifact.bytes,
+            "requested_by": list(artifact.requested_by),
+            "checked_against": artifact.checked_against,
+        }
+    example = deployment.example
     if example is not None:
         report["model"]["macs"] = count_macs(float_model, example)
-        if groups is not None:  # channel pruning: the exports remove the zeroed channels
-            slim_model = slim(float_model, example, groups)
-            report["model"]["slim_macs"] = count_macs(slim_model, example)
-            report["model"]["slim_parameters"] = sum(p.numel() for p in slim_model.parameters())
-    if example is None:
-        notes.append(
-            "No example input (set `example_input_array` on the module, or give validation data): no ONNX export "
-            "and no latency."
-        )
-    else:
-        try:
-            import onnxruntime  # noqa: F401
-
-            have_ort = True
-        except ImportError:
-            have_ort = False
-            notes.append("onnxruntime is not installed (extra `onnx`): no ONNX files, ONNX Runtime latency or quality.")
-        if have_ort:
-            fp32_path = export_onnx(float_model, directory / "model.fp32.onnx", example, on_mismatch="warn")
-            record("fp32 ONNX", fp32_path)
-            sessions["ORT fp32"] = ort_session(fp32_path)
-            if slim_model is not None:
-                slim_path = export_onnx(slim_model, directory / "model.slim.onnx", example, on_mismatch="warn")
-                record("slim fp32 ONNX", slim_path)
-                sessions["ORT slim fp32"] = ort_session(slim_path)
-            if quantized:
-                checks = [batch_input] if isinstance(batch_input, torch.Tensor) else None
-                int8_model = slim(pl_module, example, groups) if groups is not None else pl_module
-                int8_path = export_onnx(int8_model, directory / "model.int8.onnx", example, check_inputs=checks)
-                record("int8 ONNX", int8_path)
-                sessions["ORT int8"] = ort_session(int8_path)
-            else:
-                notes.append("The model is not quantized (no QAT/PTQ state): no int8 rows.")
-    for callback in callbacks:
-        written = getattr(callback, "resolved_export_path", None)
-        ours = isinstance(callback, MixedPrecision | QuantizationAwareTraining | PostTrainingQuantization)
-        if ours and written and Path(written).exists():
-            record(f"{type(callback).__name__} export", Path(written))
-
-    fake_quant = None
-    if quantized:
-        fake_quant = copy.deepcopy(pl_module).eval().cpu()
-        set_qat_phase(fake_quant, fake_quant=True, observe=False)
-    sparse_model = load_sparse_(copy.deepcopy(float_model), directory / "model.sparse.npz.xz").eval()
+        if deployment.slim_model is not None:
+            report["model"]["slim_macs"] = count_macs(deployment.slim_model, example)
+            report["model"]["slim_parameters"] = sum(p.numel() for p in deployment.slim_model.parameters())
+    sessions: dict[str, Any] = {}
+    for kind, runtime in (("fp32 ONNX", "ORT fp32"), ("slim fp32 ONNX", "ORT slim fp32"), ("int8 ONNX", "ORT int8")):
+        if kind in artifacts:
+            sessions[runtime] = ort_session(artifacts[kind].path)
 
     if latency and example is not None:
         _measure_latency(report, float_model, sessions, example, batch_input)
@@ -309,15 +300,18 @@ def build_report(
     if loader is None:
         notes.append("No validation dataloader: quality not measured.")
     else:
-        from lightning_accel.quantization.check import onnx_outputs
+        from lightning_accel.deploy.check import onnx_outputs
+        from lightning_accel.deploy.sparse import load_sparse_
 
         predictors = {"float weights": _predictor(float_model)}
-        if fake_quant is not None:
-            predictors["fake-quant (PyTorch)"] = _predictor(fake_quant)
+        if deployment.evaluated_int8 is not None:
+            predictors["fake-quant (PyTorch)"] = _predictor(deployment.evaluated_int8)
         if "ORT int8" in sessions:
             session = sessions["ORT int8"]
             predictors["ORT int8"] = lambda inputs: onnx_outputs(session, inputs)[0]
-        predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
+        if "sparse int8" in artifacts:
+            sparse_model = load_sparse_(copy.deepcopy(float_model), artifacts["sparse int8"].path).eval()
+            predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
         scores = evaluate(predictors, loader, max_batches, reference="float weights")
         report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
         report["quality_reference"] = "float weights"
@@ -339,11 +333,27 @@ def _measure_latency(
             feed = onnx_feed(session, inputs)
             runners[name] = lambda session=session, feed=feed: session.run(None, feed)
         repeats = 50 if label == "batch 1" else 10
-        medians = median_latencies(runners, repeats=repeats, rounds=5)
-        report["latency_ms"][label] = {name: seconds * 1e3 for name, seconds in medians.items()}
+        spreads = latency_spreads(runners, repeats=repeats, rounds=5)
+        report["latency_ms"][label] = {name: spread.median * 1e3 for name, spread in spreads.items()}
+        report.setdefault("latency_range_ms", {})[label] = {
+            name: [spread.minimum * 1e3, spread.maximum * 1e3] for name, spread in spreads.items()
+        }
+        noisy = [name for name, spread in spreads.items() if spread.noisy]
+        if noisy:
+            report.setdefault("latency_noisy", {})[label] = noisy
+            ranges = "; ".join(
+                f"{name} min/median/max {spreads[name].minimum * 1e3:.3f}/{spreads[name].median * 1e3:.3f}/"
+                f"{spreads[name].maximum * 1e3:.3f} ms"
+                for name in noisy
+            )
+            report["notes"].append(
+                f"Noisy latency at {label}: the timed rounds kept disagreeing by more than "
+                f"{NOISY_SPREAD:.0%} ({ranges}); the machine was busy, so read these ratios with care."
+            )
     report["notes"].append(
-        f"Latency: median of 5 interleaved rounds after warm-up, on {describe_cpu(report['cpu'])}. int8 speed "
-        "depends on the CPU's int8 instructions (VNNI/AMX); the size gain holds on every CPU."
+        f"Latency: median of at least 5 interleaved rounds after warm-up (more while the rounds disagree), on "
+        f"{describe_cpu(report['cpu'])}. int8 speed depends on the CPU's int8 instructions (VNNI/AMX); the size "
+        "gain holds on every CPU."
     )
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from lightning import Callback, Trainer
 
-import lightning_accel.precision as precision_module
 from lightning_accel import (
     MagnitudePruning,
     MixedPrecision,
@@ -93,9 +92,11 @@ def test_interrupted_half_export_keeps_the_previous_file_and_leaves_no_temporary
         Path(path).write_bytes(b"PK half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(precision_module.torch, "save", crash_mid_write)
+    import lightning_accel.deploy.half as half_module
+
+    monkeypatch.setattr(half_module.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        precision_module._save_half(TinyNet(), str(target), torch.bfloat16)
+        half_module.save_half(TinyNet(), str(target), torch.bfloat16)
     assert target.read_bytes() == b"previous weights"
     assert [p.name for p in tmp_path.iterdir()] == ["model.bf16.pt"]
 

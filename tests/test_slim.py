@@ -153,7 +153,7 @@ def test_slim_exports_onnx_and_pt2_that_match_the_masked_model(tmp_path):
 
 def test_slim_of_a_qat_model_keeps_it_quantized_with_scales_for_the_kept_channels():
     from lightning_accel import calibrate_
-    from lightning_accel.quantization.export import to_deployable
+    from lightning_accel.deploy import to_deployable
 
     model, example, groups = masked("plain-cnn")
     calibrate_(model, [torch.randn(8, 1, 8, 8) for _ in range(4)], model_input=lambda batch: batch)

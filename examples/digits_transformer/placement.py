@@ -29,7 +29,7 @@ from benchmarks.common import quiet_trainer
 from examples.digits import DigitsDataModule
 from examples.digits_transformer import DigitsTransformerClassifier
 from lightning_accel import QuantizationAwareTraining, calibrate_, export_onnx
-from lightning_accel.quantization.check import compare_outputs
+from lightning_accel.deploy.check import compare_outputs
 from lightning_accel.quantization.prepare import float_copy
 from lightning_accel.report import cpu_description, describe_cpu, ort_session
 

@@ -1,8 +1,8 @@
 """Magnitude pruning on a schedule: pure schedules and masks, and the MagnitudePruning callback."""
 
+from lightning_accel._deprecated import forward_module
 from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
-from lightning_accel.pruning.export import export_program, export_slim
-from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks, slim
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
 from lightning_accel.pruning.masks import (
     apply_masks_,
     channel_mask,
@@ -23,15 +23,15 @@ __all__ = [
     "channel_mask",
     "channel_sparsity",
     "compute_masks",
-    "export_program",
-    "export_slim",
     "find_channel_groups",
     "group_masks",
     "mask_sparsity",
     "n_m_mask",
     "parse_pattern",
-    "slim",
     "sparsity_at",
     "tensor_sparsity",
     "unstructured_masks",
 ]
+
+# ``slim``, ``export_slim`` and ``export_program`` moved to lightning_accel.deploy (the package exports them too).
+__getattr__ = forward_module(__name__, "lightning_accel.deploy.slim", {"export_program", "export_slim", "slim"})

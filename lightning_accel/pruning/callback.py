@@ -17,7 +17,7 @@ from lightning_accel._lightning import TrainingSteps, configure_model_early, ref
 from lightning_accel._logging import add_hyperparameters, log_text
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
-from lightning_accel.pruning.export import dry_run_slim_export, export_slim, validate_slim_export_path
+from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
 from lightning_accel.pruning.masks import (
     SCOPES,
@@ -243,6 +243,8 @@ class MagnitudePruning(Callback):
         if self.export_path is not None:
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             if trainer.is_global_zero:
+                from lightning_accel.deploy.slim import dry_run_slim_export  # deploy builds on the techniques
+
                 dry_run_slim_export(pl_module, example, self._groups, self.export_path)
 
     @property
@@ -252,6 +254,9 @@ class MagnitudePruning(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add the pruning settings to the logged hyperparameters, and the selection summary as text."""
+        from lightning_accel.deploy.stage import forget_deployment
+
+        forget_deployment(trainer)  # a new fit: its artifacts are built afresh at its end
         log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
         add_hyperparameters(
             trainer,
@@ -339,14 +344,10 @@ class MagnitudePruning(Callback):
             rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {self.target_sparsity:.2%})")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write the slim export (if asked); warn when the "best" checkpoint is less sparse than the target."""
-        if self.resolved_export_path is not None and trainer.is_global_zero:
-            if trainer.fast_dev_run:
-                rank_zero_warn(
-                    f"MagnitudePruning: fast_dev_run, so the slim export to {self.resolved_export_path} is skipped"
-                )
-            else:
-                export_slim(pl_module, self.resolved_export_path, _example(pl_module), self._groups)
+        """Build the artifacts (the deploy stage, once); warn when the "best" checkpoint is below the target."""
+        from lightning_accel.deploy.stage import deploy_for_trainer
+
+        deploy_for_trainer(trainer, pl_module)
         self.best_checkpoint_below_target = None
         for checkpoint in trainer.checkpoint_callbacks:
             path = getattr(checkpoint, "best_model_path", "")
@@ -366,6 +367,18 @@ class MagnitudePruning(Callback):
                     "reached. `test(ckpt_path='best')` would score a less-pruned model than the one you deploy; "
                     "`lightning-accel --test_after_fit` tests the final weights instead."
                 )
+
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """What pruning hands to the deploy stage: the channel groups (exports are slimmed) and the slim path."""
+        from lightning_accel.deploy.stage import Contribution
+
+        path = self.resolved_export_path
+        if path is not None and trainer.fast_dev_run:
+            rank_zero_warn(f"MagnitudePruning: fast_dev_run, so the slim export to {path} is skipped")
+            path = None
+        if self._groups is None:
+            return None
+        return Contribution(owner="MagnitudePruning", channel_groups=self._groups, slim_path=path)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Remove the optimizer hooks so that a later fit starts clean."""

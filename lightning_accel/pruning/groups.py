@@ -1,4 +1,4 @@
-"""Coupled channel groups, group masks, and ``slim``: physically removing pruned channels at export.
+"""Coupled channel groups and group masks: the plan for removing pruned channels (``deploy.slim`` removes them).
 
 A channel can only be removed when every tensor that shares it loses it too: the BatchNorm after a conv, the next
 layer's input channels, every branch of a residual add or concat, a depthwise conv, the Linear after a flatten.
@@ -13,7 +13,6 @@ on a deep copy of the model, whose modules have the same names.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,7 +94,8 @@ def _require_torch_pruning() -> Any:
     return torch_pruning
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a depthwise conv (one filter per input channel): its channels follow its input's."""
     return (
         isinstance(module, _CONVS) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
     )
@@ -106,7 +106,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Linear, *_BATCH_NORMS)):
         return None
     if isinstance(module, _CONVS):
-        if module.groups == 1 or _is_depthwise(module):
+        if module.groups == 1 or is_depthwise(module):
             return None
         return f"grouped convolution (groups={module.groups})"
     return f"couples with {type(module).__name__}, which slimming does not resize"
@@ -114,7 +114,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 
 def _slices(module: nn.Module, role: Role) -> list[tuple[str, int]]:
     """(parameter name, dimension) pairs that one channel of ``role`` occupies in ``module``."""
-    if isinstance(module, _BATCH_NORMS) or _is_depthwise(module) or role == "out":
+    if isinstance(module, _BATCH_NORMS) or is_depthwise(module) or role == "out":
         return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
     return [("weight", 1)]
 
@@ -134,7 +134,7 @@ def _reaches_output(node: Any, layer_modules: set[nn.Module]) -> bool:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if current.module in layer_modules and not _is_depthwise(current.module):
+        if current.module in layer_modules and not is_depthwise(current.module):
             continue  # a layer consumes the channels (its input dimension)
         if not current.outputs:
             return True
@@ -281,7 +281,7 @@ def group_masks(
     for group in groups.groups:
         scores = _channel_scores(group, parameters)
         if previous:
-            scores[~_kept_channels(group, previous)] = -1.0
+            scores[~kept_channels(group, previous)] = -1.0
         count = round(sparsity * group.channels)
         if count <= 0:
             continue
@@ -293,7 +293,7 @@ def group_masks(
     return masks
 
 
-def _kept_channels(group: ChannelGroup, tensors: Mapping[str, Tensor]) -> Tensor:
+def kept_channels(group: ChannelGroup, tensors: Mapping[str, Tensor]) -> Tensor:
     """Bool per group channel: ``True`` unless every slice of it in ``tensors`` is zero (``False`` in a mask)."""
     alive = torch.zeros(group.channels, dtype=torch.bool)
     for name, member, dim in _member_slices(group):
@@ -308,56 +308,8 @@ def _kept_channels(group: ChannelGroup, tensors: Mapping[str, Tensor]) -> Tensor
 def channel_sparsity(parameters: Mapping[str, Tensor], groups: ChannelGroups) -> float:
     """Fraction of the groups' channels whose every tensor slice is zero: what :func:`slim` would remove."""
     total = sum(group.channels for group in groups.groups)
-    removed = sum(int((~_kept_channels(group, parameters)).sum()) for group in groups.groups)
+    removed = sum(int((~kept_channels(group, parameters)).sum()) for group in groups.groups)
     return removed / total if total else 0.0
-
-
-def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
-    """Return a physically smaller copy of ``model`` without the channels that pruning zeroed.
-
-    A channel is removed when every tensor slice of its group is exactly zero (what ``pattern="channels"`` leaves),
-    so the copy computes what ``model`` computes, up to float summation order. ``model`` is not changed (contract
-    5: fit never converts). A model prepared for QAT stays prepared: per-channel weight scales follow the kept
-    channels, so the copy exports to int8 like the original.
-
-    Args:
-        model: A trained model, plain or prepared for QAT.
-        example_input: An input to trace the model with (``example_input_array``).
-        groups: Groups found earlier by :func:`find_channel_groups`; traced again when ``None``.
-
-    Returns:
-        A new dense model with fewer channels.
-
-    Example:
-        >>> small = slim(model, torch.randn(1, 1, 8, 8))  # doctest: +SKIP
-    """
-    if groups is None:
-        groups = find_channel_groups(_traceable(model), example_input)
-    parameters = dict(model.named_parameters())
-    keep: dict[tuple[str, str], Tensor] = {}  # (module, "out"|"in") -> kept positions
-    modules = dict(model.named_modules())
-    for group in groups.groups:
-        alive = _kept_channels(group, parameters)
-        if alive.all():
-            continue
-        for member in group.members:
-            role = (
-                "out"
-                if isinstance(modules[member.module], _BATCH_NORMS) or _is_depthwise(modules[member.module])
-                else member.role
-            )
-            size = _dimension_size(modules[member.module], role)
-            kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
-            kept[member.indices[~alive[member.root_indices]]] = False
-            keep[(member.module, role)] = kept
-    for module in modules.values():
-        if getattr(module, "_fold_check", None) is not None:
-            module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
-    small = copy.deepcopy(model)
-    small_modules = dict(small.named_modules())
-    for (name, role), kept in keep.items():
-        _resize_(small_modules[name], role, kept.nonzero().flatten())
-    return small
 
 
 def trainer_channel_groups(callbacks: Sequence[Any]) -> ChannelGroups | None:
@@ -369,61 +321,3 @@ def trainer_channel_groups(callbacks: Sequence[Any]) -> ChannelGroups | None:
         for group in callback.channel_groups.groups
     ]
     return ChannelGroups(groups) if groups else None
-
-
-def _traceable(model: nn.Module) -> nn.Module:
-    """A float view of ``model`` for tracing: a QAT-prepared model is traced as its plain copy (same names)."""
-    from lightning_accel.quantization.prepare import float_copy, is_prepared
-
-    return float_copy(model) if is_prepared(model) else model
-
-
-def _dimension_size(module: nn.Module, role: Role) -> int:
-    if isinstance(module, _BATCH_NORMS):
-        return module.num_features
-    if isinstance(module, nn.Linear):
-        return module.out_features if role == "out" else module.in_features
-    return module.out_channels if role == "out" else module.in_channels
-
-
-@torch.no_grad()
-def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
-    """Keep only positions ``kept`` of ``module``'s output (``"out"``) or input (``"in"``) channels, in place."""
-
-    def take(tensor: Tensor | None, dim: int) -> Tensor | None:
-        return None if tensor is None else tensor.index_select(dim, kept.to(tensor.device)).clone()
-
-    def set_parameter(name: str, dim: int) -> None:
-        value = getattr(module, name, None)
-        if value is not None:
-            setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
-
-    count = kept.numel()
-    depthwise = _is_depthwise(module)  # before resizing: it compares the channel counts
-    if isinstance(module, _BATCH_NORMS):
-        set_parameter("weight", 0)
-        set_parameter("bias", 0)
-        for buffer in ("running_mean", "running_var"):
-            if getattr(module, buffer, None) is not None:
-                setattr(module, buffer, take(getattr(module, buffer), 0))
-        module.num_features = count
-        return
-    if role == "out" or depthwise:
-        set_parameter("weight", 0)
-        set_parameter("bias", 0)
-        quantizer = getattr(module, "weight_quant", None)
-        if quantizer is not None:  # per-channel weight scales follow the kept channels
-            quantizer.scale = take(quantizer.scale, 0)
-            quantizer.zero_point = take(quantizer.zero_point, 0)
-        if isinstance(module, nn.Linear):
-            module.out_features = count
-        else:
-            module.out_channels = count
-            if depthwise:
-                module.in_channels = module.groups = count
-        return
-    set_parameter("weight", 1)
-    if isinstance(module, nn.Linear):
-        module.in_features = count
-    else:
-        module.in_channels = count

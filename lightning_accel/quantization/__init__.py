@@ -1,12 +1,10 @@
-"""Int8 quantization: fake-quant preparation, calibration, the QAT/PTQ callbacks and ONNX export."""
+"""Int8 quantization: fake-quant preparation, calibration and the QAT/PTQ callbacks.
 
-from lightning_accel.quantization.callback import (
-    PostTrainingQuantization,
-    QuantizationAwareTraining,
-    calibrate_,
-)
-from lightning_accel.quantization.check import ExportCheck, check_onnx
-from lightning_accel.quantization.export import as_evaluated, export_onnx, store_int8_weights, to_deployable
+The int8 ONNX export and its check are built by the deploy stage (:mod:`lightning_accel.deploy`).
+"""
+
+from lightning_accel._deprecated import forward_module
+from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
@@ -15,24 +13,27 @@ from lightning_accel.quantization.prepare import (
     quantized_modules,
     set_qat_phase,
 )
+from lightning_accel.quantization.ptq import PostTrainingQuantization
+from lightning_accel.quantization.qat import QuantizationAwareTraining
 from lightning_accel.quantization.restore import load_quantized
 
 __all__ = [
     "ActivationFakeQuant",
-    "ExportCheck",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "WeightFakeQuant",
     "activation_quantizers",
-    "as_evaluated",
     "calibrate_",
-    "check_onnx",
-    "export_onnx",
     "is_prepared",
     "load_quantized",
     "prepare_qat_",
     "quantized_modules",
     "set_qat_phase",
-    "store_int8_weights",
-    "to_deployable",
 ]
+
+# The export moved to lightning_accel.deploy; these names are forwarded from there for one release.
+__getattr__ = forward_module(
+    __name__,
+    "lightning_accel.deploy",
+    {"ExportCheck", "as_evaluated", "check_onnx", "export_onnx", "store_int8_weights", "to_deployable"},
+)

@@ -1,179 +1,22 @@
-"""Checking an exported ONNX file against the PyTorch model it came from.
+"""Deprecated: the export check moved to :mod:`lightning_accel.deploy.check`."""
 
-An export is only useful if the runtime computes what was trained and validated. ``check_onnx`` runs the file in
-ONNX Runtime on given inputs and compares it with the PyTorch model as evaluated: argmax agreement where the output
-looks like logits, signal-to-noise ratio and the largest absolute difference always.
-"""
+from lightning_accel._deprecated import forward_module
 
-from __future__ import annotations
-
-import dataclasses
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-#: Below these, ``export_onnx`` warns (or raises with ``on_mismatch="raise"``).
-MIN_AGREEMENT = 0.99
-MIN_SNR_DB = 30.0
-
-
-@dataclass(frozen=True)
-class ExportCheck:
-    """How closely an ONNX file reproduces its PyTorch model.
-
-    Attributes:
-        samples: Number of samples (rows of the batch dimension) compared.
-        agreement: Fraction of samples whose argmax agrees, for 2-D outputs with several columns; else ``None``.
-        snr_db: Signal-to-noise ratio of the ONNX output against the PyTorch output, in dB (``inf`` if equal).
-        max_abs_diff: Largest absolute difference between the two.
-    """
-
-    samples: int
-    agreement: float | None
-    snr_db: float
-    max_abs_diff: float
-
-    def passed(self, min_agreement: float = MIN_AGREEMENT, min_snr_db: float = MIN_SNR_DB) -> bool:
-        """Whether agreement (where measured) and SNR reach the thresholds."""
-        agrees = self.agreement is None or self.agreement >= min_agreement
-        return agrees and self.snr_db >= min_snr_db
-
-    def __str__(self) -> str:
-        agreement = "n/a" if self.agreement is None else f"{self.agreement:.2%}"
-        return (
-            f"argmax agreement {agreement}, SNR {self.snr_db:.1f} dB, max abs diff {self.max_abs_diff:.3g} "
-            f"over {self.samples} sample(s)"
-        )
-
-
-def snr_db(reference: Tensor, approximation: Tensor) -> float:
-    """Signal-to-noise ratio of ``approximation`` against ``reference`` in dB (``inf`` when they are equal)."""
-    reference, approximation = reference.double(), approximation.double()
-    noise = (reference - approximation).pow(2).mean().item()
-    signal = reference.pow(2).mean().item()
-    if noise == 0.0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-30) / noise)
-
-
-def split_example(example_input: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor], list[str]]:
-    """Positional inputs, keyword inputs and the ONNX input names for an example input."""
-    if isinstance(example_input, Mapping):
-        return (), dict(example_input), list(example_input)
-    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-    return args, {}, [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
-
-
-def as_float32(tensor: Tensor) -> Tensor:
-    """Floating tensors as float32 (the precision of the exported graph); integer tensors unchanged."""
-    return tensor.float() if tensor.is_floating_point() else tensor
-
-
-def named_outputs(outputs: Any) -> list[tuple[str, Tensor]]:
-    """The tensors of a model output with the names the ONNX file gives them, in order.
-
-    A tensor is ``output``; a tuple or list gives ``output_0``, ``output_1``, ...; a dict (HuggingFace's
-    ``ModelOutput`` too) and a dataclass keep their keys and field names. Entries that are not tensors (``None``,
-    ints) are left out, as the exporter leaves them out.
-    """
-    if isinstance(outputs, Tensor):
-        return [("output", outputs)]
-    if isinstance(outputs, Mapping):
-        return [(str(k), v) for k, v in outputs.items() if isinstance(v, Tensor)]
-    if dataclasses.is_dataclass(outputs) and not isinstance(outputs, type):
-        fields = ((f.name, getattr(outputs, f.name)) for f in dataclasses.fields(outputs))
-        return [(name, value) for name, value in fields if isinstance(value, Tensor)]
-    if isinstance(outputs, tuple | list):
-        tensors = [t for t in outputs if isinstance(t, Tensor)]
-        return [("output" if len(tensors) == 1 else f"output_{i}", t) for i, t in enumerate(tensors)]
-    raise TypeError(
-        "The model output must be a tensor, a tuple/list of tensors, a dict or a dataclass of tensors, got "
-        f"{type(outputs).__name__}"
-    )
-
-
-def output_tensors(outputs: Any) -> list[Tensor]:
-    """The tensors of a model output, in the order of :func:`named_outputs`."""
-    return [tensor for _, tensor in named_outputs(outputs)]
-
-
-@torch.no_grad()
-def run_example(model: nn.Module, example_input: Any) -> Any:
-    """Run ``model`` on an example input (floating inputs as float32, on the model's device); return its output."""
-    args, kwargs, _ = split_example(example_input)
-    device = next(model.parameters()).device
-    return model(*[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()})
-
-
-def torch_outputs(model: nn.Module, example_input: Any) -> list[Tensor]:
-    """Run ``model`` on an example input and return its output tensors, float32 on CPU."""
-    return [t.detach().float().cpu() for t in output_tensors(run_example(model, example_input))]
-
-
-def onnx_session(path: str | Path) -> Any:
-    """An ONNX Runtime CPU session with default options: what a user deploying the file gets."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def onnx_feed(session: Any, example_input: Any) -> dict[str, np.ndarray]:
-    """The input feed of an ONNX Runtime session for an example input (tensor, tuple or dict)."""
-    args, kwargs, names = split_example(example_input)
-    values = dict(zip(names, [*args, *kwargs.values()], strict=True))
-    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs that the graph does not use
-    return {name: as_float32(value).cpu().numpy() for name, value in values.items() if name in wanted}
-
-
-def onnx_outputs(session: Any, example_input: Any) -> list[Tensor]:
-    """Run an ONNX Runtime session on an example input."""
-    return [torch.from_numpy(np.asarray(out)).float() for out in session.run(None, onnx_feed(session, example_input))]
-
-
-def compare_outputs(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> ExportCheck:
-    """Compare two lists of output tensors, the first output giving the argmax agreement."""
-    if len(reference) != len(candidate):
-        raise ValueError(f"The ONNX model has {len(candidate)} output(s), the PyTorch model {len(reference)}")
-    flat_reference = torch.cat([t.reshape(-1) for t in reference])
-    flat_candidate = torch.cat([t.reshape(-1) for t in candidate])
-    first, first_candidate = reference[0], candidate[0]
-    agreement = None
-    if first.dim() == 2 and first.shape[1] > 1:
-        agreement = (first.argmax(1) == first_candidate.argmax(1)).float().mean().item()
-    max_abs = (flat_reference - flat_candidate).abs().max().item() if flat_reference.numel() else 0.0
-    return ExportCheck(
-        samples=first.shape[0] if first.dim() else 1,
-        agreement=agreement,
-        snr_db=snr_db(flat_reference, flat_candidate),
-        max_abs_diff=max_abs,
-    )
-
-
-def check_onnx(reference: nn.Module, path: str | Path, inputs: Sequence[Any]) -> ExportCheck:
-    """Compare an ONNX file with the PyTorch model it must reproduce, on several example inputs.
-
-    Args:
-        reference: The model as evaluated: for a fake-quantized model, ``as_evaluated(model)`` (the fake-quant
-            model in eval mode), not an intermediate copy made for export.
-        path: The ONNX file.
-        inputs: Example inputs (each a tensor, a tuple or a dict, as ``export_onnx`` takes them); their outputs
-            are concatenated along the batch dimension.
-
-    Returns:
-        The :class:`ExportCheck`.
-    """
-    if not inputs:
-        raise ValueError("`inputs` must hold at least one example input to compare on")
-    session = onnx_session(path)
-    expected = [torch_outputs(reference, example) for example in inputs]
-    candidate = [onnx_outputs(session, example) for example in inputs]
-    return compare_outputs(
-        [torch.cat(parts) for parts in zip(*expected, strict=True)],
-        [torch.cat(parts) for parts in zip(*candidate, strict=True)],
-    )
+__getattr__ = forward_module(
+    __name__,
+    "lightning_accel.deploy.check",
+    {
+        "MIN_AGREEMENT",
+        "MIN_SNR_DB",
+        "ExportCheck",
+        "check_onnx",
+        "compare_outputs",
+        "onnx_feed",
+        "onnx_outputs",
+        "onnx_session",
+        "run_example",
+        "snr_db",
+        "split_example",
+        "torch_outputs",
+    },
+)

@@ -1,0 +1,148 @@
+"""From the fake-quant model to what the runtime executes: the reference, the deployable copy, and their check.
+
+The fake-quant model in eval mode is what ``validate``/``test``/``predict`` score (:func:`as_evaluated`): every
+artifact is checked against it. :func:`to_deployable` rewrites it for export (BatchNorms folded for real, weights
+on their integer grid, int32 biases); :func:`check_rewrite` proves that such a rewrite computes what it rewrote.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_accel.deploy.check import MIN_AGREEMENT, compare_outputs, torch_outputs
+from lightning_accel.quantization.fake_quant import (
+    ActivationFakeQuant,
+    WeightFakeQuant,
+    quantize_bias,
+    symmetric_weight_scale,
+)
+from lightning_accel.quantization.prepare import (
+    activation_quantizers,
+    is_prepared,
+    quantized_modules,
+    set_qat_phase,
+)
+
+
+def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+#: A rewrite of the model (folding, Identity replacement, slimming) may move values across a rounding boundary
+#: of a quantizer now and then, never more: below this SNR against the model it rewrote, a rewrite changed what
+#: the model computes.
+MIN_REWRITE_SNR_DB = 40.0
+
+
+def _detach_fold_checks(model: nn.Module) -> None:
+    for module in quantized_modules(model).values():
+        module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+
+
+@torch.no_grad()
+def as_evaluated(model: nn.Module) -> nn.Module:
+    """An eval-mode float32 copy of ``model`` that computes what ``validate``/``test``/``predict`` score.
+
+    For a fake-quantized model: fake quantization on, nothing observed, and weight scales fixed for the current
+    weights where they still followed them. This, not an intermediate rewrite, is the reference every export is
+    checked against. ``model`` is not changed.
+    """
+    _detach_fold_checks(model)
+    reference = copy.deepcopy(model).eval().float()
+    if not is_prepared(reference):
+        return reference
+    for module in quantized_modules(reference).values():
+        quantizer = module.weight_quant
+        if quantizer.observe:  # the scale followed the weights: what the export will fix for these weights
+            quantizer.scale.copy_(symmetric_weight_scale(module.folded_weight_and_factor()[0], quantizer.qmax))
+    set_qat_phase(reference, fake_quant=True, observe=False)
+    return reference
+
+
+def check_rewrite(reference: nn.Module, rewritten: nn.Module, inputs: Sequence[Any], what: str) -> None:
+    """Raise unless ``rewritten`` computes what ``reference`` computes on ``inputs`` (torch only, no runtime).
+
+    Args:
+        reference: The model as evaluated (see :func:`as_evaluated`).
+        rewritten: A copy made from it for export (folded, slimmed, ...).
+        inputs: Example inputs, as :func:`export_onnx` takes them.
+        what: Names the rewrite in the error.
+
+    Raises:
+        RuntimeError: when argmax agreement (for logits) is below 99% or the SNR below ``MIN_REWRITE_SNR_DB``.
+    """
+    expected = [torch_outputs(reference, example) for example in inputs]
+    got = [torch_outputs(rewritten, example) for example in inputs]
+    result = compare_outputs(
+        [torch.cat(parts) for parts in zip(*expected, strict=True)],
+        [torch.cat(parts) for parts in zip(*got, strict=True)],
+    )
+    if not result.passed(min_snr_db=MIN_REWRITE_SNR_DB):
+        raise RuntimeError(
+            f"{what} does not compute what the evaluated model computes: {result} (wanted agreement >= "
+            f"{MIN_AGREEMENT:.0%} and SNR >= {MIN_REWRITE_SNR_DB:.0f} dB). Exporting it would deploy another model "
+            "than the one validated, so nothing was written. Please report this model's layer types; excluding "
+            "the affected layers from quantization (`exclude=[...]`) avoids it meanwhile."
+        )
+
+
+@torch.no_grad()
+def to_deployable(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of a fake-quantized ``model`` as the runtime will execute it.
+
+    BatchNorms folded during training are folded into their conv for real (weight and bias) and replaced by
+    ``nn.Identity``; weight scales are fixed; weights are stored on their integer grid (within ``+-qmax``) and
+    biases on the runtime's int32 grid at ``input_scale * weight_scale``; every quantizer fake-quantizes with
+    constant parameters; the copy is float32 whatever precision the model trained in. Its outputs are what the
+    exported file computes, and the eval-mode fake-quant model computes the same. ``model`` is not changed, so
+    training can go on.
+
+    Raises:
+        ValueError: when ``model`` is not prepared, or a quantizer has never observed data.
+    """
+    if not is_prepared(model):
+        raise ValueError("`model` has no fake-quantized modules; prepare it with QuantizationAwareTraining first")
+    uncalibrated = [name for name, q in activation_quantizers(model).items() if not q.calibrated]
+    if uncalibrated:
+        raise ValueError(
+            f"The activation ranges of {uncalibrated[:3]} (and {max(0, len(uncalibrated) - 3)} more) were never "
+            "observed: train past QuantizationAwareTraining's `start_step`, or calibrate with `calibrate_`, "
+            "before exporting"
+        )
+    _detach_fold_checks(model)
+    # The runtime computes in float32 whatever precision the model trained in (bf16-true, 64-true, ...).
+    deploy = copy.deepcopy(model).eval().float()
+    for module in quantized_modules(deploy).values():
+        bn, quantizer = module.folded_bn, module.weight_quant
+        if bn is not None:
+            weight, factor = module.folded_weight_and_factor()
+            bias = module.folded_bias(factor)
+            module.output_quant = bn.output_quant
+            relu = getattr(bn, "relu_after", None)
+            if relu is not None and relu.quantizes_for is bn:  # the ReLU now quantizes the folded conv's output
+                object.__setattr__(module, "relu_after", relu)
+                object.__setattr__(relu, "quantizes_for", module)
+            object.__setattr__(module, "folded_bn", None)
+            _replace_submodule(deploy, bn.folded_name, nn.Identity())
+        else:
+            weight, bias = module.weight, module.bias
+        if quantizer.observe:  # scales still followed the weights: fix them for these weights
+            quantizer.scale.copy_(symmetric_weight_scale(weight, quantizer.qmax))
+        quantizer.observe, quantizer.fake_quant, quantizer.export_constants = False, True, False
+        # Store the weights on their integer grid (clipped to +-qmax) and the bias on the runtime's int32 grid,
+        # so that the file holds exactly the integers that the PyTorch model computes with.
+        module.weight = nn.Parameter(quantizer(weight).detach().clone())
+        if bias is not None:
+            module.bias = nn.Parameter(quantize_bias(bias, module.input_quant.scale, quantizer.scale).detach())
+    for quantizer in deploy.modules():
+        if isinstance(quantizer, ActivationFakeQuant | WeightFakeQuant):
+            quantizer.observe = False
+            quantizer.fake_quant = True
+            quantizer.export_constants = True
+    return deploy

@@ -1,0 +1,332 @@
+"""Exporting a model to ONNX: int8 QDQ for fake-quantized models, plain fp32 otherwise.
+
+The fake-quant ops export (TorchScript exporter, ``dynamo=False``) as QuantizeLinear/DequantizeLinear pairs, which
+ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm) and TensorRT reads as explicit quantization. The weights
+are then stored as int8 initializers, so the file is about a quarter of the fp32 one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_accel._files import atomic_target
+from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_int
+from lightning_accel.deploy.check import (
+    MIN_AGREEMENT,
+    MIN_SNR_DB,
+    ExportCheck,
+    as_float32,
+    check_onnx,
+    named_outputs,
+    output_tensors,
+    run_example,
+    split_example,
+)
+from lightning_accel.deploy.int8 import as_evaluated, check_rewrite, to_deployable
+from lightning_accel.quantization.prepare import is_prepared
+
+ONNX_OPSET = 17
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError("Exporting to ONNX needs the `onnx` extra: pip install 'lightning-accel[onnx]'") from err
+    return onnx
+
+
+def _constant_arrays(graph: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
+    return arrays
+
+
+def store_int8_weights(onnx_model: Any) -> int:
+    """Replace each QuantizeLinear of a constant (a weight) by its int8 result, stored as an initializer.
+
+    The exporter writes fp32 weights followed by QuantizeLinear; quantizing them ahead of time makes the file about
+    4x smaller, and leaves the DequantizeLinear that ONNX Runtime fuses into int8 kernels.
+
+    Returns:
+        How many weights were converted.
+    """
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    constants = _constant_arrays(graph)
+    replaced = {}
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in constants or node.input[1] not in constants:
+            continue
+        weight, scale = constants[node.input[0]], constants[node.input[1]]
+        zero_point = constants[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int8)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        info = np.iinfo(zero_point.dtype)
+        quantized = np.round(weight / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.int64)
+        name = f"{node.output[0]}_quantized"
+        graph.initializer.append(
+            numpy_helper.from_array(np.clip(quantized, info.min, info.max).astype(zero_point.dtype), name)
+        )
+        replaced[node.output[0]] = name
+        graph.node.remove(node)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in replaced:
+                node.input[index] = replaced[name]
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(replaced)
+
+
+def store_int32_biases(onnx_model: Any) -> int:
+    """Store the bias of each quantized Conv/Gemm as int32 at scale ``s_x * s_w``, behind a DequantizeLinear.
+
+    This is how int8 kernels add a bias (inside the integer accumulator). Writing the integers here, from a bias
+    that ``to_deployable`` already put on that grid, means the runtime adds exactly what PyTorch computed with,
+    rather than rounding a float bias itself.
+
+    Returns:
+        How many biases were converted.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = onnx_model.graph
+    constants = _constant_arrays(graph)
+    producers = {output: node for node in graph.node for output in node.output}
+    converted = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        activation, weight = producers.get(node.input[0]), producers.get(node.input[1])
+        if not all(p is not None and p.op_type == "DequantizeLinear" for p in (activation, weight)):
+            continue
+        if activation.input[1] not in constants or weight.input[1] not in constants:
+            continue
+        bias = constants[node.input[2]].astype(np.float32)
+        input_scale = constants[activation.input[1]].astype(np.float32)
+        weight_scale = constants[weight.input[1]].astype(np.float32)
+        scale = np.broadcast_to(input_scale * weight_scale, bias.shape).astype(np.float32)
+        info = np.iinfo(np.int32)
+        integers = np.clip(np.round(bias / scale), info.min, info.max).astype(np.int32)
+        base = f"{node.name or node.output[0]}_bias"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(integers, f"{base}_int32"),
+                numpy_helper.from_array(scale, f"{base}_scale"),
+                numpy_helper.from_array(np.zeros_like(integers), f"{base}_zero_point"),
+            ]
+        )
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [f"{base}_int32", f"{base}_scale", f"{base}_zero_point"],
+            [f"{base}_dequantized"],
+            name=f"{base}_DequantizeLinear",
+            axis=0,
+        )
+        graph.node.insert(list(graph.node).index(node), dequantize)
+        node.input[2] = f"{base}_dequantized"
+        converted += 1
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return converted
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
+    opset_version: int = ONNX_OPSET,
+    check_inputs: Sequence[Any] | None = None,
+    on_mismatch: str = "warn",
+) -> Path:
+    """Export ``model`` to ONNX and check it: see :func:`export_onnx_checked`, which also returns the figures.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> export_onnx(model, "model.int8.onnx", torch.zeros(1, 1, 8, 8))  # doctest: +SKIP
+    """
+    return export_onnx_checked(model, path, example_input, opset_version, check_inputs, on_mismatch)[0]
+
+
+def export_onnx_checked(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
+    opset_version: int = ONNX_OPSET,
+    check_inputs: Sequence[Any] | None = None,
+    on_mismatch: str = "warn",
+) -> tuple[Path, ExportCheck | None]:
+    """Export ``model`` to ONNX: an int8 QDQ model if it is fake-quantized, an ordinary fp32 model otherwise.
+
+    The batch dimension of every input and output is dynamic. The file is written under a temporary name and
+    renamed, so ``path`` never holds a half-written model. ``model`` itself is not changed.
+
+    The export checks itself against the model as it is evaluated (:func:`as_evaluated`: for a fake-quantized
+    model, fake quantization in eval mode), never against its own intermediate copy. First, before anything is
+    written, the deployable copy (BatchNorms folded, weights on their integer grid) must compute what the
+    evaluated model computes on ``example_input`` and ``check_inputs``, or a ``RuntimeError`` says so. Then the
+    written file runs in ONNX Runtime on the same inputs and is compared with the evaluated model (argmax
+    agreement for logits, SNR and max abs difference); the figures and the sample count are logged, with a
+    warning when agreement is below 99% or SNR below 30 dB. Without onnxruntime installed, that second check is
+    skipped with a note.
+
+    Args:
+        model: A plain model, or one prepared by ``QuantizationAwareTraining`` / ``calibrate_``.
+        path: Where to write the ``.onnx`` file.
+        example_input: One input tensor, a tuple of positional inputs, or a dict of keyword inputs (their names
+            become the ONNX input names).
+        opset_version: ONNX opset (QuantizeLinear with per-channel axis needs >= 13).
+        check_inputs: More example inputs (e.g. a calibration or validation batch) to check the file on.
+        on_mismatch: ``"warn"`` (default), ``"raise"`` (a ``RuntimeError``, and ``path`` is left as it was), or
+            ``"ignore"`` (no check).
+
+    Returns:
+        The path written, and the check's figures (``None`` when not checked in ONNX Runtime).
+    """
+    _check_example_input("example_input", example_input)
+    for index, extra in enumerate(check_inputs or ()):
+        _check_example_input(f"check_inputs[{index}]", extra)
+    opset_version = validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
+    if on_mismatch not in ON_MISMATCH_CHOICES:
+        raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
+    onnx = _require_onnx()
+    quantized = is_prepared(model)
+    reference = as_evaluated(model)
+    deploy = to_deployable(model) if quantized else reference
+    inputs = [example_input, *(check_inputs or ())]
+    if quantized:
+        check_rewrite(reference, deploy, inputs, "The deployable int8 copy (BatchNorms folded, weights on their grid)")
+    args, kwargs, input_names = split_example(example_input)
+    raw_output = run_example(deploy, example_input)
+    output_names = _output_names(raw_output)
+    traced = deploy
+    if not _is_plain_output(raw_output):
+        # The tracer cannot map keyword inputs onto a ``**kwargs`` signature: the wrapper takes every input
+        # positionally and hands the keyword ones back to the model by name.
+        traced = _TensorOutputs(deploy, len(args), list(kwargs))
+        args, kwargs = (*args, *kwargs.values()), {}
+    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+
+    target = Path(path)
+    with atomic_target(target) as temporary:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is the one that maps ATen fake-quant ops to QDQ; its deprecation notice and
+            # tracer warnings about constant scales are expected here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                traced.cpu(),
+                tuple(as_float32(a).cpu() for a in args),
+                str(temporary),
+                kwargs={k: as_float32(v).cpu() for k, v in kwargs.items()} if kwargs else None,
+                dynamo=False,
+                opset_version=opset_version,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+        onnx_model = onnx.load(str(temporary))
+        if quantized:
+            store_int8_weights(onnx_model)
+            store_int32_biases(onnx_model)
+        onnx.checker.check_model(onnx_model)
+        onnx.save(onnx_model, str(temporary))
+        check = _check_written(reference, temporary, target, inputs, on_mismatch) if on_mismatch != "ignore" else None
+    return target, check
+
+
+class _TensorOutputs(nn.Module):
+    """Returns a model's dict or dataclass output as a tuple, which the tracer can follow; names go separately."""
+
+    def __init__(self, model: nn.Module, positional: int, keyword_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.positional = positional
+        self.keyword_names = keyword_names
+
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        keywords = dict(zip(self.keyword_names, inputs[self.positional :], strict=True))
+        return tuple(output_tensors(self.model(*inputs[: self.positional], **keywords)))
+
+
+def _output_names(output: Any) -> list[str]:
+    names = [name for name, _ in named_outputs(output)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The model's output names are not unique: {names}")
+    return names
+
+
+def _is_plain_output(output: Any) -> bool:
+    return isinstance(output, torch.Tensor) or (
+        isinstance(output, tuple | list) and all(isinstance(t, torch.Tensor) for t in output)
+    )
+
+
+def _check_example_input(argument: str, example_input: Any) -> None:
+    if isinstance(example_input, Mapping):
+        values = list(example_input.values())
+    elif isinstance(example_input, tuple):
+        values = list(example_input)
+    else:
+        values = [example_input]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(
+            f"`{argument}` must be a tensor, a tuple of positional input tensors or a dict of keyword input "
+            f"tensors, got {_describe(example_input)}"
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a dict of " + ", ".join(f"{k}: {type(v).__name__}" for k, v in value.items())
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of " + ", ".join(type(v).__name__ for v in value)
+    return type(value).__name__
+
+
+def _check_written(
+    reference: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str
+) -> ExportCheck | None:
+    """Run the written file in ONNX Runtime and compare with the evaluated model; log, and warn or raise."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        rank_zero_info(f"Not checking {target.name} against PyTorch: onnxruntime is not installed (extra `onnx`)")
+        return None
+    result = check_onnx(reference, written, inputs)
+    rank_zero_info(f"Checked {target.name} in ONNX Runtime against the evaluated PyTorch model: {result}")
+    if result.passed():
+        return result
+    message = (
+        f"The ONNX model {target} does not reproduce the PyTorch model: {result} (wanted agreement >= "
+        f"{MIN_AGREEMENT:.0%} and SNR >= {MIN_SNR_DB:.0f} dB). The runtime would compute something other than "
+        "what was validated."
+    )
+    if on_mismatch == "raise":
+        raise RuntimeError(message + f" {target} was left as it was.")
+    rank_zero_warn(message)
+    return result

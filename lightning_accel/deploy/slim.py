@@ -1,0 +1,187 @@
+"""``slim``: a physically smaller copy of a channel-pruned model, and writing it (fp32 ONNX or ``.pt2``).
+
+Pruning's channel groups are the plan (``lightning_accel.pruning.groups``); this is the action: the channels
+whose every tensor slice is zero are removed from a copy, with our own slicing of the layer types the groups
+accept. A model prepared for QAT stays prepared, its per-channel weight scales following the kept channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_accel.deploy.int8 import as_evaluated, check_rewrite
+from lightning_accel.deploy.onnx import export_onnx
+from lightning_accel.deploy.program import export_program
+from lightning_accel.pruning.groups import ChannelGroups, find_channel_groups, is_depthwise, kept_channels
+from lightning_accel.quantization.prepare import float_copy, is_prepared
+
+Role = Literal["out", "in"]
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
+    """Return a physically smaller copy of ``model`` without the channels that pruning zeroed.
+
+    A channel is removed when every tensor slice of its group is exactly zero (what ``pattern="channels"`` leaves),
+    so the copy computes what ``model`` computes, up to float summation order. ``model`` is not changed (contract
+    5: fit never converts). A model prepared for QAT stays prepared: per-channel weight scales follow the kept
+    channels, so the copy exports to int8 like the original.
+
+    Args:
+        model: A trained model, plain or prepared for QAT.
+        example_input: An input to trace the model with (``example_input_array``).
+        groups: Groups found earlier by :func:`find_channel_groups`; traced again when ``None``.
+
+    Returns:
+        A new dense model with fewer channels.
+
+    Example:
+        >>> small = slim(model, torch.randn(1, 1, 8, 8))  # doctest: +SKIP
+    """
+    if groups is None:
+        groups = find_channel_groups(_traceable(model), example_input)
+    parameters = dict(model.named_parameters())
+    keep: dict[tuple[str, str], Tensor] = {}  # (module, "out"|"in") -> kept positions
+    modules = dict(model.named_modules())
+    for group in groups.groups:
+        alive = kept_channels(group, parameters)
+        if alive.all():
+            continue
+        for member in group.members:
+            role = (
+                "out"
+                if isinstance(modules[member.module], _BATCH_NORMS) or is_depthwise(modules[member.module])
+                else member.role
+            )
+            size = _dimension_size(modules[member.module], role)
+            kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
+            kept[member.indices[~alive[member.root_indices]]] = False
+            keep[(member.module, role)] = kept
+    for module in modules.values():
+        if getattr(module, "_fold_check", None) is not None:
+            module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
+    small = copy.deepcopy(model)
+    small_modules = dict(small.named_modules())
+    for (name, role), kept in keep.items():
+        _resize_(small_modules[name], role, kept.nonzero().flatten())
+    return small
+
+
+def _traceable(model: nn.Module) -> nn.Module:
+    """A float view of ``model`` for tracing: a QAT-prepared model is traced as its plain copy (same names)."""
+    return float_copy(model) if is_prepared(model) else model
+
+
+def _dimension_size(module: nn.Module, role: Role) -> int:
+    if isinstance(module, _BATCH_NORMS):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    return module.out_channels if role == "out" else module.in_channels
+
+
+@torch.no_grad()
+def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
+    """Keep only positions ``kept`` of ``module``'s output (``"out"``) or input (``"in"``) channels, in place."""
+
+    def take(tensor: Tensor | None, dim: int) -> Tensor | None:
+        return None if tensor is None else tensor.index_select(dim, kept.to(tensor.device)).clone()
+
+    def set_parameter(name: str, dim: int) -> None:
+        value = getattr(module, name, None)
+        if value is not None:
+            setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
+
+    count = kept.numel()
+    depthwise = is_depthwise(module)  # before resizing: it compares the channel counts
+    if isinstance(module, _BATCH_NORMS):
+        set_parameter("weight", 0)
+        set_parameter("bias", 0)
+        for buffer in ("running_mean", "running_var"):
+            if getattr(module, buffer, None) is not None:
+                setattr(module, buffer, take(getattr(module, buffer), 0))
+        module.num_features = count
+        return
+    if role == "out" or depthwise:
+        set_parameter("weight", 0)
+        set_parameter("bias", 0)
+        quantizer = getattr(module, "weight_quant", None)
+        if quantizer is not None:  # per-channel weight scales follow the kept channels
+            quantizer.scale = take(quantizer.scale, 0)
+            quantizer.zero_point = take(quantizer.zero_point, 0)
+        if isinstance(module, nn.Linear):
+            module.out_features = count
+        else:
+            module.out_channels = count
+            if depthwise:
+                module.in_channels = module.groups = count
+        return
+    set_parameter("weight", 1)
+    if isinstance(module, nn.Linear):
+        module.in_features = count
+    else:
+        module.in_channels = count
+
+
+def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
+    """:func:`slim`, then raise unless the slim copy computes what ``model`` computes on ``example_input``.
+
+    Slimming must never change what the masked model computes: the files are then checked against the slim model,
+    so a wrong slim would pass its own check.
+    """
+    small = slim(model, example_input, groups)
+    check_rewrite(as_evaluated(model), as_evaluated(small), [example_input], "The slim model")
+    return small
+
+
+def write_slim(model: nn.Module, path: str | os.PathLike, example_input: Any, on_mismatch: str = "warn") -> Path:
+    """Write an already slim model as ``.onnx`` (fp32, checked in ONNX Runtime) or ``.pt2``."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        return export_program(model, path, example_input)
+    return export_onnx(model, path, example_input, on_mismatch=on_mismatch)
+
+
+def export_slim(
+    model: nn.Module, path: str | os.PathLike, example_input: Any, groups: ChannelGroups | None = None
+) -> Path:
+    """Slim ``model`` (:func:`slim`) and write it as ``.onnx`` (fp32) or ``.pt2``.
+
+    A model prepared for QAT is written as its float model (the int8 export is separate). The slim model is
+    checked against ``model`` first, and the ONNX file against the slim model in ONNX Runtime.
+
+    Returns:
+        The path written.
+    """
+    model = float_copy(model) if is_prepared(model) else model
+    small = slim_checked(model, example_input, groups)
+    written = write_slim(small, path, example_input)
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in small.parameters())
+    rank_zero_info(
+        f"Wrote the slim model to {written} ({written.stat().st_size:,} bytes; {after:,} parameters, "
+        f"{after / before:.1%} of {before:,})"
+    )
+    return written
+
+
+def dry_run_slim_export(model: nn.Module, example_input: Any, groups: ChannelGroups, export_path: str) -> None:
+    """Export a copy (unpruned: nothing is removed yet) to a temporary file, so that the end of fit cannot fail."""
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            plain = float_copy(model) if is_prepared(model) else model
+            small = slim_checked(plain, example_input, groups)
+            write_slim(small, Path(directory) / f"dry_run{Path(export_path).suffix}", example_input, "ignore")
+    except Exception as error:
+        raise RuntimeError(
+            f"MagnitudePruning: the slim export to {export_path!r} fails on example_input_array, so it would fail at "
+            f"the end of fit. Checked at setup, before training: {type(error).__name__}: {error}"
+        ) from error

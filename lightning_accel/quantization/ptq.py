@@ -1,0 +1,146 @@
+"""The PostTrainingQuantization callback: calibrate an int8 copy at the end of fit; the deploy stage exports it."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Literal
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_accel._files import resolve_artifact_path
+from lightning_accel._lightning import configure_model_early
+from lightning_accel._validation import validate_int
+from lightning_accel.quantization.calibration import batch_picker, calibrate_, check_batches, run_model
+from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
+from lightning_accel.quantization.qat import dry_run_combined_exports
+from lightning_accel.quantization.settings import (
+    FULL_RANGE_NOTE,
+    check_export_path,
+    check_writable,
+    dry_run_export,
+    prepare_arguments,
+    require_example_input,
+    set_preparation_settings,
+)
+
+
+class PostTrainingQuantization(Callback):
+    """At the end of fit, calibrate an int8 copy of the trained model on training batches and export it to ONNX.
+
+    The trained model is not changed. Use it without ``QuantizationAwareTraining`` when quantizing after the fact
+    is accurate enough; it gives the same kind of int8 ONNX model. Everything the export needs is tried at setup and
+    on the first training batch, so a problem shows before training, not after it.
+
+    Args:
+        export_path: Where rank 0 writes the int8 ONNX model (needs the module's ``example_input_array``).
+        calibration_batches: How many training batches calibrate the activation ranges.
+        include: Glob patterns over module names to quantize (default: every Linear/Conv).
+        exclude: Glob patterns over module names to keep in float.
+        fold_bn: Fold BatchNorms into the convs they follow.
+        model_input: Which part of a batch is the model's input: ``None`` (the first element of a tuple/list
+            batch, or the whole batch), a dict key (for dict batches) or a tuple index.
+        weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
+        on_mismatch: What to do when the exported file does not reproduce the PyTorch model: ``"warn"``,
+            ``"raise"`` or ``"ignore"``.
+        outputs: Where layer outputs are quantized: ``"auto"`` (float outputs for the Linear layers of transformer
+            blocks) or ``"all"``.
+    """
+
+    def __init__(
+        self,
+        export_path: str | os.PathLike,
+        calibration_batches: int = 32,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        fold_bn: bool = True,
+        model_input: str | int | None = None,
+        weight_bits: int = DEFAULT_WEIGHT_BITS,
+        on_mismatch: str = "warn",
+        outputs: Literal["auto", "all"] = "auto",
+    ) -> None:
+        if export_path is None:
+            raise ValueError("`export_path` must be a path ending in '.onnx', got None")
+        self.export_path = check_export_path(export_path)
+        calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
+        set_preparation_settings(self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch)
+        self.calibration_batches = calibration_batches
+        #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
+        self.resolved_export_path: str | None = None
+        self._input_checked = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Fail early: the example input, the export path and a dry-run export of a calibrated copy."""
+        require_example_input(pl_module, type(self).__name__)
+        if stage != "fit":
+            return
+        configure_model_early(trainer, pl_module)  # the dry run copies the model: build lazy layers first
+        if self.weight_bits == 8:
+            rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
+        self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+        check_writable(self.resolved_export_path)
+        dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
+        self._input_checked = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With channel pruning in the Trainer, dry-run the slimmed int8 export too (every setup has run by now)."""
+        from lightning_accel.deploy.stage import forget_deployment
+
+        forget_deployment(trainer)
+        dry_run_combined_exports(trainer, pl_module, self)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """On the first batch, check that ``model_input`` picks an input the model runs on, as calibration will."""
+        if self._input_checked:
+            return
+        try:
+            inputs = batch_picker(self.model_input)(batch)
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.no_grad():
+                run_model(pl_module, inputs)
+            pl_module.train(was_training)
+        except Exception as error:
+            raise RuntimeError(
+                f"PostTrainingQuantization: calibration at the end of fit would fail on this data: the model "
+                f"cannot run on the input that `model_input`={self.model_input!r} picks from a "
+                f"{type(batch).__name__} batch ({type(error).__name__}: {error}). Set `model_input` to the batch key "
+                "or index of the model's input."
+            ) from error
+        self._input_checked = True
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The deploy stage calibrates a copy on training batches and exports it, once, on rank 0."""
+        from lightning_accel.deploy.stage import deploy_for_trainer
+
+        deploy_for_trainer(trainer, pl_module)
+
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """What PTQ hands to the deploy stage: a copy calibrated on training batches, and where it goes."""
+        from lightning_accel.deploy.stage import Contribution
+
+        if trainer.fast_dev_run:
+            rank_zero_warn(
+                f"PostTrainingQuantization: fast_dev_run, so the int8 export to {self.resolved_export_path} is skipped"
+            )
+            return None
+
+        def calibrated_copy() -> nn.Module:
+            return calibrate_(
+                copy.deepcopy(pl_module),
+                trainer.train_dataloader,
+                self.calibration_batches,
+                model_input=self.model_input,
+                **prepare_arguments(self),
+            )
+
+        return Contribution(
+            owner="PostTrainingQuantization",
+            int8_model=calibrated_copy,
+            int8_path=self.resolved_export_path,
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input)),
+            on_mismatch=self.on_mismatch,
+        )

@@ -1,0 +1,399 @@
+"""The QuantizationAwareTraining callback: it decides *when*; prepare.py and the deploy stage do the work."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_accel._files import resolve_artifact_path
+from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
+from lightning_accel._logging import add_hyperparameters, log_text
+from lightning_accel._modules import summarize_selection
+from lightning_accel._validation import resolve_step, validate_bool, validate_step
+from lightning_accel.quantization.calibration import batch_picker, check_batches
+from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
+from lightning_accel.quantization.prepare import (
+    LEGACY_OUTPUTS,
+    LEGACY_WEIGHT_BITS,
+    activation_quantizers,
+    attention_kernel_children,
+    flag_nonfinite,
+    iter_batch_norms,
+    left_in_float,
+    load_quantizer_state_,
+    observed_ranges,
+    prepare_qat_,
+    quantizable_base,
+    quantizer_state,
+    set_qat_phase,
+    update_ranges,
+)
+from lightning_accel.quantization.settings import (
+    FULL_RANGE_NOTE,
+    calibrated_probe,
+    check_export_path,
+    check_writable,
+    dry_run_export,
+    prepare_arguments,
+    require_example_input,
+    set_preparation_settings,
+)
+
+_STATE_VERSION = 2
+#: Phases logged as ``qat/phase``.
+PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
+
+
+def dry_run_combined_exports(trainer: Trainer, pl_module: LightningModule, callback: Any) -> None:
+    """At fit start (every setup has run), dry-run the int8 export as another technique changes it (slimming)."""
+    if callback.export_path is None or trainer.fast_dev_run:
+        return
+    from lightning_accel.deploy.stage import Contribution, dry_run_for_trainer
+
+    probe = Contribution(
+        owner=type(callback).__name__,
+        int8_model=lambda: calibrated_probe(pl_module, **prepare_arguments(callback)),
+    )
+    dry_run_for_trainer(trainer, pl_module, probe)
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with int8 fake quantization, so that the deployed int8 model keeps the float model's accuracy.
+
+    Static int8: weights symmetric per output channel (7-bit by default, exact in ONNX Runtime on every CPU),
+    activations per-tensor affine uint8, observed at the input and output of every selected ``nn.Conv1d/2d/3d`` and
+    ``nn.Linear``; biases are rounded to the runtime's int32 grid. Modules are prepared in ``setup`` (before
+    checkpoint restore, DDP and optimizers); parameters keep their names and identity and the model's ``forward``
+    is untouched. Activation ranges are reduced over DDP ranks every step, so all ranks quantize alike, and
+    batches with NaN/inf activations never enter them. Fit never converts the model: with ``export_path`` a
+    converted copy is exported at the end of fit and checked in ONNX Runtime.
+
+    ``validate``/``test``/``predict`` score the model as it will be deployed: during fit by the current step's
+    phase, otherwise by the restored quantizer state (``ckpt_path=...``), in any process.
+
+    QAT fine-tunes: start it from a trained float model (a checkpoint, or a ``start_step`` after float training).
+    From random weights the clipped ranges slow learning down.
+
+    Args:
+        include: Glob patterns over module names to quantize; ``None`` selects every ``nn.Linear`` and
+            ``nn.Conv1d/2d/3d`` (exact types; subclasses keep their own forward and are skipped).
+        exclude: Glob patterns over module names to keep in float.
+        start_step: Where fake quantization starts; before it the model trains in float. An optimizer step (int) or
+            a fraction of the fit's training steps (float in (0, 1], e.g. 0.6), as Lightning's
+            ``val_check_interval``.
+        freeze_observers_step: Step or fraction from which activation ranges and weight scales stay fixed.
+            ``None``: never.
+        freeze_bn_step: Step or fraction from which every BatchNorm keeps its running statistics (eval mode).
+            ``None``: never.
+        fold_bn: Train and export a conv that is directly followed by a BatchNorm with the BatchNorm folded into its
+            weight, so that the int8 weights the runtime sees are the ones that were trained.
+        export_path: Where rank 0 writes the int8 ONNX model at the end of fit (needs the module's
+            ``example_input_array``). ``None``: no export.
+        log_ranges: Log each activation quantizer's scale as ``qat/scale/<name>``.
+        weight_bits: 7 (default): weights in [-63, 63], computed exactly by ONNX Runtime on every CPU. 8: the full
+            range, for targets whose int8 dot products accumulate in int32 (VNNI/AMX, ARM, TensorRT).
+        model_input: Which part of a batch is the model's input, for checking the export on a validation batch:
+            ``None`` (the first element of a tuple/list batch, or the whole batch), a dict key or a tuple index.
+        on_mismatch: What to do when the exported file does not reproduce the PyTorch model (agreement < 99% or
+            SNR < 30 dB): ``"warn"``, ``"raise"`` or ``"ignore"``.
+        outputs: Where layer outputs are quantized: ``"auto"`` (every Conv/Linear output, except the Linear layers
+            inside transformer blocks, whose outputs stay float while ONNX Runtime still runs their int8 kernels)
+            or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        start_step: int | float = 0,
+        freeze_observers_step: int | float | None = None,
+        freeze_bn_step: int | float | None = None,
+        fold_bn: bool = True,
+        export_path: str | os.PathLike | None = None,
+        log_ranges: bool = True,
+        weight_bits: int = DEFAULT_WEIGHT_BITS,
+        model_input: str | int | None = None,
+        on_mismatch: str = "warn",
+        outputs: Literal["auto", "all"] = "auto",
+    ) -> None:
+        start_step = validate_step("start_step", start_step)
+        freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
+        freeze_bn_step = validate_step("freeze_bn_step", freeze_bn_step, allow_none=True)
+        comparable = type(freeze_observers_step) is type(start_step)
+        if freeze_observers_step is not None and comparable and freeze_observers_step <= start_step:
+            raise ValueError(
+                f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
+                f"they are frozen, or None; got {freeze_observers_step!r}"
+            )
+        log_ranges = validate_bool("log_ranges", log_ranges)
+        set_preparation_settings(self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch)
+        self.export_path = check_export_path(export_path)
+        self.start_step = start_step
+        self.freeze_observers_step = freeze_observers_step
+        self.freeze_bn_step = freeze_bn_step
+        self.log_ranges = log_ranges
+        self.skipped_ranges = 0
+        #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
+        self.resolved_export_path: str | None = None
+        self._log_selection = True  # once per callback: setup runs again for test after fit
+        self._selection_summary = ""
+        self._model: nn.Module | None = None
+        self._quantizers: dict[str, ActivationFakeQuant] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._batch_norms: list[nn.Module] = []
+        self._phase = PHASE_FLOAT
+        self._training_steps = TrainingSteps()
+        self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
+        # (start, freeze observers, freeze BatchNorm) as optimizer steps, once fractions are resolved at fit start.
+        steps = (start_step, freeze_observers_step, freeze_bn_step)
+        self._steps: tuple[int, int | None, int | None] | None = (
+            steps if not any(isinstance(v, float) for v in steps) else None
+        )
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    def phase_at(self, step: int) -> int:
+        """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen.
+
+        Fractional steps are resolved at fit start; before that this raises ``RuntimeError``.
+        """
+        if self._steps is None:
+            raise RuntimeError("QuantizationAwareTraining: fractional steps are resolved when fit starts")
+        start, freeze_observers, _ = self._steps
+        if step < start:
+            return PHASE_FLOAT
+        if freeze_observers is not None and step >= freeze_observers:
+            return PHASE_FROZEN
+        return PHASE_OBSERVING
+
+    def _resolve_steps(self, trainer: Trainer) -> None:
+        """Turn fractional steps into optimizer steps of this fit, and check their order."""
+        total = trainer.estimated_stepping_batches
+        start = resolve_step("start_step", self.start_step, total)
+        freeze_observers = resolve_step("freeze_observers_step", self.freeze_observers_step, total)
+        freeze_bn = resolve_step("freeze_bn_step", self.freeze_bn_step, total)
+        if freeze_observers is not None and freeze_observers <= start:
+            raise ValueError(
+                f"`freeze_observers_step` ({self.freeze_observers_step!r} = step {freeze_observers}) must come after "
+                f"`start_step` ({self.start_step!r} = step {start}) in this fit of {total} steps"
+            )
+        self._steps = (start, freeze_observers, freeze_bn)
+
+    # --- hooks --------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Prepare the fake-quant modules (once), and before fitting dry-run everything the export will need."""
+        fitting = stage == "fit"
+        if self.export_path is not None and fitting:
+            require_example_input(pl_module, type(self).__name__)
+            self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+            check_writable(self.resolved_export_path)
+        if self.weight_bits == 8:
+            rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
+        refuse_weight_averaging(trainer, "QuantizationAwareTraining", "the quantizer ranges and BatchNorm freeze")
+        configure_model_early(trainer, pl_module)  # layers built in configure_model are quantized too
+        prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits, self.outputs)
+        self._model = pl_module
+        self._batch_norms = list(iter_batch_norms(pl_module))
+        self._applied = None
+        self._quantizers = activation_quantizers(pl_module)
+        if self._pending_state is not None:
+            self._load_into_model(self._pending_state)
+        if self.export_path is not None and fitting:
+            dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
+        step = self._training_steps.current(trainer, pl_module)
+        self._set_phase(self.phase_at(step) if self._steps else PHASE_FLOAT, training=False)
+        if self._log_selection:
+            quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
+            skipped = attention_kernel_children(pl_module)
+            candidates = [
+                name
+                for name, m in pl_module.named_modules()
+                if name and quantizable_base(m) is not None and name not in skipped
+            ]
+            summary = summarize_selection(quantized, candidates) + left_in_float(pl_module)
+            self._selection_summary = summary
+            rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {summary}")
+            self._log_selection = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve fractional steps against this fit's length (before the sanity check validates)."""
+        from lightning_accel.deploy.stage import forget_deployment
+
+        forget_deployment(trainer)
+        self._resolve_steps(trainer)
+        dry_run_combined_exports(trainer, pl_module, self)
+        if self._selection_summary:
+            log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
+        self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
+        add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
+        step = self._training_steps.current(trainer, pl_module)
+        self._set_phase(self.phase_at(step), training=True)
+        freeze_bn_step = self._steps[2]
+        if freeze_bn_step is not None and step >= freeze_bn_step:
+            for bn in self._batch_norms:  # again every step: Lightning's model.train() after validation undoes it
+                bn.eval()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Reduce this batch's activation ranges over ranks, update the running ranges, and log."""
+        self._training_steps.batch_done(pl_module)
+        if self._phase == PHASE_OBSERVING:
+            ranges = flag_nonfinite(observed_ranges(self._quantizers))
+            if trainer.world_size > 1:
+                ranges = trainer.strategy.reduce(ranges, reduce_op="max")
+            if ranges[-1] > 0:  # a NaN/inf activation on some rank: this batch must not poison the ranges
+                self.skipped_ranges += 1
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: step {trainer.global_step} produced non-finite activations; its "
+                    f"ranges were skipped ({self.skipped_ranges} batch(es) so far, logged as qat/skipped_ranges)"
+                )
+            else:
+                update_ranges(list(self._quantizers.values()), ranges[:-1], averaging_constant=0.01)
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        for name, phase in (("float", PHASE_FLOAT), ("observing", PHASE_OBSERVING), ("frozen", PHASE_FROZEN)):
+            pl_module.log(f"qat/phase_{name}", float(self._phase == phase), on_step=True, on_epoch=False)
+        pl_module.log("qat/phase", float(self._phase), on_step=True, on_epoch=False)
+        pl_module.log("qat/skipped_ranges", float(self.skipped_ranges), on_step=True, on_epoch=False)
+        if self.log_ranges and self._phase != PHASE_FLOAT:
+            for name, quantizer in self._quantizers.items():
+                pl_module.log(f"qat/scale/{name}", quantizer.scale, on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate as deployed, without observing: see :meth:`evaluation_phase`."""
+        self._set_phase(self.evaluation_phase(trainer), training=False)
+
+    on_test_start = on_validation_start
+    on_predict_start = on_validation_start
+
+    def evaluation_phase(self, trainer: Trainer) -> int:
+        """The phase that ``validate``/``test``/``predict`` evaluate in.
+
+        During fit, the current step's phase. Outside fit (``trainer.test(ckpt_path=...)`` in any process) the
+        restored quantizer state decides, not ``trainer.global_step``, which Lightning does not restore there:
+        quantized if the quantizers hold observed ranges, float (with a warning) if they hold none.
+        """
+        if trainer.state.fn == "fit":
+            return self.phase_at(self._training_steps.current(trainer, trainer.lightning_module))
+        calibrated = [name for name, q in self._quantizers.items() if q.calibrated]
+        if len(calibrated) == len(self._quantizers):
+            return PHASE_FROZEN
+        if calibrated:
+            missing = [name for name in self._quantizers if name not in calibrated]
+            raise RuntimeError(
+                f"QuantizationAwareTraining: the restored quantizer state has ranges for {len(calibrated)} of "
+                f"{len(self._quantizers)} quantizers (missing: {missing[:5]}); the checkpoint does not match "
+                "this model's selection"
+            )
+        rank_zero_warn(
+            f"QuantizationAwareTraining: no quantizer state was restored, so `{trainer.state.fn}` scores the float "
+            "model, not the int8 one. Pass `ckpt_path=` a checkpoint written after QAT's start_step."
+        )
+        return PHASE_FLOAT
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The deploy stage builds every artifact once, on rank 0 (the trained model stays as it is)."""
+        from lightning_accel.deploy.stage import deploy_for_trainer
+
+        deploy_for_trainer(trainer, pl_module)
+
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """What QAT hands to the deploy stage: the trained int8 model, where to write it, and what to check it on.
+
+        ``None`` when there is no int8 model (training stopped before ``start_step``: warned when an export was
+        asked for).
+        """
+        from lightning_accel.deploy.stage import Contribution
+
+        path = self.resolved_export_path if self.export_path is not None else None
+        if path is not None and trainer.fast_dev_run:
+            rank_zero_warn(f"QuantizationAwareTraining: fast_dev_run, so the int8 export to {path} is skipped")
+            path = None
+        uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
+        if not self._quantizers or (uncalibrated and path is None):
+            return None
+        start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
+        if uncalibrated and steps <= start:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
+                f"{start}, so there is no int8 model: nothing was written to {path}"
+            )
+            return None
+        if uncalibrated:
+            raise RuntimeError(
+                f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
+                f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
+            )
+        return Contribution(
+            owner="QuantizationAwareTraining",
+            int8_model=lambda: pl_module,
+            int8_path=path,
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input)),
+            on_mismatch=self.on_mismatch,
+        )
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every quantizer's buffers (tensors on CPU), the weight width and the count of skipped batches."""
+        quantizers = quantizer_state(self._model) if self._model is not None else {}
+        return {
+            "version": _STATE_VERSION,
+            "quantizers": quantizers,
+            "weight_bits": self.weight_bits,
+            "outputs": self.outputs,
+            "skipped_ranges": self.skipped_ranges,
+            "training_batches": self._training_steps.batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the quantizers (now if the model is prepared, else at ``setup``)."""
+        saved_bits = state_dict.get("weight_bits", LEGACY_WEIGHT_BITS)
+        state = state_dict.get("quantizers") or None
+        if state is not None and saved_bits != self.weight_bits:
+            raise ValueError(
+                f"The checkpoint's quantizers were trained with weight_bits={saved_bits}, this callback has "
+                f"`weight_bits`={self.weight_bits}: set weight_bits={saved_bits} to continue from it"
+            )
+        saved_outputs = state_dict.get("outputs", LEGACY_OUTPUTS)
+        if state is not None and saved_outputs != self.outputs:
+            raise ValueError(
+                f"The checkpoint's quantizers were trained with outputs={saved_outputs!r}, this callback has "
+                f"`outputs`={self.outputs!r}: set outputs={saved_outputs!r} to continue from it"
+            )
+        self.skipped_ranges = int(state_dict.get("skipped_ranges", 0))
+        self._training_steps.batches = int(state_dict.get("training_batches", 0))
+        if state is None:
+            return
+        if self._model is not None:
+            self._load_into_model(state)
+        else:
+            self._pending_state = state
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+
+    def _load_into_model(self, state: dict[str, Any]) -> None:
+        load_quantizer_state_(self._model, state)
+        self._pending_state = None
+
+    def _set_phase(self, phase: int, training: bool) -> None:
+        self._phase = phase
+        wanted = (phase != PHASE_FLOAT, training and phase == PHASE_OBSERVING)
+        if wanted != self._applied:  # walking every module each step would cost large models real time
+            set_qat_phase(self._model, fake_quant=wanted[0], observe=wanted[1])
+            self._applied = wanted

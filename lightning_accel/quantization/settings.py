@@ -1,0 +1,128 @@
+"""The settings QAT and PTQ share: validation in the constructors, and the export dry run at setup."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningModule
+
+from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
+from lightning_accel.quantization.calibration import calibrate_, example_input
+from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
+
+FULL_RANGE_NOTE = (
+    "weight_bits=8 uses the full int8 range. ONNX Runtime computes it exactly only where int8 dot products "
+    "accumulate in int32 (x86 with VNNI or AMX, ARM, TensorRT). On x86 without VNNI (AVX2, AVX-512F) its U8S8 "
+    "kernels saturate pairs of products to int16 unless the session sets `session.x64quantprecision=1` "
+    "(measured about 30% slower at batch 32). weight_bits=7, the default, is exact on every CPU."
+)
+
+
+def check_export_path(export_path: Any) -> str | None:
+    """Validate an export path given to a constructor; return it as a string."""
+    if export_path is None:
+        return None
+    if not isinstance(export_path, str | os.PathLike) or not os.fspath(export_path).endswith(".onnx"):
+        raise ValueError(f"`export_path` must be a path ending in '.onnx', or None, got {export_path!r}")
+    path = os.fspath(export_path)
+    if "://" in path:
+        raise ValueError(
+            f"`export_path` must be a local file path (the file is written under a temporary name and renamed), "
+            f"got the URL {path!r}; export locally and upload the file afterwards"
+        )
+    return path
+
+
+def check_writable(export_path: str) -> None:
+    """Fail at setup, not after training, when the export path cannot be written."""
+    directory = Path(export_path).resolve().parent
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"`export_path` {export_path!r} cannot be written: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"`export_path` {export_path!r} cannot be written: no write permission in {existing}")
+
+
+def _check_on_mismatch(on_mismatch: Any) -> None:
+    if on_mismatch not in ON_MISMATCH_CHOICES:
+        raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
+
+
+def _check_model_input(model_input: Any) -> None:
+    if model_input is not None and (isinstance(model_input, bool) or not isinstance(model_input, str | int)):
+        raise TypeError(
+            "`model_input` must be None (the first element of a tuple/list batch, or the whole batch), a dict key "
+            f"(str) or a tuple index (int), got {model_input!r}"
+        )
+
+
+def set_preparation_settings(
+    callback: Any,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    fold_bn: bool,
+    weight_bits: int,
+    outputs: str,
+    model_input: str | int | None,
+    on_mismatch: str,
+) -> None:
+    """Validate and store the settings QAT and PTQ share (those :func:`prepare_arguments` passes on, and the check)."""
+    callback.include = validate_patterns("include", include)
+    callback.exclude = validate_patterns("exclude", exclude)
+    callback.fold_bn = validate_bool("fold_bn", fold_bn)
+    validate_weight_bits(weight_bits)
+    callback.weight_bits = weight_bits
+    validate_outputs(outputs)
+    callback.outputs = outputs
+    _check_model_input(model_input)
+    callback.model_input = model_input
+    _check_on_mismatch(on_mismatch)
+    callback.on_mismatch = on_mismatch
+
+
+def prepare_arguments(callback: Any) -> dict[str, Any]:
+    """The preparation settings a QAT or PTQ callback passes to ``prepare_qat_``/``calibrate_``."""
+    return {
+        "include": callback.include,
+        "exclude": callback.exclude,
+        "fold_bn": callback.fold_bn,
+        "weight_bits": callback.weight_bits,
+        "outputs": callback.outputs,
+    }
+
+
+def require_example_input(pl_module: LightningModule, owner: str) -> None:
+    """Raise ``ValueError`` naming the module when an export is asked for without ``example_input_array``."""
+    if pl_module.example_input_array is None:
+        raise ValueError(
+            f"{owner}(export_path=...) needs an example input to trace the model: set "
+            f"`self.example_input_array` in {type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
+        )
+
+
+def calibrated_probe(pl_module: LightningModule, **prepare: Any) -> Any:
+    """A throwaway copy of ``pl_module``, prepared and calibrated on its example input: what a dry run exports."""
+    probe = copy.deepcopy(pl_module)
+    calibrate_(probe, [example_input(pl_module)], num_batches=1, model_input=lambda batch: batch, **prepare)
+    return probe
+
+
+def dry_run_export(pl_module: LightningModule, owner: str, **prepare: Any) -> None:
+    """Export a throwaway copy, calibrated on the example input, so that the end of fit cannot fail on it."""
+    from lightning_accel.deploy.onnx import export_onnx  # deploy builds on the techniques, not the reverse
+
+    try:
+        probe = calibrated_probe(pl_module, **prepare)
+        with tempfile.TemporaryDirectory() as directory:
+            export_onnx(probe, Path(directory) / "dry_run.onnx", example_input(pl_module), on_mismatch="ignore")
+    except Exception as error:
+        raise RuntimeError(
+            f"{owner}: the int8 export of {type(pl_module).__name__} fails on its example_input_array, so it would "
+            f"fail at the end of fit. Checked at setup, before training: {type(error).__name__}: {error}"
+        ) from error

@@ -1,0 +1,130 @@
+"""The deploy stage: every artifact built once, in one place, whatever the callback order; techniques independent."""
+
+import ast
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from lightning import Trainer
+
+from lightning_accel import (
+    AccelerationReport,
+    MagnitudePruning,
+    MixedPrecision,
+    QuantizationAwareTraining,
+)
+from lightning_accel.deploy import Contribution, build_artifacts
+from tests.helpers import RandomImages, fast_trainer_kwargs, module_with_example
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lightning_accel"
+TECHNIQUES = {
+    "precision": [PACKAGE / "precision.py"],
+    "pruning": sorted((PACKAGE / "pruning").glob("*.py")),
+    "quantization": sorted((PACKAGE / "quantization").glob("*.py")),
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_no_technique_imports_another(technique):
+    others = [f"lightning_accel.{name}" for name in TECHNIQUES if name != technique]
+    for path in TECHNIQUES[technique]:
+        wrong = sorted(m for m in _imported_modules(path) if any(m == o or m.startswith(f"{o}.") for o in others))
+        assert not wrong, f"{path.relative_to(PACKAGE)} imports {wrong}"
+
+
+def _all_callbacks(tmp_path, order):
+    callbacks = {
+        "precision": MixedPrecision("bf16-mixed", export_half=str(tmp_path / "model.bf16.pt")),
+        "pruning": MagnitudePruning(0.5, pattern="channels", end_step=4, every_n_steps=2),
+        "qat": QuantizationAwareTraining(start_step=2, export_path=str(tmp_path / "model.int8.onnx")),
+        "report": AccelerationReport(directory=tmp_path / "report", max_batches=2, plots=False, latency=False),
+    }
+    return [callbacks[name] for name in order]
+
+
+@pytest.mark.parametrize(
+    "order", [("precision", "pruning", "qat", "report"), ("report", "qat", "pruning", "precision")]
+)
+def test_every_artifact_is_built_once_and_listed_once_whatever_the_order(tmp_path, monkeypatch, order):
+    import torch
+
+    written = Counter()
+    original = torch.onnx.export
+
+    def counting(model, args, path, *rest, **kwargs):  # every ONNX file is traced here, under a temporary name
+        name = Path(path).name.lstrip(".").split(".tmp-")[0]
+        if "dry_run" not in name:
+            written[name] += 1
+        return original(model, args, path, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counting)
+    callbacks = _all_callbacks(tmp_path, order)
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=callbacks)
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    assert written == {"model.int8.onnx": 1, "model.fp32.onnx": 1, "model.slim.onnx": 1}
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    paths = [entry["path"] for entry in saved["sizes"].values()]
+    assert len(paths) == len(set(paths))  # each file listed once
+    assert saved["sizes"]["int8 ONNX"]["path"] == str(tmp_path / "model.int8.onnx")
+    assert saved["sizes"]["int8 ONNX"]["requested_by"] == ["QuantizationAwareTraining", "AccelerationReport"]
+    assert "evaluated model" in saved["sizes"]["int8 ONNX"]["checked_against"]
+    assert saved["sizes"]["bfloat16 state dict"]["path"] == str(tmp_path / "model.bf16.pt")
+    assert saved["precision"] == "bf16-mixed"
+
+
+def test_building_stays_inside_the_deploy_stage_and_the_techniques_interfaces(tmp_path):
+    """From the end of fit to the written files: no call returns to a technique's callback or to the report."""
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=_all_callbacks(tmp_path, ["pruning", "qat"]))
+    module = module_with_example()
+    trainer.fit(module, datamodule=RandomImages())
+    contributions = [c.deploy_contribution(trainer, module) for c in trainer.callbacks[:2]]
+    entered = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            entered.add(frame.f_globals.get("__name__", ""))
+
+    sys.setprofile(profile)
+    try:
+        build = build_artifacts(module, contributions, module.example_input_array)
+    finally:
+        sys.setprofile(None)
+    ours = {name for name in entered if name.startswith("lightning_accel")}
+    interfaces = {
+        "lightning_accel._files",
+        "lightning_accel._validation",
+        "lightning_accel.pruning.groups",  # the channel groups (plan data) and kept_channels
+        "lightning_accel.quantization.prepare",  # float_copy, quantized_modules, set_qat_phase
+        "lightning_accel.quantization.fake_quant",  # the quantizers' own forward and bias rounding
+        "lightning_accel.quantization.qat",  # only the contribution's own lambda, which hands the model over
+    }
+    outside = {name for name in ours if not name.startswith("lightning_accel.deploy")} - interfaces
+    assert not outside, f"the build called into {sorted(outside)}"
+    assert {"int8 ONNX"} <= set(build.artifacts)
+
+
+def test_a_contribution_without_a_report_writes_only_what_was_asked(tmp_path):
+    module = module_with_example()
+    build = build_artifacts(module, [Contribution(owner="me", half_path=tmp_path / "w.bf16.pt")], None)
+    assert list(build.artifacts) == ["bfloat16 state dict"] and [p.name for p in tmp_path.iterdir()] == ["w.bf16.pt"]
+
+
+def test_the_old_module_paths_still_work_for_one_release_with_a_warning():
+    import lightning_accel.quantization.export as old_export
+    from lightning_accel.deploy import export_onnx
+
+    with pytest.warns(DeprecationWarning, match=r"quantization.export moved to lightning_accel.deploy"):
+        assert old_export.export_onnx is export_onnx
