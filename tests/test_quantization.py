@@ -429,7 +429,7 @@ def test_the_export_refuses_a_deployable_copy_that_differs_from_the_evaluated_mo
 
 
 def test_linear_subclasses_that_keep_linear_forward_are_quantized_and_named_otherwise():
-    from lightning_accel.quantization.prepare import left_in_float
+    from lightning_accel.quantization.coverage import left_in_float
 
     class Tagged(nn.Linear):
         """Adds an attribute, keeps nn.Linear's forward."""

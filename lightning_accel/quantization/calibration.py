@@ -18,10 +18,12 @@ from lightning_accel._validation import validate_int
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
-    flag_nonfinite,
-    observed_ranges,
     prepare_qat_,
     set_qat_phase,
+)
+from lightning_accel.quantization.ranges import (
+    flag_nonfinite,
+    observed_ranges,
     update_ranges,
 )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,6 @@ from lightning_accel.quantization.fake_quant import (
     ActivationFakeQuant,
     WeightFakeQuant,
     quantize_bias,
-    update_many,
     weight_qmax,
 )
 
@@ -334,53 +333,6 @@ def attention_kernel_children(model: nn.Module) -> set[str]:
     }
 
 
-def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:
-    """Why a module that holds a weight matrix stays in float (``None`` for modules QAT handles or that hold none)."""
-    if isinstance(module, _Quantized) or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
-        return None
-    if read_by_attention:
-        return "attention out_proj (nn.MultiheadAttention reads its weight in its own kernel)"
-    if isinstance(module, tuple(QUANTIZED_CLASSES)):
-        return "subclasses with their own forward (quantizing would replace what it computes)"
-    if isinstance(module, nn.MultiheadAttention):
-        return "attention Q/K/V projections (nn.MultiheadAttention runs them in its own kernel; out_proj is a Linear)"
-    if isinstance(module, nn.RNNBase):
-        return "recurrent layers (nn.LSTM/GRU/RNN: no int8 kernel in this export)"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "transposed convolutions (not quantized by this export)"
-    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-        return "embeddings (a table lookup, no matrix product to run in int8)"
-    return "other weight-holding layers (not an nn.Linear/nn.Conv computation, e.g. GPT-2's Conv1D)"
-
-
-def left_in_float(model: nn.Module, limit: int = 6) -> str:
-    """Name each weight-holding layer that QAT leaves in float, and each BatchNorm it does not fold, with the reason.
-
-    Whatever the patterns say, nothing is left out without a word (for the selection summary).
-    """
-    by_reason: dict[str, list[str]] = {}
-    read_by_attention = attention_kernel_children(model)
-    for name, module in model.named_modules():
-        reason = _float_reason(module, name in read_by_attention)
-        if reason is not None:
-            by_reason.setdefault(reason, []).append(name or type(module).__name__)
-    unfolded = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, _BATCH_NORMS) and getattr(m, "folded_into", None) is None and not is_plain_batch_norm(m)
-    ]
-    if unfolded:
-        by_reason[
-            "BatchNorms not folded, they do more than normalise (e.g. an activation inside the norm, as "
-            "timm's BatchNormAct2d); the conv output is quantized instead"
-        ] = unfolded
-    text = ""
-    for reason, names in by_reason.items():
-        more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-        text += f"; left in float, {reason}: {', '.join(names[:limit])}{more}"
-    return text
-
-
 #: Where activations are quantized: ``"auto"`` leaves the outputs of Linear layers inside transformer blocks in
 #: float, ``"all"`` quantizes every layer's output (the behaviour before the choice existed).
 OUTPUT_CHOICES = ("auto", "all")
@@ -535,77 +487,6 @@ def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
         if isinstance(module, ActivationFakeQuant | WeightFakeQuant):
             module.fake_quant = fake_quant
             module.observe = observe
-
-
-def observed_ranges(quantizers: Mapping[str, ActivationFakeQuant]) -> Tensor:
-    """Take this step's ranges as one tensor ``[-min_0, max_0, -min_1, max_1, ...]`` (for one all-reduce(max)).
-
-    The quantizers' ``batch_range`` is cleared, so that the next step starts afresh.
-
-    Raises:
-        RuntimeError: naming the modules whose quantizers saw no data (a forward that skipped them).
-    """
-    missing = [name for name, q in quantizers.items() if q.batch_range is None]
-    if missing:
-        modules = sorted({name.rpartition(".")[0] or name for name in missing})
-        raise RuntimeError(
-            f"The quantized module(s) {modules[:8]}{' and more' if len(modules) > 8 else ''} did not run in this "
-            "forward, so their activation ranges cannot be observed. Every quantized module must run in each "
-            "training or calibration step: exclude the modules that the forward skips (`exclude=[...]`)."
-        )
-    ranges = torch.stack([v for q in quantizers.values() for v in q.batch_range])
-    ranges[0::2].neg_()
-    for quantizer in quantizers.values():
-        quantizer.batch_range = None
-    return ranges
-
-
-def flag_nonfinite(ranges: Tensor) -> Tensor:
-    """Append a flag (1.0 if any range is NaN/inf, else 0.0) and zero the non-finite entries.
-
-    The result can be all-reduced with ``max`` in one call: every rank then learns whether any rank saw a
-    non-finite batch, and skips the update together.
-    """
-    finite = torch.isfinite(ranges)
-    flag = (~finite.all()).to(ranges.dtype).reshape(1)
-    return torch.cat([torch.where(finite, ranges, torch.zeros_like(ranges)), flag])
-
-
-def update_ranges(quantizers: Sequence[ActivationFakeQuant], ranges: Tensor, averaging_constant: float | None) -> None:
-    """Feed ranges made by :func:`observed_ranges` (and reduced over ranks) back into the quantizers."""
-    pairs = ranges.view(-1, 2)
-    update_many(list(quantizers), -pairs[:, 0], pairs[:, 1], averaging_constant)
-
-
-def quantizer_state(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """The fake-quant state of every quantizer, as tensors on CPU (for checkpoints)."""
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ActivationFakeQuant | WeightFakeQuant):
-            state[name] = {key: buffer.detach().cpu().clone() for key, buffer in module.named_buffers(recurse=False)}
-    return state
-
-
-def load_quantizer_state_(model: nn.Module, state: dict[str, dict[str, Tensor]]) -> None:
-    """Load :func:`quantizer_state` output into a prepared model; refuse another model's state."""
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, ActivationFakeQuant | WeightFakeQuant)}
-    if set(state) != set(modules):
-        raise ValueError(
-            "The checkpoint's quantization state belongs to another model or selection: it has quantizers "
-            f"{sorted(set(state) - set(modules))[:5]} that this model lacks, and lacks "
-            f"{sorted(set(modules) - set(state))[:5]}."
-        )
-    for name, module in modules.items():
-        for key, buffer in module.named_buffers(recurse=False):
-            saved = state[name][key]
-            if saved.shape != buffer.shape:
-                raise ValueError(
-                    f"The checkpoint's quantization state for {name}.{key} has shape {tuple(saved.shape)}, this "
-                    f"model's has {tuple(buffer.shape)}"
-                )
-            buffer.copy_(saved)
-        if isinstance(module, ActivationFakeQuant):
-            module.calibrated = bool(module.initialized)
 
 
 def iter_batch_norms(model: nn.Module) -> Iterator[nn.Module]:

@@ -15,21 +15,25 @@ from lightning_accel._logging import add_hyperparameters, log_text
 from lightning_accel._modules import summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches
+from lightning_accel.quantization.coverage import (
+    left_in_float,
+)
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
     LEGACY_OUTPUTS,
     LEGACY_WEIGHT_BITS,
     activation_quantizers,
     attention_kernel_children,
-    flag_nonfinite,
     iter_batch_norms,
-    left_in_float,
-    load_quantizer_state_,
-    observed_ranges,
     prepare_qat_,
     quantizable_base,
-    quantizer_state,
     set_qat_phase,
+)
+from lightning_accel.quantization.ranges import (
+    flag_nonfinite,
+    load_quantizer_state_,
+    observed_ranges,
+    quantizer_state,
     update_ranges,
 )
 from lightning_accel.quantization.settings import (

@@ -13,9 +13,11 @@ from lightning_accel.quantization.prepare import (
     _BATCH_NORMS,
     LEGACY_OUTPUTS,
     LEGACY_WEIGHT_BITS,
-    load_quantizer_state_,
     prepare_qat_,
     set_qat_phase,
+)
+from lightning_accel.quantization.ranges import (
+    load_quantizer_state_,
 )
 
 _STATE_PREFIX = "QuantizationAwareTraining"

@@ -1,0 +1,60 @@
+"""What QAT leaves in float, and why: every weight-holding layer it does not quantize is named with a reason."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_accel.quantization.prepare import (
+    _BATCH_NORMS,
+    QUANTIZED_CLASSES,
+    _Quantized,
+    attention_kernel_children,
+    is_plain_batch_norm,
+)
+
+
+def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:
+    """Why a module that holds a weight matrix stays in float (``None`` for modules QAT handles or that hold none)."""
+    if isinstance(module, _Quantized) or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        return None
+    if read_by_attention:
+        return "attention out_proj (nn.MultiheadAttention reads its weight in its own kernel)"
+    if isinstance(module, tuple(QUANTIZED_CLASSES)):
+        return "subclasses with their own forward (quantizing would replace what it computes)"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention Q/K/V projections (nn.MultiheadAttention runs them in its own kernel; out_proj is a Linear)"
+    if isinstance(module, nn.RNNBase):
+        return "recurrent layers (nn.LSTM/GRU/RNN: no int8 kernel in this export)"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolutions (not quantized by this export)"
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return "embeddings (a table lookup, no matrix product to run in int8)"
+    return "other weight-holding layers (not an nn.Linear/nn.Conv computation, e.g. GPT-2's Conv1D)"
+
+
+def left_in_float(model: nn.Module, limit: int = 6) -> str:
+    """Name each weight-holding layer that QAT leaves in float, and each BatchNorm it does not fold, with the reason.
+
+    Whatever the patterns say, nothing is left out without a word (for the selection summary).
+    """
+    by_reason: dict[str, list[str]] = {}
+    read_by_attention = attention_kernel_children(model)
+    for name, module in model.named_modules():
+        reason = _float_reason(module, name in read_by_attention)
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(name or type(module).__name__)
+    unfolded = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, _BATCH_NORMS) and getattr(m, "folded_into", None) is None and not is_plain_batch_norm(m)
+    ]
+    if unfolded:
+        by_reason[
+            "BatchNorms not folded, they do more than normalise (e.g. an activation inside the norm, as "
+            "timm's BatchNormAct2d); the conv output is quantized instead"
+        ] = unfolded
+    text = ""
+    for reason, names in by_reason.items():
+        more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+        text += f"; left in float, {reason}: {', '.join(names[:limit])}{more}"
+    return text
