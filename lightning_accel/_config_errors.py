@@ -19,6 +19,10 @@ _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"Expected a <class '([^']+)'>")
 _SUBTYPES = re.compile(r"Subtypes: \[([^\]]*(?:\][^\]]*)?)\]")
 _GOT_VALUE = re.compile(r"(?:Got value|Given value): (.+)")
+_LITERAL = re.compile(r"Expected a (?:typing\.)?Literal\[([^\]]*)\]\. Got value: (.+)")
+_UNKNOWN_SECTION = re.compile(r"Subcommand '(\w+)' does not accept option '([^'.]+)(?:\.[^']*)?'")
+#: Top-level keys a config may hold besides the callback sections (for "did you mean" on a misspelt section).
+_TOP_LEVEL = ["trainer", "model", "data", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path", "config"]
 
 
 def _options_of(class_path: str) -> list[str]:
@@ -43,6 +47,9 @@ def summarize_config_error(message: str) -> str:
     """
     keys = _KEY.findall(message)
     class_match = _CLASS_PATH.search(message)
+    section = _UNKNOWN_SECTION.search(message)
+    if section and not keys:
+        return _unknown_section(section.group(1), section.group(2), message)
     if not keys:
         return message.strip().splitlines()[0] if message.strip() else message
     class_path = class_match.group(1) if class_match else None
@@ -56,9 +63,16 @@ def summarize_config_error(message: str) -> str:
         listed = f" Valid options: {', '.join(options)}." if options else ""
         return f"{keys[0]}{owner}: unknown option {option!r}{hint}{listed}"
     # The innermost key holds the real problem; the outer ones name where it sits.
-    inner_at = message.find(f'Parser key "{keys[-1]}"')
+    inner_at = message.rfind(f'Parser key "{keys[-1]}"')
     detail = message[inner_at:]
     where = keys[0] + owner + (f".{keys[-1]}" if len(keys) > 1 else "")
+    literal = _LITERAL.search(detail)
+    if literal:
+        allowed = [v.strip().strip("'\"") for v in literal.group(1).split(",")]
+        given = literal.group(2).strip()
+        close = difflib.get_close_matches(given, allowed, n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{where}: expected one of {', '.join(map(repr, allowed))}, got {given!r}{hint}"
     subtypes = _SUBTYPES.search(detail)
     expected = (
         _clean_type(subtypes.group(1)) if subtypes else ", ".join(_clean_type(e) for e in _EXPECTED.findall(detail))
@@ -73,3 +87,14 @@ def summarize_config_error(message: str) -> str:
     if "list" in expected and not value.startswith("["):
         return f"{where}: expected a list such as [{value!r}], got the single value {value!r}"
     return f"{where}: expected {expected or 'another value'}, got {value}"
+
+
+def _unknown_section(subcommand: str, key: str, message: str) -> str:
+    """An option or config section the subcommand does not have, with the closest known one."""
+    from lightning_accel.cli import CALLBACK_SECTIONS  # the sections are defined with the command
+
+    known = [*CALLBACK_SECTIONS, *_TOP_LEVEL, "test_after_fit"]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    sections = ", ".join(f"{name}:" for name in CALLBACK_SECTIONS)
+    return f"{subcommand}: unknown option or section {key!r}{hint} (callback sections: {sections})"

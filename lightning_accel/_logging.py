@@ -16,13 +16,19 @@ def add_hyperparameters(
 ) -> None:
     """Log ``settings`` merged with the model's hyperparameters and everything logged before.
 
-    TensorBoard's HParams tab keeps only the last hyperparameter summary of a run, so logging our two settings
-    alone would hide the model's. Merging keeps them all; ``metrics`` become the HParams metrics.
+    Merging keeps the model's hyperparameters beside ours; ``metrics`` become the HParams metrics. TensorBoard's
+    HParams plugin reads the metric *names* of a run from its first hyperparameter summary only, and their values
+    from the scalars: so every call also names the metrics that callbacks in the Trainer declare
+    (``declared_metrics``, e.g. the report's), with NaN until their real values are logged.
     """
+    declared = {
+        name: float("nan") for callback in trainer.callbacks for name in getattr(callback, "declared_metrics", ())
+    }
+    metrics = {**declared, **dict(metrics or {})}
     for logger in trainer.loggers:
         merged = {**dict(pl_module.hparams), **dict(getattr(logger, "hparams", None) or {}), **settings}
         if metrics:
-            logger.log_hyperparams(merged, metrics=dict(metrics))
+            logger.log_hyperparams(merged, metrics=metrics)
         else:
             logger.log_hyperparams(merged)
 
@@ -33,3 +39,16 @@ def log_text(trainer: Trainer, tag: str, text: str) -> None:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text(tag, text, trainer.global_step)
+
+
+def selection_tag(owner: str, include: Any = None, exclude: Any = None) -> str:
+    """A readable logger tag for a callback's selection summary: ``lightning_accel/selection/MagnitudePruning``.
+
+    Two instances in one Trainer differ by their patterns, which the tag then names
+    (``.../MagnitudePruning/include=net.fc1``), instead of a dict repr.
+    """
+    parts = [f"lightning_accel/selection/{owner}"]
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        if patterns:
+            parts.append(f"{name}=" + ",".join(str(p) for p in patterns))
+    return "/".join(parts)

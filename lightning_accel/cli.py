@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -46,6 +47,11 @@ def _raised_in_this_package(error: BaseException) -> bool:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _options(callback_class: type) -> list[str]:
+    """The constructor options of a callback, in order."""
+    return [name for name in inspect.signature(callback_class.__init__).parameters if name != "self"]
 
 
 def _boolean_options() -> dict[str, set[str]]:
@@ -110,6 +116,9 @@ class _OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        named = re.search(r"Subcommand '(\w+)'", message)
+        if named and prog.split()[-1] != named.group(1):  # one hint everywhere: the subcommand's own help
+            prog = f"{prog} {named.group(1)}"
         sys.stderr.write(f"error: {summarize_config_error(message)} (options: {prog} --help)\n")
         sys.exit(2)
 
@@ -134,8 +143,9 @@ class AccelCLI(LightningCLI):
                 f"--{key}",
                 type=Optional[callback_class],  # noqa: UP045 - jsonargparse reads this form
                 default=None,
-                help=f"Add lightning_accel.{callback_class.__name__} to the Trainer with these options "
-                f"(e.g. --{key}.<option> VALUE, or a '{key}:' section in YAML).",
+                help=f"Add lightning_accel.{callback_class.__name__} to the Trainer, with the options "
+                f"{', '.join(_options(callback_class))} (--{key}.<option> VALUE, or a '{key}:' section in YAML). "
+                f"What each means: lightning-accel fit --{key}.help {callback_class.__name__}",
             )
         parser.add_argument(
             "--test_after_fit",
@@ -166,7 +176,9 @@ class AccelCLI(LightningCLI):
                 root = root.__cause__ or root.__context__
             if not _raised_in_this_package(root):
                 raise root from None
-            self.parser.error(f"invalid configuration: {root}")
+            subcommand = f" {self.subcommand}" if getattr(self, "subcommand", None) else ""
+            sys.stderr.write(f"error: invalid configuration: {root} (options: lightning-accel{subcommand} --help)\n")
+            sys.exit(2)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, after refusing non-boolean values for our callbacks' true/false options (YAML's 'yes', 'on')."""
@@ -184,6 +196,30 @@ class AccelCLI(LightningCLI):
             listed = listed if isinstance(listed, list) else [listed]
             kwargs["callbacks"] = [*listed, *sectioned, *kwargs.get("callbacks", [])]
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a mistake our callbacks find before training ends in one ``error:`` line.
+
+        Setup and fit-start checks (a pattern that does not fit the model, a step the fit never reaches, a missing
+        example input) raise inside lightning_accel before the first optimizer step. Their message names the
+        argument, what is allowed and what was given, so the 40-line traceback only hides it. Errors raised in the
+        user's own code, and errors after training started, keep their traceback; ``LIGHTNING_ACCEL_TRACEBACK=1``
+        keeps it for ours too. The empty log directory that the failed run made is removed.
+        """
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError, RuntimeError, ImportError) as error:
+            trainer = getattr(self, "trainer", None)
+            before_training = trainer is None or trainer.global_step == 0
+            if not (before_training and _raised_in_this_package(error)) or os.environ.get("LIGHTNING_ACCEL_TRACEBACK"):
+                raise
+            _remove_empty_log_dir(trainer)
+            message = " ".join(str(error).split())
+            sys.stderr.write(
+                f"error: {message} (found before training; options: lightning-accel {subcommand} --help; "
+                "traceback: LIGHTNING_ACCEL_TRACEBACK=1)\n"
+            )
+            sys.exit(2)
 
     def after_fit(self) -> None:
         """Report where the logs went and, if asked, test the best checkpoint."""
@@ -209,6 +245,25 @@ class AccelCLI(LightningCLI):
             rank_zero_info(f"Logs written to {trainer.log_dir}; view them with: tensorboard --logdir {log_root}")
 
 
+#: What a run that failed before training leaves in its log directory; anything else is kept.
+_SETUP_LEFTOVERS = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
+
+
+def _remove_empty_log_dir(trainer: Any) -> None:
+    """Remove the log directory of a run that failed before training, if it holds only set-up files."""
+    log_dir = getattr(trainer, "log_dir", None) if trainer is not None and trainer.is_global_zero else None
+    if not log_dir or not os.path.isdir(log_dir):
+        return
+    entries = os.listdir(log_dir)
+    if all(os.path.isfile(os.path.join(log_dir, e)) and e.startswith(_SETUP_LEFTOVERS) for e in entries):
+        for entry in entries:
+            os.remove(os.path.join(log_dir, entry))
+        os.rmdir(log_dir)
+        parent = os.path.dirname(log_dir)
+        if not os.listdir(parent):  # the run made ``lightning_logs`` itself
+            os.rmdir(parent)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> AccelCLI:
     """Parse a ``lightning-accel`` command line, build its objects and, by default, run the subcommand.
 
@@ -232,6 +287,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AccelCLI:
 
 def main() -> None:
     """Entry point of the ``lightning-accel`` console script and ``python -m lightning_accel``."""
+    sys.argv[0] = "lightning-accel"  # usage lines name the command, not __main__.py
     build_cli()
 
 

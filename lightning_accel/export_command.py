@@ -16,7 +16,7 @@ from lightning_accel.report_callback import AccelerationReport, _print_table, bu
 
 
 class ArtifactTrainer(Trainer):
-    """Lightning's Trainer plus :meth:`export`, which the ``lightning-accel export`` subcommand runs."""
+    """Lightning's Trainer plus ``export``, which the ``lightning-accel export`` subcommand runs."""
 
     def export(
         self,

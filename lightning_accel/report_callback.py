@@ -17,6 +17,7 @@ from lightning_accel._validation import validate_bool, validate_int
 from lightning_accel.quantization.calibration import run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.report import (
+    HEADLINE_METRICS,
     NOISY_SPREAD,
     count_macs,
     cpu_description,
@@ -78,6 +79,11 @@ class AccelerationReport(Callback):
         self._dense_start: dict[str, float] | None = None
         self._resolved: Path | None = None
 
+    @property
+    def declared_metrics(self) -> tuple[str, ...]:
+        """The metrics the report logs at the end of fit (named to the HParams plugin at fit start)."""
+        return HEADLINE_METRICS
+
     # --- hooks --------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -93,9 +99,11 @@ class AccelerationReport(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the model as training starts: the dense starting point that the report compares against."""
+        from lightning_accel._logging import add_hyperparameters
         from lightning_accel.deploy.stage import forget_deployment
 
         forget_deployment(trainer)
+        add_hyperparameters(trainer, pl_module, {})  # names the report's metrics for TensorBoard's HParams tab
         self.history = {"steps": [], "sparsity_target": [], "sparsity_actual": [], "activation_scales": {}}
         if not trainer.is_global_zero or trainer.fast_dev_run:
             return
@@ -269,7 +277,7 @@ def measure(
     report: dict[str, Any] = {
         "cpu": cpu_description(),
         "precision": deployment.precision,
-        "model": weight_sparsity(float_model),
+        "model": weight_sparsity(float_model, deployment.pruned_parameters),
         "sizes": {},
         "latency_ms": {},
         "quality": {},

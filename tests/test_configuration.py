@@ -226,6 +226,69 @@ def test_configuration_errors_are_one_line(in_root, tmp_path, capsys, name, yaml
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
+BEFORE_TRAINING_CASES = [
+    # (name, extra command-line arguments, the key the message must name)
+    ("N:M on the digits CNN", ["--pruning.target_sparsity", "0.5", "--pruning.pattern", "2:4"], "2:4"),
+    (
+        "a start step the fit never reaches",
+        ["--qat.start_step", "1000", "--qat.freeze_bn_step", "null", "--qat.freeze_observers_step", "null"],
+        "`start_step` 1000",
+    ),
+    (
+        "an include that matches nothing",
+        ["--pruning.target_sparsity", "0.5", "--pruning.include", "[encoder]"],
+        "`include` pattern 'encoder'",
+    ),
+    (
+        "an export without example_input_array",
+        [
+            "--model",
+            "tests.helpers.TinyModule",
+            "--data",
+            "tests.helpers.RandomImages",
+            "--ptq.export_path",
+            "m.int8.onnx",
+        ],
+        "example_input_array",
+    ),
+    ("a precision that does not exist", ["--precision.precision", "bf16"], "did you mean 'bf16-mixed'?"),
+]
+
+
+@pytest.mark.parametrize(("name", "extra", "named"), BEFORE_TRAINING_CASES, ids=[c[0] for c in BEFORE_TRAINING_CASES])
+def test_mistakes_found_at_setup_or_fit_start_end_in_at_most_three_lines_before_training(
+    in_root, tmp_path, capsys, name, extra, named
+):
+    args = ["fit", "--config", "examples/digits/baseline.yaml", f"--trainer.default_root_dir={tmp_path}", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    tail = err[err.index("error: ") :].strip().splitlines()
+    assert len(tail) <= 3 and named in tail[0] and "lightning-accel fit --help" in tail[0], tail
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("version_*"))  # no training, no empty logs
+
+
+def test_a_misspelt_section_gets_a_did_you_mean(in_root, tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("prunning:\n  target_sparsity: 0.5\n")
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'prunning'; did you mean 'pruning'?" in err[0] and "lightning-accel fit --help" in err[0]
+
+
+def test_fit_help_names_every_callback_option_and_the_per_section_help(in_root, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"])
+    compact = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for option in ("target_sparsity", "start_step", "export_half", "calibration_batches", "max_batches"):
+        assert option in compact
+    assert "lightning-accelfit--pruning.helpMagnitudePruning" in compact
+    assert ":meth:`export`" not in compact  # our group headers are plain text (Lightning's own are not ours)
+
+
 def test_a_boolean_word_on_the_command_line_is_refused(in_root, capsys):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--config", "examples/digits/baseline.yaml", "--precision.channels_last", "on"])

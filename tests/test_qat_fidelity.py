@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -258,16 +258,36 @@ def test_a_fold_bn_mismatch_fails_on_the_first_forward_not_when_qat_starts():
             h = net.bn(net.conv(x) * 2)  # registered conv-then-bn, but bn does not take the conv's output
             return net.fc2(F.relu(net.fc1(F.max_pool2d(F.relu(h), 2).flatten(1))))
 
-    trainer = Trainer(**fast_trainer_kwargs(max_epochs=2), callbacks=[QuantizationAwareTraining(start_step=100)])
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=2), callbacks=[QuantizationAwareTraining(start_step=10)])
     with pytest.raises(RuntimeError, match=r"fold_bn: the BatchNorm 'net\.bn' does not directly follow"):
         trainer.fit(Misordered(), datamodule=RandomImages())
     assert trainer.global_step == 0
 
 
-def test_training_that_stops_before_qat_starts_warns_and_writes_nothing(tmp_path):
+def test_a_start_step_the_fit_never_reaches_is_an_error_before_training(tmp_path):
     path = tmp_path / "m.onnx"
-    with pytest.warns(UserWarning, match="before QAT's start_step 100.*nothing was written"):
-        fit_tiny([QuantizationAwareTraining(start_step=100, export_path=str(path))], module_with_example(), max_steps=5)
+    qat = QuantizationAwareTraining(start_step=100, export_path=str(path))
+    trainer = Trainer(**fast_trainer_kwargs(max_steps=5), callbacks=[qat])
+    with pytest.raises(ValueError, match=r"`start_step` 100 \(step 100\) is never reached in this fit of 5"):
+        trainer.fit(module_with_example(), datamodule=RandomImages())
+    assert trainer.global_step == 0 and not path.exists()
+
+
+class StopAfter(Callback):
+    """Stops training after ``steps`` optimizer steps, as early stopping would."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step >= self.steps
+
+
+def test_training_that_stops_early_before_qat_starts_warns_and_writes_nothing(tmp_path):
+    path = tmp_path / "m.onnx"
+    qat = QuantizationAwareTraining(start_step=10, export_path=str(path))
+    with pytest.warns(UserWarning, match="before QAT's start_step 10.*nothing was written"):
+        fit_tiny([qat, StopAfter(3)], module_with_example(), epochs=3)
     assert not path.exists()
 
 

@@ -24,6 +24,7 @@ from lightning_accel import (
     load_quantized,
     load_sparse,
     save_sparse,
+    tensor_sparsity,
 )
 from lightning_accel.quantization import is_prepared
 from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, hide_module, module_with_example
@@ -254,3 +255,73 @@ def test_count_macs_counts_recurrent_and_transposed_layers():
     assert count_macs(gru, torch.zeros(3, 5, 8)) == 15 * 3 * 16 * (8 + 16)
     up = nn.ConvTranspose2d(4, 6, 3, stride=2)
     assert count_macs(up, torch.zeros(2, 4, 5, 5)) == 2 * 4 * 5 * 5 * 6 * 9
+
+
+def _hparams_plugin_experiment(logdir):
+    """The experiment as TensorBoard's HParams plugin builds it from the event files (its own reader)."""
+    from tensorboard import context as tb_context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    context = backend_context.Context(
+        base_plugin.TBContext(logdir=str(logdir), data_provider=provider, multiplexer=multiplexer)
+    )
+    request = tb_context.RequestContext()
+    content = context.hparams_metadata(request, "")
+    return context.experiment_from_metadata(
+        request, "", True, content, context.hparams_from_data_provider(request, "", None)
+    )
+
+
+def test_the_hparams_plugin_lists_the_report_metrics_and_the_callback_settings(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    report = AccelerationReport(directory=tmp_path / "report", max_batches=2, plots=False, latency=False)
+    trainer = Trainer(**fast_trainer_kwargs(logger=logger), callbacks=[MagnitudePruning(0.5), report])
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    experiment = _hparams_plugin_experiment(tmp_path)
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert {"report/sparsity", "report/accuracy/float weights", "report/sparse_size_ratio"} <= metrics
+    assert "hp_metric" not in metrics
+    assert {"pruning/target_sparsity", "lr"} <= {info.name for info in experiment.hparam_infos}
+    scalars = EventAccumulator(trainer.log_dir).Reload().Scalars("report/sparsity")
+    assert scalars[-1].value == pytest.approx(report.report["model"]["sparsity"])
+
+
+def test_the_report_sparsity_is_the_pruning_callbacks_own_with_other_weights_apart(tmp_path):
+    pruning = MagnitudePruning(0.5, include=["net.fc1"], schedule="one_shot")
+    report = AccelerationReport(directory=tmp_path, max_batches=2, plots=False, latency=False)
+    trainer = Trainer(**fast_trainer_kwargs(), callbacks=[pruning, report])
+    module = module_with_example()
+    trainer.fit(module, datamodule=RandomImages())
+    model = report.report["model"]
+    assert model["sparsity"] == pytest.approx(tensor_sparsity({"w": module.net.fc1.weight})) == pytest.approx(0.5)
+    others = [p for n, p in module.named_parameters() if p.dim() >= 2 and n != "net.fc1.weight"]
+    assert model["other_weights"] == sum(p.numel() for p in others)
+    assert model["other_weights_sparsity"] < 0.01
+    assert "other weights (not pruned)" in (tmp_path / "report.md").read_text()
+
+
+def test_sizes_say_larger_for_larger_files_and_the_snr_column_names_its_reference():
+    from lightning_accel.report import size_ratio, to_markdown
+
+    assert size_ratio(1000, 700) == "1.4x smaller" and size_ratio(700, 1000) == "1.4x larger"
+    text = to_markdown(
+        {
+            "cpu": {"model": "x", "int8_instructions": [], "threads": 2},
+            "model": {"parameters": 1, "prunable_weights": 1, "sparsity": 0.0},
+            "sizes": {
+                "fp32 state dict": {"path": "a.pt", "bytes": 700},
+                "fp32 ONNX": {"path": "a.onnx", "bytes": 1000},
+            },
+            "quality": {"float weights": {"accuracy": 1.0}},
+            "quality_reference": "float weights",
+        }
+    )
+    assert "1.4x larger" in text and "SNR vs float weights (dB)" in text

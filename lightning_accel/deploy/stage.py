@@ -75,6 +75,7 @@ class Contribution:
         report_directory: The report's folder: every artifact is wanted, those nobody else placed go here.
         example: An example input to trace with when the module has no ``example_input_array`` (the report takes
             one from the first validation batch).
+        pruned_parameters: The parameters pruning selected: the report's sparsity is over exactly these.
     """
 
     owner: str
@@ -88,6 +89,7 @@ class Contribution:
     half_path: str | Path | None = None
     report_directory: str | Path | None = None
     example: Any = None
+    pruned_parameters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Deployment:
         slim_model: The slim float model, with channel pruning.
         example: The example input the exports were traced with (``None``: no ONNX or latency).
         precision: The training precision.
+        pruned_parameters: The parameters pruning selected (empty without pruning).
         notes: What was skipped, and why.
     """
 
@@ -111,6 +114,7 @@ class Deployment:
     slim_model: nn.Module | None = None
     example: Any = None
     precision: str = "32-true"
+    pruned_parameters: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
 
 
@@ -171,7 +175,8 @@ def build_artifacts(
     precision = next((c.precision for c in contributions if c.precision), precision)
     if example is None:
         example = next((c.example for c in contributions if c.example is not None), None)
-    deployment = Deployment(example=example, precision=precision)
+    pruned = tuple(name for c in contributions for name in c.pruned_parameters)
+    deployment = Deployment(example=example, precision=precision, pruned_parameters=pruned)
     builder = _Builder(deployment)
     report = next((c for c in contributions if c.report_directory is not None), None)
     report_dir = Path(report.report_directory) if report is not None else None

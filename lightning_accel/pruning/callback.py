@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_accel._distributed import decide_on_rank_zero
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
-from lightning_accel._logging import add_hyperparameters, log_text
+from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import validate_slim_export_path
@@ -257,7 +257,7 @@ class MagnitudePruning(Callback):
         from lightning_accel.deploy.stage import forget_deployment
 
         forget_deployment(trainer)  # a new fit: its artifacts are built afresh at its end
-        log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
+        log_text(trainer, selection_tag("MagnitudePruning", self.include, self.exclude), self._selection_summary)
         add_hyperparameters(
             trainer,
             pl_module,
@@ -376,9 +376,9 @@ class MagnitudePruning(Callback):
         if path is not None and trainer.fast_dev_run:
             rank_zero_warn(f"MagnitudePruning: fast_dev_run, so the slim export to {path} is skipped")
             path = None
-        if self._groups is None:
-            return None
-        return Contribution(owner="MagnitudePruning", channel_groups=self._groups, slim_path=path)
+        return Contribution(
+            owner="MagnitudePruning", channel_groups=self._groups, slim_path=path, pruned_parameters=tuple(self._params)
+        )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Remove the optimizer hooks so that a later fit starts clean."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
-from lightning_accel._logging import add_hyperparameters, log_text
+from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches
@@ -191,6 +192,14 @@ class QuantizationAwareTraining(Callback):
                 f"`freeze_observers_step` ({self.freeze_observers_step!r} = step {freeze_observers}) must come after "
                 f"`start_step` ({self.start_step!r} = step {start}) in this fit of {total} steps"
             )
+        if isinstance(total, int | float) and math.isfinite(total) and total > 0 and start >= total:
+            # Known before the first step: training the whole fit in float and only then finding no int8 model
+            # cost a user 446 s.
+            raise ValueError(
+                f"QuantizationAwareTraining: `start_step` {self.start_step!r} (step {start}) is never reached in "
+                f"this fit of {int(total)} training steps, so there would be no int8 model. Set `start_step` below "
+                f"{int(total)}, or as a fraction of training such as 0.67"
+            )
         self._steps = (start, freeze_observers, freeze_bn)
 
     # --- hooks --------------------------------------------------------------------------------------------------
@@ -238,7 +247,7 @@ class QuantizationAwareTraining(Callback):
         self._resolve_steps(trainer)
         dry_run_combined_exports(trainer, pl_module, self)
         if self._selection_summary:
-            log_text(trainer, f"lightning_accel/selection/{self.state_key}", self._selection_summary)
+            log_text(trainer, selection_tag(type(self).__name__, self.include, self.exclude), self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
         add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
 
