@@ -110,7 +110,7 @@ class AccelerationReport(Callback):
         loader = _validation_loader(trainer)
         if loader is None:
             return
-        model = float_copy(pl_module).eval()
+        model = float_copy(pl_module).eval().float()  # bf16-true trains in bf16; inputs arrive in fp32
         scores = evaluate({"dense start": _predictor(model)}, loader, self.max_batches, reference="dense start")
         self._dense_start = scores.get("dense start")
 

@@ -306,3 +306,42 @@ def test_resuming_with_a_lower_target_warns_that_zeros_do_not_come_back(tmp_path
         fit_tiny(
             [MagnitudePruning(target_sparsity=0.5, schedule="one_shot")], epochs=2, ckpt_path=tmp_path / "p90.ckpt"
         )
+
+
+class _SmallLayer(TinyModule):
+    """fc2's weights are 1,000x smaller than the others': a global threshold empties it first."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.net.fc2.weight.mul_(1e-3)
+
+
+def test_a_layer_the_global_threshold_empties_is_named_at_each_recompute():
+    pruning = MagnitudePruning(0.5, schedule="one_shot")
+    with pytest.warns(UserWarning, match=r"above 99% zeros: net\.fc2\.weight 100\.0%"):
+        fit_tiny([pruning], _SmallLayer())
+    assert (~pruning.masks["net.fc2.weight"]).all()  # the reason for the warning, measured
+
+
+class _Depthwise(TinyModule):
+    """TinyModule with a depthwise conv after the stem, as in MobileNet's inverted residuals."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        net = self.net
+        x = torch.relu(self.dw(torch.relu(net.bn(net.conv(x)))))
+        return net.fc2(torch.relu(net.fc1(torch.nn.functional.max_pool2d(x, 2).flatten(1))))
+
+
+def test_depthwise_convs_stay_dense_under_unstructured_pruning_unless_named():
+    pruning = MagnitudePruning(0.9, scope="layer", schedule="one_shot")
+    fit_tiny([pruning], _Depthwise())
+    assert "dw.weight" not in pruning.masks and "net.conv.weight" in pruning.masks
+    assert re.search(r"left dense by default, depthwise convs[^;]*: dw\.weight", pruning._selection_summary)
+    named = MagnitudePruning(0.9, scope="layer", schedule="one_shot", include=["dw"])
+    fit_tiny([named], _Depthwise())
+    assert set(named.masks) == {"dw.weight"}

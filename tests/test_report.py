@@ -325,3 +325,10 @@ def test_sizes_say_larger_for_larger_files_and_the_snr_column_names_its_referenc
         }
     )
     assert "1.4x larger" in text and "SNR vs float weights (dB)" in text
+
+
+def test_the_report_works_under_bf16_true(tmp_path):
+    report = AccelerationReport(directory=tmp_path, max_batches=2, plots=False, latency=False)
+    trainer = Trainer(**fast_trainer_kwargs(precision="bf16-true"), callbacks=[report])
+    trainer.fit(module_with_example(), datamodule=RandomImages())
+    assert "dense start" in report.report["quality"] and "fp32 ONNX" in report.report["sizes"]

@@ -181,7 +181,7 @@ def build_artifacts(
     report = next((c for c in contributions if c.report_directory is not None), None)
     report_dir = Path(report.report_directory) if report is not None else None
     groups = _merged_groups(contributions)
-    float_model = float_copy(pl_module).eval().cpu()
+    float_model = float_copy(pl_module).eval().cpu().float()  # every artifact starts from fp32 (bf16-true too)
     deployment.float_model = float_model
 
     # Half precision: where MixedPrecision asked for it, else in the report's folder.

@@ -18,7 +18,13 @@ from lightning_accel._logging import add_hyperparameters, log_text, selection_ta
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
 from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import validate_slim_export_path
-from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
+from lightning_accel.pruning.groups import (
+    ChannelGroups,
+    channel_sparsity,
+    find_channel_groups,
+    group_masks,
+    is_depthwise,
+)
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -186,6 +192,13 @@ class MagnitudePruning(Callback):
             self._setup_channel_groups(trainer, pl_module, stage)
             return
         self._params = select_weights(pl_module, self.include, self.exclude)
+        depthwise = []
+        if self.pattern.kind == "unstructured" and self.include is None:
+            # A depthwise kernel holds 9 weights per channel: unstructured targets empty whole channels (MobileNetV3
+            # at 90% layer scope: validation loss 270). Pruned only when a pattern names them.
+            modules = dict(pl_module.named_modules())
+            depthwise = [n for n in self._params if is_depthwise(modules.get(n.rpartition(".")[0], pl_module))]
+            self._params = {n: p for n, p in self._params.items() if n not in depthwise}
         if not self._params:
             raise ValueError(
                 f"MagnitudePruning selected no parameter of {type(pl_module).__name__}: include={self.include!r} "
@@ -195,11 +208,16 @@ class MagnitudePruning(Callback):
         default = default_weight_names(pl_module)
         candidates = [name for name, _ in pl_module.named_parameters() if name in default]
         frozen = [n for n, p in pl_module.named_parameters() if n in candidates and not p.requires_grad]
-        summary = summarize_selection(self._params, [c for c in candidates if c not in frozen])
+        summary = summarize_selection(self._params, [c for c in candidates if c not in frozen and c not in depthwise])
         if frozen and self.include is None:
             summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
         if self.include is None:
             summary += unpruned_weight_holders(pl_module, default)
+        if depthwise:
+            summary += (
+                "; left dense by default, depthwise convs (a few weights per channel, so unstructured pruning would "
+                f"empty whole channels, name them to prune): {', '.join(depthwise[:6])}"
+            )
         self._selection_summary = summary
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summary}")
         if self.pattern.kind == "N:M":
@@ -313,6 +331,7 @@ class MagnitudePruning(Callback):
                 masks = group_masks(weights, self._groups, target, previous=self._masks)
             else:
                 masks = compute_masks(weights, target, self.pattern_string, self.scope, previous=self._masks)
+            _warn_about_emptied_layers(masks, target)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -473,3 +492,25 @@ def _example(pl_module: LightningModule) -> Any:
     """``example_input_array``, with a list taken as positional inputs (Lightning's convention)."""
     example = pl_module.example_input_array
     return tuple(example) if isinstance(example, list) else example
+
+
+#: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
+EMPTIED_LAYER = 0.99
+
+
+def _warn_about_emptied_layers(masks: dict[str, Tensor], target: float) -> None:
+    """Name every selected weight above :data:`EMPTIED_LAYER` zeros, at each recompute.
+
+    A global threshold empties the layers whose weights are small by initialisation or scale first (T5 lost whole
+    attention projections at 50% global sparsity), and nothing else would say so.
+    """
+    emptied = {name: float((~mask).float().mean()) for name, mask in masks.items()}
+    emptied = {name: zeros for name, zeros in emptied.items() if zeros > EMPTIED_LAYER}
+    if emptied:
+        listed = ", ".join(f"{name} {zeros:.1%}" for name, zeros in list(emptied.items())[:8])
+        more = f" and {len(emptied) - 8} more" if len(emptied) > 8 else ""
+        rank_zero_warn(
+            f"MagnitudePruning: at sparsity {target:.2%}, {len(emptied)} layer(s) are above {EMPTIED_LAYER:.0%} zeros: "
+            f"{listed}{more}. A global threshold prunes layers with small weights (large fan-in, unscaled attention) "
+            "first; use scope='layer', or exclude these layers."
+        )
