@@ -291,7 +291,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"| other weights (not pruned) | {model['other_weights']:,}, "
                 f"{model['other_weights_sparsity']:.2%} zeros |"
             ]
-            if "other_weights" in model
+            if model.get("other_weights")
             else []
         ),
         *([f"| MACs per example (Linear/Conv) | {model['macs']:,} |"] if "macs" in model else []),
@@ -348,9 +348,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
 
 
 def size_ratio(base: int | None, size: int) -> str:
-    """``"3.6x smaller"``, ``"1.4x larger"`` or ``"1x"`` against ``base`` bytes (never "0.7x smaller")."""
+    """``"3.6x smaller"``, ``"1.4x larger"`` or ``"about the same"`` (within 5%) against ``base`` bytes."""
     if not base or not size:
         return "n/a"
+    if 0.95 <= size / base <= 1.05:
+        return "about the same"
     if size < base:
         return f"{base / size:.1f}x smaller"
     if size > base:
