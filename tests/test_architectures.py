@@ -1,5 +1,7 @@
 """Models as users build them: layers created in configure_model are pruned and quantized like any other."""
 
+import re
+
 import pytest
 import torch
 from lightning import Callback
@@ -126,12 +128,19 @@ def test_transformer_blocks_keep_float_linear_outputs_by_default_and_ort_still_r
         batches = [torch.randn(4, 5, 16) for _ in range(2)]
         return calibrate_(model, batches, model_input=lambda batch: batch, outputs=outputs)
 
-    auto, every = prepared("auto"), prepared("all")
+    auto, every, graph = prepared("auto"), prepared("all"), prepared("graph")
     inside = ["encoder.layers.0.linear1", "encoder.layers.0.linear2", "encoder.layers.1.linear2"]
     modules = dict(auto.named_modules())
     assert all(modules[name].output_quant is None for name in inside)
     assert modules["embed"].output_quant is not None and modules["head"].output_quant is not None
     assert all(dict(every.named_modules())[name].output_quant is not None for name in inside)
+    # From the traced graph, without knowing the module types: the same float outputs inside the blocks (ReLU,
+    # residual adds and attention consume them), the head's output quantized (it is the model's output), and the
+    # embedding's float too (attention and a residual add consume it).
+    traced = dict(graph.named_modules())
+    assert all(traced[name].output_quant is None for name in inside)
+    assert traced["head"].output_quant is not None and traced["embed"].output_quant is None
+    assert "add" in traced["encoder.layers.0.linear2"].float_output_reason
 
     path = export_onnx(auto, tmp_path / "auto.onnx", torch.zeros(1, 5, 16), on_mismatch="raise")
     options = ort.SessionOptions()
@@ -146,9 +155,71 @@ def test_transformer_blocks_keep_float_linear_outputs_by_default_and_ort_still_r
 def test_outputs_setting_is_validated_and_a_checkpoint_of_another_setting_is_refused():
     from lightning_accel import QuantizationAwareTraining
 
-    with pytest.raises(ValueError, match=r"`outputs` must be one of \['auto', 'all'\].*'some'"):
+    with pytest.raises(ValueError, match=r"`outputs` must be one of \['graph', 'auto', 'all'\].*'some'"):
         QuantizationAwareTraining(outputs="some")
     callback = QuantizationAwareTraining()
     state = {"quantizers": {"x": {}}, "weight_bits": 7}  # written before `outputs` existed: every output quantized
-    with pytest.raises(ValueError, match=r"outputs='all'.*`outputs`='auto'"):
+    with pytest.raises(ValueError, match=r"outputs='all'.*`outputs`='graph'"):
         callback.load_state_dict(state)
+
+
+# --- Hugging Face models, built from small configs with random weights ------------------------------------------
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    return BertModel(config).eval()
+
+
+def _token_batch(vocab=100, batch=4, length=16):
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_hf_bert_layers_get_float_outputs_from_the_traced_graph_not_from_their_types(tmp_path):
+    from lightning_accel import calibrate_, export_onnx
+    from lightning_accel.deploy import as_evaluated
+    from lightning_accel.quantization.coverage import left_in_float
+
+    batch = _token_batch()
+    graph = calibrate_(_tiny_bert(), [batch], model_input=lambda b: b)
+    layers = dict(graph.named_modules())
+    for name in ("query", "key", "value"):
+        assert layers[f"encoder.layer.0.attention.self.{name}"].output_quant is None
+    assert "gelu" in layers["encoder.layer.0.intermediate.dense"].float_output_reason
+    assert "add" in layers["encoder.layer.1.output.dense"].float_output_reason
+    assert "encoder.layer.0.intermediate.dense (consumed by gelu)" in left_in_float(graph)
+    # The type rule knew only torch's own blocks: every BertLayer output was quantized before softmax and GELU.
+    typed = calibrate_(_tiny_bert(), [batch], model_input=lambda b: b, outputs="auto")
+    assert dict(typed.named_modules())["encoder.layer.0.intermediate.dense"].output_quant is not None
+    reference = _tiny_bert()(**batch).last_hidden_state
+    with torch.no_grad():
+        errors = {
+            name: (as_evaluated(model)(**batch).last_hidden_state - reference).pow(2).mean().item()
+            for name, model in (("graph", graph), ("auto", typed))
+        }
+    assert errors["graph"] < errors["auto"]
+    example = {k: v[:1] for k, v in batch.items()}
+    export_onnx(graph, tmp_path / "bert.int8.onnx", example, check_inputs=[batch], on_mismatch="raise")
+
+
+def test_gpt2_conv1d_layers_are_named_as_left_in_float_and_left_dense():
+    from transformers import GPT2Config, GPT2Model
+
+    from lightning_accel._modules import default_weight_names, select_weights, unpruned_weight_holders
+    from lightning_accel.quantization import prepare_qat_
+    from lightning_accel.quantization.coverage import left_in_float
+
+    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=4)
+    model = GPT2Model(config)
+    with pytest.raises(ValueError, match=r"selected no nn\.Linear/nn\.Conv module"):
+        prepare_qat_(model)  # every GPT-2 projection is a Conv1D
+    assert re.search(r"other weight-holding layers[^;]*: h\.0\.attn\.c_attn", left_in_float(model))
+    text = unpruned_weight_holders(model, default_weight_names(model))
+    assert re.search(r"Conv1D; name the parameter to prune it\): h\.0\.attn\.c_attn\.weight", text)
+    assert set(select_weights(model, include=["*.c_attn.weight"])) == {"h.0.attn.c_attn.weight"}  # prunable by name

@@ -6,6 +6,7 @@ calibrate and to choose the inputs the exports are checked on.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from lightning_accel._validation import validate_int
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.prepare import (
+    DEFAULT_OUTPUTS,
     activation_quantizers,
     prepare_qat_,
     set_qat_phase,
@@ -26,6 +28,11 @@ from lightning_accel.quantization.ranges import (
     observed_ranges,
     update_ranges,
 )
+
+
+def _as_example(inputs: Any) -> Any:
+    """A picked batch input in the form the tracer and ``export_onnx`` take (a list becomes a tuple)."""
+    return tuple(inputs) if isinstance(inputs, list) else inputs
 
 
 def example_input(pl_module: LightningModule) -> Any:
@@ -149,7 +156,7 @@ def calibrate_(
     fold_bn: bool = True,
     model_input: str | int | Callable[[Any], Any] | None = None,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
-    outputs: str = "auto",
+    outputs: str = DEFAULT_OUTPUTS,
 ) -> nn.Module:
     """Post-training quantization: prepare ``model`` in place and calibrate its activation ranges on data.
 
@@ -168,7 +175,8 @@ def calibrate_(
             batch), a dict key, a tuple index, or a function of the batch. A dict input is passed as keywords and a
             tuple as positional inputs.
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
-        outputs: ``"auto"`` (float outputs for the Linear layers of transformer blocks) or ``"all"``.
+        outputs: ``"graph"`` (default: a Linear output stays float where something other than a quantized layer
+            consumes it, traced on the first batch), ``"auto"`` (the type rule) or ``"all"``.
 
     Returns:
         The same ``model``, prepared and calibrated.
@@ -180,7 +188,13 @@ def calibrate_(
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     picker = batch_picker(model_input)
-    prepare_qat_(model, include, exclude, fold_bn, weight_bits, outputs)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("`batches` yielded no batch to calibrate on")
+    example = _as_example(picker(first))  # the placement is traced on the first batch
+    prepare_qat_(model, include, exclude, fold_bn, weight_bits, outputs, example_input=example)
+    batches = itertools.chain([first], batches)
     quantizers = activation_quantizers(model)
     was_training = model.training
     model.eval()

@@ -53,6 +53,13 @@ def left_in_float(model: nn.Module, limit: int = 6) -> str:
             "BatchNorms not folded, they do more than normalise (e.g. an activation inside the norm, as "
             "timm's BatchNormAct2d); the conv output is quantized instead"
         ] = unfolded
+    float_outputs = [
+        f"{name} ({m.float_output_reason})"
+        for name, m in model.named_modules()
+        if getattr(m, "float_output_reason", None)
+    ]
+    if float_outputs:
+        by_reason["outputs (the layer runs in int8, its output stays float for a float consumer)"] = float_outputs
     text = ""
     for reason, names in by_reason.items():
         more = f" (+{len(names) - limit} more)" if len(names) > limit else ""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_accel._modules import describe_selection, select_modules
@@ -333,9 +334,12 @@ def attention_kernel_children(model: nn.Module) -> set[str]:
     }
 
 
-#: Where activations are quantized: ``"auto"`` leaves the outputs of Linear layers inside transformer blocks in
-#: float, ``"all"`` quantizes every layer's output (the behaviour before the choice existed).
-OUTPUT_CHOICES = ("auto", "all")
+#: Where activations are quantized: ``"graph"`` decides each Linear output from what consumes it in a traced
+#: forward pass (see ``placement.py``); ``"auto"`` leaves the outputs of Linear layers inside torch's transformer
+#: blocks in float (the type-keyed rule before ``"graph"``, kept for its checkpoints); ``"all"`` quantizes every
+#: layer's output (the behaviour before the choice existed).
+OUTPUT_CHOICES = ("graph", "auto", "all")
+DEFAULT_OUTPUTS = "graph"
 #: The settings of checkpoints written before ``outputs`` and ``weight_bits`` existed.
 LEGACY_OUTPUTS = "all"
 LEGACY_WEIGHT_BITS = 8
@@ -346,8 +350,9 @@ def validate_outputs(outputs: object) -> None:
     """Raise ``ValueError`` naming ``outputs`` unless it is one of :data:`OUTPUT_CHOICES`."""
     if outputs not in OUTPUT_CHOICES:
         raise ValueError(
-            f"`outputs` must be one of {list(OUTPUT_CHOICES)} ('auto': float outputs for the Linear layers of "
-            f"transformer blocks; 'all': quantize every layer's output), got {outputs!r}"
+            f"`outputs` must be one of {list(OUTPUT_CHOICES)} ('graph': a Linear output is quantized only where "
+            "every consumer takes int8, decided from a traced forward; 'auto': float outputs for the Linear layers "
+            f"of torch's transformer blocks; 'all': quantize every layer's output), got {outputs!r}"
         )
 
 
@@ -357,13 +362,36 @@ def _inside_transformer_blocks(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_modules() if any(name.startswith(f"{block}.") for block in blocks if block)}
 
 
+def _float_outputs(
+    model: nn.Module, selected: dict[str, nn.Module], relus: dict[str, nn.Module], outputs: str, example_input: Any
+) -> dict[str, str]:
+    """The Linear layers whose output stays float, each with the reason (named in the selection summary)."""
+    if outputs == "all":
+        return {}
+    linears = {n: m for n, m in selected.items() if isinstance(m, nn.Linear) and n not in relus}
+    consumers = None
+    if outputs == "graph":
+        from lightning_accel.quantization.placement import trace_consumers
+
+        # Every selected layer is followed (a layer consuming another's output takes int8); only Linears decide.
+        consumers = trace_consumers(model, example_input, selected) if example_input is not None else None
+        if consumers is None:
+            why = "no example input" if example_input is None else "the model did not run on its example input"
+            rank_zero_info(f"Quantization placement: {why} to trace, so the type rule ('auto') decides Linear outputs")
+    if consumers is None:
+        inside = _inside_transformer_blocks(model)
+        return {n: "inside a transformer block" for n in linears if n in inside}
+    return {n: "consumed by " + ", ".join(sorted(used)) for n, used in consumers.items() if used and n in linears}
+
+
 def prepare_qat_(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     fold_bn: bool = True,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
-    outputs: str = "auto",
+    outputs: str = DEFAULT_OUTPUTS,
+    example_input: Any = None,
 ) -> dict[str, nn.Module]:
     """Prepare ``model`` in place for int8 fake quantization (static W8A8).
 
@@ -379,12 +407,16 @@ def prepare_qat_(
         weight_bits: 7 (default): weights in [-63, 63], which ONNX Runtime computes exactly on every CPU. 8: the
             full [-127, 127] range, exact only where the int8 dot product accumulates in int32 (x86 with VNNI or
             AMX, ARM, TensorRT); x86 without VNNI then needs the ORT session option ``session.x64quantprecision``.
-        outputs: Where layer outputs are quantized. ``"auto"`` (default): every Conv and Linear output (after the
-            ReLU module that follows it, if any), except the Linear layers inside ``nn.TransformerEncoderLayer``/
-            ``nn.TransformerDecoderLayer``: their outputs feed residual adds, LayerNorm and attention, which run in
-            float anyway, and ONNX Runtime still runs their int8 kernels (``MatMulIntegerToFloat``) from the
-            quantized input and weight. On the transformer example that kept 0.6-1 dB more SNR against the float
-            model at equal accuracy, with fewer QuantizeLinear nodes. ``"all"``: quantize every output.
+        outputs: Where layer outputs are quantized. Every Conv output is (after the ReLU module that follows it,
+            if any: ONNX Runtime forms QLinearConv only with an output quantizer). ``"graph"`` (default): a Linear
+            output is quantized only where every consumer takes int8 directly (another quantized layer, through
+            shape-only ops), or it is the model's output; where softmax, GELU, a residual add, LayerNorm or an
+            attention matmul consume it, it stays float and ONNX Runtime still runs the layer's int8 kernel
+            (``MatMulIntegerToFloat``). Decided by tracing one forward pass on ``example_input``; without one, or
+            when the model does not run on it, the ``"auto"`` rule applies, with a note. ``"auto"``: float outputs
+            for the Linear layers inside ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer``.
+            ``"all"``: quantize every output.
+        example_input: An input the model runs on (``example_input_array``), for ``outputs="graph"``.
 
     Returns:
         The prepared modules by name.
@@ -405,7 +437,6 @@ def prepare_qat_(
         return prepared
     pairs = _conv_bn_pairs(model) if fold_bn else {}
     relus = _relu_followers(model)
-    float_outputs = _inside_transformer_blocks(model) if outputs == "auto" else set()
     read_by_attention = attention_kernel_children(model)
     selected = {
         name: module
@@ -418,6 +449,7 @@ def prepare_qat_(
             f"QuantizationAwareTraining selected no nn.Linear/nn.Conv module of {type(model).__name__} with "
             f"{describe_selection(include, exclude)}"
         )
+    float_outputs = _float_outputs(model, selected, relus, outputs, example_input)
     for name, module in selected.items():
         module.__class__ = _quantized_class(type(module))
         module.input_quant = ActivationFakeQuant()
@@ -428,8 +460,9 @@ def prepare_qat_(
         bn_name, bn = pairs.get(name, (None, None))
         if bn is None:
             object.__setattr__(module, "folded_bn", None)
-            if name in float_outputs and isinstance(module, nn.Linear):
+            if name in float_outputs:
                 module.output_quant = None  # the runtime's int8 kernel gives a float output here
+                module.float_output_reason = float_outputs[name]
                 continue
             module.output_quant = ActivationFakeQuant()
             if name in relus:

@@ -46,8 +46,8 @@ class PostTrainingQuantization(Callback):
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model: ``"warn"``,
             ``"raise"`` or ``"ignore"``.
-        outputs: Where layer outputs are quantized: ``"auto"`` (float outputs for the Linear layers of transformer
-            blocks) or ``"all"``.
+        outputs: Where layer outputs are quantized: ``"graph"`` (default: decided by what consumes each Linear
+            output, traced on the first calibration batch), ``"auto"`` (the type rule) or ``"all"``.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class PostTrainingQuantization(Callback):
         model_input: str | int | None = None,
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         on_mismatch: str = "warn",
-        outputs: Literal["auto", "all"] = "auto",
+        outputs: Literal["graph", "auto", "all"] = "graph",
     ) -> None:
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")

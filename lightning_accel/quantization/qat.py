@@ -15,7 +15,7 @@ from lightning_accel._lightning import TrainingSteps, configure_model_early, ref
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
-from lightning_accel.quantization.calibration import batch_picker, check_batches
+from lightning_accel.quantization.calibration import batch_picker, check_batches, example_input
 from lightning_accel.quantization.coverage import (
     left_in_float,
 )
@@ -105,9 +105,10 @@ class QuantizationAwareTraining(Callback):
             ``None`` (the first element of a tuple/list batch, or the whole batch), a dict key or a tuple index.
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model (agreement < 99% or
             SNR < 30 dB): ``"warn"``, ``"raise"`` or ``"ignore"``.
-        outputs: Where layer outputs are quantized: ``"auto"`` (every Conv/Linear output, except the Linear layers
-            inside transformer blocks, whose outputs stay float while ONNX Runtime still runs their int8 kernels)
-            or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
+        outputs: Where layer outputs are quantized: ``"graph"`` (default: a Linear output stays float where
+            softmax, GELU, an add, LayerNorm or attention consume it, decided by tracing ``example_input_array``;
+            ONNX Runtime still runs its int8 kernel), ``"auto"`` (the type rule: float outputs for the Linear layers
+            of torch's transformer blocks) or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -126,7 +127,7 @@ class QuantizationAwareTraining(Callback):
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         model_input: str | int | None = None,
         on_mismatch: str = "warn",
-        outputs: Literal["auto", "all"] = "auto",
+        outputs: Literal["graph", "auto", "all"] = "graph",
     ) -> None:
         start_step = validate_step("start_step", start_step)
         freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
@@ -215,7 +216,15 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
         refuse_weight_averaging(trainer, "QuantizationAwareTraining", "the quantizer ranges and BatchNorm freeze")
         configure_model_early(trainer, pl_module)  # layers built in configure_model are quantized too
-        prepare_qat_(pl_module, self.include, self.exclude, self.fold_bn, self.weight_bits, self.outputs)
+        prepare_qat_(
+            pl_module,
+            self.include,
+            self.exclude,
+            self.fold_bn,
+            self.weight_bits,
+            self.outputs,
+            example_input=example_input(pl_module),
+        )
         self._model = pl_module
         self._batch_norms = list(iter_batch_norms(pl_module))
         self._applied = None

@@ -14,6 +14,7 @@ from lightning_accel.quantization.prepare import (
     LEGACY_OUTPUTS,
     LEGACY_WEIGHT_BITS,
     prepare_qat_,
+    quantized_modules,
     set_qat_phase,
 )
 from lightning_accel.quantization.ranges import (
@@ -68,8 +69,13 @@ def load_quantized(module: nn.Module, ckpt_path: str | os.PathLike) -> nn.Module
         settings.get("exclude"),
         fold_bn=fold_bn,
         weight_bits=state.get("weight_bits", LEGACY_WEIGHT_BITS),
-        outputs=state.get("outputs", LEGACY_OUTPUTS),
+        outputs="all" if state.get("outputs") == "graph" else state.get("outputs", LEGACY_OUTPUTS),
     )
+    if state.get("outputs") == "graph":
+        # The placement traced in training is in the state itself: an output quantizer it lacks was a float output.
+        for name, layer in quantized_modules(module).items():
+            if layer.output_quant is not None and f"{name}.output_quant" not in quantizer_names:
+                layer.output_quant = None
     module.load_state_dict(checkpoint["state_dict"])
     load_quantizer_state_(module, state["quantizers"])
     set_qat_phase(module, fake_quant=True, observe=False)
