@@ -223,3 +223,38 @@ def test_gpt2_conv1d_layers_are_named_as_left_in_float_and_left_dense():
     text = unpruned_weight_holders(model, default_weight_names(model))
     assert re.search(r"Conv1D; name the parameter to prune it\): h\.0\.attn\.c_attn\.weight", text)
     assert set(select_weights(model, include=["*.c_attn.weight"])) == {"h.0.attn.c_attn.weight"}  # prunable by name
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_token_models_export_with_a_dynamic_sequence_axis_and_run_at_two_lengths_in_ort(tmp_path, quantized):
+    import onnxruntime as ort
+
+    from lightning_accel import calibrate_, export_onnx
+    from lightning_accel.deploy import as_evaluated
+
+    model = _tiny_bert()
+    if quantized:
+        calibrate_(model, [_token_batch(length=16)], model_input=lambda b: b)
+    path = export_onnx(model, tmp_path / "bert.onnx", {k: v[:1] for k, v in _token_batch(length=16).items()})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", "sequence"]
+    for length in (16, 24):  # ORT refused every length but the example's before
+        batch = _token_batch(batch=3, length=length)
+        names = {i.name for i in session.get_inputs()}
+        (hidden, *_) = session.run(None, {k: v.numpy() for k, v in batch.items() if k in names})
+        with torch.no_grad():
+            expected = as_evaluated(model)(**batch).last_hidden_state
+        assert hidden.shape == (3, length, 32)
+        assert torch.allclose(torch.from_numpy(hidden), expected, atol=1e-3 if quantized else 1e-4)
+
+
+def test_dynamic_axes_can_be_named_and_bad_names_are_refused(tmp_path):
+    from lightning_accel import export_onnx
+
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"`dynamic_axes` names \['inputs'\].*\['input', 'output'\]"):
+        export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 4), dynamic_axes={"inputs": {0: "n"}})
+    path = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 4), dynamic_axes={"input": {0: "n"}})
+    import onnxruntime as ort
+
+    assert ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape == ["n", 4]

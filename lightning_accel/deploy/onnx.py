@@ -161,6 +161,7 @@ def export_onnx(
     opset_version: int = ONNX_OPSET,
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and check it: see :func:`export_onnx_checked`, which also returns the figures.
 
@@ -170,7 +171,7 @@ def export_onnx(
     Example:
         >>> export_onnx(model, "model.int8.onnx", torch.zeros(1, 1, 8, 8))  # doctest: +SKIP
     """
-    return export_onnx_checked(model, path, example_input, opset_version, check_inputs, on_mismatch)[0]
+    return export_onnx_checked(model, path, example_input, opset_version, check_inputs, on_mismatch, dynamic_axes)[0]
 
 
 def export_onnx_checked(
@@ -180,10 +181,12 @@ def export_onnx_checked(
     opset_version: int = ONNX_OPSET,
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> tuple[Path, ExportCheck | None]:
     """Export ``model`` to ONNX: an int8 QDQ model if it is fake-quantized, an ordinary fp32 model otherwise.
 
-    The batch dimension of every input and output is dynamic. The file is written under a temporary name and
+    The batch dimension of every input and output is dynamic, and so is the sequence dimension of token inputs
+    (see ``dynamic_axes``). The file is written under a temporary name and
     renamed, so ``path`` never holds a half-written model. ``model`` itself is not changed.
 
     The export checks itself against the model as it is evaluated (:func:`as_evaluated`: for a fake-quantized
@@ -204,6 +207,9 @@ def export_onnx_checked(
         check_inputs: More example inputs (e.g. a calibration or validation batch) to check the file on.
         on_mismatch: ``"warn"`` (default), ``"raise"`` (a ``RuntimeError``, and ``path`` is left as it was), or
             ``"ignore"`` (no check).
+        dynamic_axes: The axes that vary, by input/output name: ``{"input_ids": {0: "batch", 1: "sequence"}}``.
+            By default the batch axis of everything, and the sequence axis (1) of integer token inputs and of the
+            outputs whose axis 1 has the example's sequence length, so one file takes any batch and length.
 
     Returns:
         The path written, and the check's figures (``None`` when not checked in ONNX Runtime).
@@ -230,7 +236,10 @@ def export_onnx_checked(
         # positionally and hands the keyword ones back to the model by name.
         traced = _TensorOutputs(deploy, len(args), list(kwargs))
         args, kwargs = (*args, *kwargs.values()), {}
-    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+    if dynamic_axes is None:
+        dynamic_axes = default_dynamic_axes(example_input, raw_output, input_names, output_names)
+    else:
+        dynamic_axes = _check_dynamic_axes(dynamic_axes, input_names + output_names)
 
     target = Path(path)
     with atomic_target(target) as temporary:
@@ -257,6 +266,41 @@ def export_onnx_checked(
         onnx.save(onnx_model, str(temporary))
         check = _check_written(reference, temporary, target, inputs, on_mismatch) if on_mismatch != "ignore" else None
     return target, check
+
+
+def default_dynamic_axes(
+    example_input: Any, output: Any, input_names: list[str], output_names: list[str]
+) -> dict[str, dict[int, str]]:
+    """Batch everywhere; the sequence axis of integer token inputs (``input_ids``, masks) and of matching outputs.
+
+    Token models take any length (Hugging Face encoders, GPT-2): fixing the example's length made ONNX Runtime
+    refuse other lengths ("Got: 48 Expected: 32").
+    """
+    args, kwargs, _ = split_example(example_input)
+    inputs = dict(zip(input_names, [*args, *kwargs.values()], strict=True))
+    axes = {name: {0: "batch"} for name in input_names + output_names}
+    lengths = {int(t.shape[1]) for t in inputs.values() if not t.is_floating_point() and t.dim() >= 2}
+    for name, tensor in inputs.items():
+        if not tensor.is_floating_point() and tensor.dim() >= 2:
+            axes[name][1] = "sequence"
+    if len(lengths) == 1:
+        length = lengths.pop()
+        for name, tensor in zip(output_names, output_tensors(output), strict=True):
+            if tensor.dim() >= 3 and tensor.shape[1] == length:
+                axes[name][1] = "sequence"
+    return axes
+
+
+def _check_dynamic_axes(dynamic_axes: Any, names: list[str]) -> dict[str, dict[int, str]]:
+    if not isinstance(dynamic_axes, Mapping) or not all(isinstance(v, Mapping) for v in dynamic_axes.values()):
+        raise TypeError(
+            "`dynamic_axes` must map input/output names to {axis: name} dicts, e.g. "
+            f"{{'input_ids': {{0: 'batch', 1: 'sequence'}}}}, got {dynamic_axes!r}"
+        )
+    unknown = sorted(set(dynamic_axes) - set(names))
+    if unknown:
+        raise ValueError(f"`dynamic_axes` names {unknown}, which are not inputs or outputs; they are {names}")
+    return {name: {int(axis): str(label) for axis, label in axes.items()} for name, axes in dynamic_axes.items()}
 
 
 class _TensorOutputs(nn.Module):
