@@ -345,3 +345,34 @@ def test_depthwise_convs_stay_dense_under_unstructured_pruning_unless_named():
     named = MagnitudePruning(0.9, scope="layer", schedule="one_shot", include=["dw"])
     fit_tiny([named], _Depthwise())
     assert set(named.masks) == {"dw.weight"}
+
+
+class _LoraLinear(nn.Module):
+    """The shape of a PEFT LoRA layer: a frozen base layer and two trainable adapters."""
+
+    def __init__(self, inputs, outputs, rank=2):
+        super().__init__()
+        self.base_layer = nn.Linear(inputs, outputs)
+        self.base_layer.requires_grad_(False)
+        self.lora_A = nn.Linear(inputs, rank, bias=False)
+        self.lora_B = nn.Linear(rank, outputs, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _LoraModule(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.net.fc1 = _LoraLinear(128, 16)
+
+
+def test_lora_adapters_are_refused_by_default_and_the_base_layers_can_be_named():
+    with pytest.raises(
+        ValueError, match=r"LoRA adapters \(net\.fc1\.lora_A, net\.fc1\.lora_B\).*include=\['\*\.base_layer'\]"
+    ):
+        fit_tiny([MagnitudePruning(0.5)], _LoraModule())
+    pruning = MagnitudePruning(0.5, include=["*.base_layer"], schedule="one_shot")
+    _, module = fit_tiny([pruning], _LoraModule())
+    assert set(pruning.masks) == {"net.fc1.base_layer.weight"}
+    assert float((module.net.fc1.base_layer.weight == 0).float().mean()) == pytest.approx(0.5)

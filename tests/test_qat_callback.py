@@ -243,3 +243,56 @@ def test_no_selected_module_and_missing_example_input_fail_at_setup(tmp_path):
         fit([QuantizationAwareTraining(include=["encoder.*"])])
     with pytest.raises(ValueError, match="example_input_array"):
         fit([QuantizationAwareTraining(export_path=str(tmp_path / "m.onnx"))], module=TinyModule())
+
+
+class _TokenModule(TinyModule):
+    """A Hugging Face-style module: dict batches with input_ids, attention_mask and labels; forward takes two."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Identity()  # TinyModule's CNN is not used here
+        self.embed = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 4)
+        self.example_input_array = {
+            "input_ids": torch.zeros(1, 6, dtype=torch.long),
+            "attention_mask": torch.ones(1, 6),
+        }
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        return self.head(hidden.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self.training_step(batch, batch_idx)
+
+
+class _TokenData(RandomImages):
+    def _loader(self):
+        generator = torch.Generator().manual_seed(0)
+        rows = [
+            {
+                "input_ids": torch.randint(0, 16, (6,), generator=generator),
+                "attention_mask": torch.ones(6),
+                "labels": torch.randint(0, 4, (), generator=generator),
+            }
+            for _ in range(32)
+        ]
+        return torch.utils.data.DataLoader(rows, batch_size=8)
+
+
+@pytest.mark.parametrize("model_input", [None, ["input_ids", "attention_mask"]])
+def test_dict_batches_with_labels_pass_the_keys_the_forward_takes(tmp_path, model_input):
+    path = tmp_path / "tokens.int8.onnx"
+    ptq = PostTrainingQuantization(str(path), calibration_batches=2, model_input=model_input, on_mismatch="raise")
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=[ptq])
+    trainer.fit(_TokenModule(), datamodule=_TokenData())
+    assert path.exists()
+
+
+def test_model_input_keys_are_validated():
+    with pytest.raises(TypeError, match=r"a list of dict keys.*got \[1, 2\]"):
+        PostTrainingQuantization("m.onnx", model_input=[1, 2])

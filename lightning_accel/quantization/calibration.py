@@ -6,8 +6,9 @@ calibrate and to choose the inputs the exports are checked on.
 
 from __future__ import annotations
 
+import inspect
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,19 +47,49 @@ def default_model_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
-def batch_picker(model_input: str | int | Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+def forward_keywords(model: nn.Module) -> set[str] | None:
+    """The named parameters of ``model.forward`` (``None`` when it cannot be inspected)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in parameters if p.kind in kinds}
+
+
+def batch_picker(
+    model_input: str | int | Sequence[str] | Callable[[Any], Any] | None, model: nn.Module | None = None
+) -> Callable[[Any], Any]:
     """A function that picks the model input out of a batch.
 
     Args:
-        model_input: ``None`` (the first element of a tuple/list batch, or the batch itself), a key of dict
-            batches, an index into tuple/list batches, or such a function itself.
+        model_input: ``None``: the first element of a tuple/list batch; for a dict batch, the keys that the model's
+            ``forward`` names as parameters (``input_ids`` and ``attention_mask``, not ``labels``, for most Hugging
+            Face encoders), else the whole batch. A key of dict batches, a list of keys (passed as keywords), an
+            index into tuple/list batches, or such a function itself.
+        model: The model, whose ``forward`` signature the default picks dict keys by.
     """
-    if model_input is None:
-        return default_model_input
     if callable(model_input):
         return model_input
+    accepted = forward_keywords(model) if model is not None else None
 
     def pick(batch: Any) -> Any:
+        if model_input is None:
+            if isinstance(batch, Mapping) and accepted:
+                taken = {k: v for k, v in batch.items() if k in accepted}
+                return taken or batch
+            return default_model_input(batch)
+        if isinstance(model_input, list | tuple):
+            if not isinstance(batch, Mapping):
+                raise ValueError(
+                    f"`model_input`={list(model_input)!r} names keys, but the batch is a {type(batch).__name__}"
+                )
+            missing = [k for k in model_input if k not in batch]
+            if missing:
+                raise ValueError(
+                    f"`model_input` keys {missing} are not in the batch; its keys are {sorted(map(str, batch))}"
+                )
+            return {k: batch[k] for k in model_input}
         if isinstance(batch, Mapping):
             if model_input not in batch:
                 raise ValueError(
@@ -187,7 +218,7 @@ def calibrate_(
     num_batches = validate_int("num_batches", num_batches, 1)
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
-    picker = batch_picker(model_input)
+    picker = batch_picker(model_input, model)
     batches = iter(batches)
     first = next(batches, None)
     if first is None:

@@ -42,7 +42,8 @@ class PostTrainingQuantization(Callback):
         exclude: Glob patterns over module names to keep in float.
         fold_bn: Fold BatchNorms into the convs they follow.
         model_input: Which part of a batch is the model's input: ``None`` (the first element of a tuple/list
-            batch, or the whole batch), a dict key (for dict batches) or a tuple index.
+            batch; for a dict batch, the keys the module's ``forward`` takes, so ``labels`` stay out), a dict key,
+            a list of dict keys (passed as keywords) or a tuple index.
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model: ``"warn"``,
             ``"raise"`` or ``"ignore"``.
@@ -57,7 +58,7 @@ class PostTrainingQuantization(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         fold_bn: bool = True,
-        model_input: str | int | None = None,
+        model_input: str | int | list[str] | None = None,
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         on_mismatch: str = "warn",
         outputs: Literal["graph", "auto", "all"] = "graph",
@@ -97,7 +98,7 @@ class PostTrainingQuantization(Callback):
         if self._input_checked:
             return
         try:
-            inputs = batch_picker(self.model_input)(batch)
+            inputs = batch_picker(self.model_input, pl_module)(batch)
             was_training = pl_module.training
             pl_module.eval()
             with torch.no_grad():
@@ -141,6 +142,6 @@ class PostTrainingQuantization(Callback):
             owner="PostTrainingQuantization",
             int8_model=calibrated_copy,
             int8_path=self.resolved_export_path,
-            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input)),
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
             on_mismatch=self.on_mismatch,
         )

@@ -101,8 +101,9 @@ class QuantizationAwareTraining(Callback):
         log_ranges: Log each activation quantizer's scale as ``qat/scale/<name>``.
         weight_bits: 7 (default): weights in [-63, 63], computed exactly by ONNX Runtime on every CPU. 8: the full
             range, for targets whose int8 dot products accumulate in int32 (VNNI/AMX, ARM, TensorRT).
-        model_input: Which part of a batch is the model's input, for checking the export on a validation batch:
-            ``None`` (the first element of a tuple/list batch, or the whole batch), a dict key or a tuple index.
+        model_input: Which part of a batch is the model's input, for checking the export on validation batches:
+            ``None`` (the first element of a tuple/list batch; for a dict batch, the keys the module's ``forward``
+            takes), a dict key, a list of dict keys (passed as keywords) or a tuple index.
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model (agreement < 99% or
             SNR < 30 dB): ``"warn"``, ``"raise"`` or ``"ignore"``.
         outputs: Where layer outputs are quantized: ``"graph"`` (default: a Linear output stays float where
@@ -125,7 +126,7 @@ class QuantizationAwareTraining(Callback):
         export_path: str | os.PathLike | None = None,
         log_ranges: bool = True,
         weight_bits: int = DEFAULT_WEIGHT_BITS,
-        model_input: str | int | None = None,
+        model_input: str | int | list[str] | None = None,
         on_mismatch: str = "warn",
         outputs: Literal["graph", "auto", "all"] = "graph",
     ) -> None:
@@ -365,7 +366,7 @@ class QuantizationAwareTraining(Callback):
             owner="QuantizationAwareTraining",
             int8_model=lambda: pl_module,
             int8_path=path,
-            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input)),
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
             on_mismatch=self.on_mismatch,
         )
 

@@ -55,10 +55,16 @@ def _check_on_mismatch(on_mismatch: Any) -> None:
 
 
 def _check_model_input(model_input: Any) -> None:
-    if model_input is not None and (isinstance(model_input, bool) or not isinstance(model_input, str | int)):
+    keys = isinstance(model_input, list) and model_input and all(isinstance(k, str) for k in model_input)
+    if (
+        model_input is not None
+        and not keys
+        and (isinstance(model_input, bool) or not isinstance(model_input, str | int))
+    ):
         raise TypeError(
-            "`model_input` must be None (the first element of a tuple/list batch, or the whole batch), a dict key "
-            f"(str) or a tuple index (int), got {model_input!r}"
+            "`model_input` must be None (the first element of a tuple/list batch; for a dict batch, the keys the "
+            "model's forward takes), a dict key (str), a list of dict keys or a tuple index (int), got "
+            f"{model_input!r}"
         )
 
 
@@ -69,7 +75,7 @@ def set_preparation_settings(
     fold_bn: bool,
     weight_bits: int,
     outputs: str,
-    model_input: str | int | None,
+    model_input: str | int | list[str] | None,
     on_mismatch: str,
 ) -> None:
     """Validate and store the settings QAT and PTQ share (those :func:`prepare_arguments` passes on, and the check)."""
