@@ -245,8 +245,8 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Score every predictor on the same batches.
 
-    With (input, class) batches: accuracy. Always: argmax agreement (for 2-D outputs) and SNR against the
-    ``reference`` predictor, the same measures as the export check.
+    With (input, class) batches: accuracy and argmax agreement against the ``reference`` predictor; otherwise the
+    cosine of each sample's output to the reference's (an embedding's argmax means nothing). Always: SNR.
     """
     from lightning_accel.deploy.check import compare_outputs
 
@@ -268,9 +268,12 @@ def evaluate(
         if labels and output.dim() == 2 and len(labels) and output.shape[0] == sum(len(t) for t in labels):
             entry["accuracy"] = (output.argmax(1) == torch.cat(labels)).float().mean().item()
         if name != reference and reference in stacked:
-            check = compare_outputs([stacked[reference]], [output])
+            # Argmax agreement only where the batches say the output is logits; an embedding gets its cosine.
+            check = compare_outputs([stacked[reference]], [output], classification=bool(labels))
             if check.agreement is not None:
                 entry["agreement"] = check.agreement
+            elif check.cosine is not None:
+                entry["cosine"] = check.cosine
             entry["snr_db"] = check.snr_db
         results[name] = entry
     return results
@@ -337,8 +340,14 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         ]
         for name, entry in quality.items():
             accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a"
-            reference = name == report.get("quality_reference")
-            agreement = f"{entry['agreement']:.2%}" if "agreement" in entry else ("(reference)" if reference else "")
+            is_reference = name == report.get("quality_reference")
+            agreement = (
+                f"{entry['agreement']:.2%}"
+                if "agreement" in entry
+                else f"cosine {entry['cosine']:.4f}"
+                if "cosine" in entry
+                else ("(reference)" if is_reference else "")
+            )
             snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
             lines.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
         lines.append("")

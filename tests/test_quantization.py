@@ -484,3 +484,16 @@ def test_resnet_int8_file_agrees_with_the_evaluated_model_on_1000_inputs(tmp_pat
     (check,) = checks
     assert check.samples == 1025
     assert check.agreement >= 0.995 and check.snr_db >= 30
+
+
+def test_the_check_reports_cosine_always_and_agreement_only_for_logits():
+    from lightning_accel.deploy.check import compare_outputs
+
+    reference = torch.tensor([[1.0, 0.0, 0.2], [0.0, 1.0, 0.1]])
+    noisy = reference + 0.3 * torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    logits = compare_outputs([reference], [noisy], classification=True)
+    embedding = compare_outputs([reference], [noisy], classification=False)
+    assert logits.agreement == 1.0 and embedding.agreement is None  # an embedding's argmax means nothing
+    expected = torch.nn.functional.cosine_similarity(reference, noisy, dim=1).mean().item()
+    assert logits.cosine == pytest.approx(expected) and embedding.cosine == pytest.approx(expected)
+    assert "cosine" in str(embedding) and "agreement n/a" in str(embedding)

@@ -29,7 +29,9 @@ class ExportCheck:
 
     Attributes:
         samples: Number of samples (rows of the batch dimension) compared.
-        agreement: Fraction of samples whose argmax agrees, for 2-D outputs with several columns; else ``None``.
+        agreement: Fraction of samples whose argmax agrees, for classification-shaped outputs (logits); else
+            ``None``: the argmax of an embedding means nothing.
+        cosine: Mean cosine similarity of the samples' first outputs (each flattened), for every output shape.
         snr_db: Signal-to-noise ratio of the ONNX output against the PyTorch output, in dB (``inf`` if equal).
         max_abs_diff: Largest absolute difference between the two.
     """
@@ -38,6 +40,7 @@ class ExportCheck:
     agreement: float | None
     snr_db: float
     max_abs_diff: float
+    cosine: float | None = None
 
     def passed(self, min_agreement: float = MIN_AGREEMENT, min_snr_db: float = MIN_SNR_DB) -> bool:
         """Whether agreement (where measured) and SNR reach the thresholds."""
@@ -46,8 +49,9 @@ class ExportCheck:
 
     def __str__(self) -> str:
         agreement = "n/a" if self.agreement is None else f"{self.agreement:.2%}"
+        cosine = "" if self.cosine is None else f"cosine {self.cosine:.4f}, "
         return (
-            f"argmax agreement {agreement}, SNR {self.snr_db:.1f} dB, max abs diff {self.max_abs_diff:.3g} "
+            f"argmax agreement {agreement}, {cosine}SNR {self.snr_db:.1f} dB, max abs diff {self.max_abs_diff:.3g} "
             f"over {self.samples} sample(s)"
         )
 
@@ -136,26 +140,45 @@ def onnx_outputs(session: Any, example_input: Any) -> list[Tensor]:
     return [torch.from_numpy(np.asarray(out)).float() for out in session.run(None, onnx_feed(session, example_input))]
 
 
-def compare_outputs(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> ExportCheck:
-    """Compare two lists of output tensors, the first output giving the argmax agreement."""
+def compare_outputs(
+    reference: Sequence[Tensor], candidate: Sequence[Tensor], classification: bool | None = None
+) -> ExportCheck:
+    """Compare two lists of output tensors; the first output gives the agreement and the cosine.
+
+    Args:
+        reference: The outputs of the model as evaluated.
+        candidate: The outputs to check.
+        classification: Whether the first output is logits (argmax agreement is measured). ``None``: a 2-D output
+            with several columns is taken for logits. The callbacks pass what their validation data says
+            ((input, class) batches); an embedding model's check then reports cosine, not agreement.
+    """
     if len(reference) != len(candidate):
         raise ValueError(f"The ONNX model has {len(candidate)} output(s), the PyTorch model {len(reference)}")
     flat_reference = torch.cat([t.reshape(-1) for t in reference])
     flat_candidate = torch.cat([t.reshape(-1) for t in candidate])
     first, first_candidate = reference[0], candidate[0]
+    logits_shaped = first.dim() == 2 and first.shape[1] > 1
     agreement = None
-    if first.dim() == 2 and first.shape[1] > 1:
+    if logits_shaped and classification is not False:
         agreement = (first.argmax(1) == first_candidate.argmax(1)).float().mean().item()
+    cosine = None
+    if first.dim() >= 1 and first.numel():
+        rows = first.reshape(first.shape[0], -1).double()
+        candidate_rows = first_candidate.reshape(first_candidate.shape[0], -1).double()
+        cosine = torch.nn.functional.cosine_similarity(rows, candidate_rows, dim=1, eps=1e-12).mean().item()
     max_abs = (flat_reference - flat_candidate).abs().max().item() if flat_reference.numel() else 0.0
     return ExportCheck(
         samples=first.shape[0] if first.dim() else 1,
         agreement=agreement,
         snr_db=snr_db(flat_reference, flat_candidate),
         max_abs_diff=max_abs,
+        cosine=cosine,
     )
 
 
-def check_onnx(reference: nn.Module, path: str | Path, inputs: Sequence[Any]) -> ExportCheck:
+def check_onnx(
+    reference: nn.Module, path: str | Path, inputs: Sequence[Any], classification: bool | None = None
+) -> ExportCheck:
     """Compare an ONNX file with the PyTorch model it must reproduce, on several example inputs.
 
     Args:
@@ -164,6 +187,7 @@ def check_onnx(reference: nn.Module, path: str | Path, inputs: Sequence[Any]) ->
         path: The ONNX file.
         inputs: Example inputs (each a tensor, a tuple or a dict, as ``export_onnx`` takes them); their outputs
             are concatenated along the batch dimension.
+        classification: Whether the output is logits (see :func:`compare_outputs`).
 
     Returns:
         The :class:`ExportCheck`.
@@ -176,4 +200,5 @@ def check_onnx(reference: nn.Module, path: str | Path, inputs: Sequence[Any]) ->
     return compare_outputs(
         [torch.cat(parts) for parts in zip(*expected, strict=True)],
         [torch.cat(parts) for parts in zip(*candidate, strict=True)],
+        classification,
     )

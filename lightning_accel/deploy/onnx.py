@@ -162,6 +162,7 @@ def export_onnx(
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    classification: bool | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and check it: see :func:`export_onnx_checked`, which also returns the figures.
 
@@ -171,7 +172,9 @@ def export_onnx(
     Example:
         >>> export_onnx(model, "model.int8.onnx", torch.zeros(1, 1, 8, 8))  # doctest: +SKIP
     """
-    return export_onnx_checked(model, path, example_input, opset_version, check_inputs, on_mismatch, dynamic_axes)[0]
+    return export_onnx_checked(
+        model, path, example_input, opset_version, check_inputs, on_mismatch, dynamic_axes, classification
+    )[0]
 
 
 def export_onnx_checked(
@@ -182,6 +185,7 @@ def export_onnx_checked(
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    classification: bool | None = None,
 ) -> tuple[Path, ExportCheck | None]:
     """Export ``model`` to ONNX: an int8 QDQ model if it is fake-quantized, an ordinary fp32 model otherwise.
 
@@ -210,6 +214,8 @@ def export_onnx_checked(
         dynamic_axes: The axes that vary, by input/output name: ``{"input_ids": {0: "batch", 1: "sequence"}}``.
             By default the batch axis of everything, and the sequence axis (1) of integer token inputs and of the
             outputs whose axis 1 has the example's sequence length, so one file takes any batch and length.
+        classification: Whether the output is logits, for the check: argmax agreement is measured only then
+            (``None``: a 2-D output with several columns is taken for logits); cosine is measured always.
 
     Returns:
         The path written, and the check's figures (``None`` when not checked in ONNX Runtime).
@@ -264,7 +270,11 @@ def export_onnx_checked(
             store_int32_biases(onnx_model)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(temporary))
-        check = _check_written(reference, temporary, target, inputs, on_mismatch) if on_mismatch != "ignore" else None
+        check = (
+            _check_written(reference, temporary, target, inputs, on_mismatch, classification)
+            if on_mismatch != "ignore"
+            else None
+        )
     return target, check
 
 
@@ -353,7 +363,7 @@ def _describe(value: Any) -> str:
 
 
 def _check_written(
-    reference: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str
+    reference: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str, classification: Any
 ) -> ExportCheck | None:
     """Run the written file in ONNX Runtime and compare with the evaluated model; log, and warn or raise."""
     try:
@@ -361,7 +371,7 @@ def _check_written(
     except ImportError:
         rank_zero_info(f"Not checking {target.name} against PyTorch: onnxruntime is not installed (extra `onnx`)")
         return None
-    result = check_onnx(reference, written, inputs)
+    result = check_onnx(reference, written, inputs, classification)
     rank_zero_info(f"Checked {target.name} in ONNX Runtime against the evaluated PyTorch model: {result}")
     if result.passed():
         return result

@@ -76,6 +76,8 @@ class Contribution:
         example: An example input to trace with when the module has no ``example_input_array`` (the report takes
             one from the first validation batch).
         pruned_parameters: The parameters pruning selected: the report's sparsity is over exactly these.
+        classification: Whether the model's output is logits (the check then measures argmax agreement), as the
+            technique's validation data shows; ``None``: judged from the output's shape.
     """
 
     owner: str
@@ -90,6 +92,7 @@ class Contribution:
     report_directory: str | Path | None = None
     example: Any = None
     pruned_parameters: tuple[str, ...] = ()
+    classification: bool | None = None
 
 
 @dataclass
@@ -251,7 +254,12 @@ def build_artifacts(
             deployment.evaluated_int8 = as_evaluated(model)
         path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
         written, check = export_onnx_checked(
-            model, path, example, check_inputs=source.check_inputs, on_mismatch=source.on_mismatch
+            model,
+            path,
+            example,
+            check_inputs=source.check_inputs,
+            on_mismatch=source.on_mismatch,
+            classification=source.classification,
         )
         owners = [source.owner] + ([report.owner] if for_report else [])
         kind = "int8 ONNX" if index == 0 else f"int8 ONNX ({source.owner})"

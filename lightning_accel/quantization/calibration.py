@@ -253,3 +253,25 @@ def calibrate_(
     set_qat_phase(model, fake_quant=True, observe=False)
     model.train(was_training)
     return model
+
+
+def classification_batches(trainer: Trainer) -> bool | None:
+    """Whether the validation (else training) batches are (input, integer class) pairs: the model gives logits.
+
+    ``None`` when there is no batch to look at. A dict batch is a classification batch when it holds integer
+    ``labels`` of one per sample.
+    """
+    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        if loader is None or not isinstance(loader, Iterable):
+            continue
+        try:
+            batch = next(iter(loader))
+        except (StopIteration, TypeError):
+            continue
+        if isinstance(batch, Mapping):
+            labels = batch.get("labels")
+        else:
+            labels = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
+        return isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+    return None

@@ -14,7 +14,13 @@ from torch import nn
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import configure_model_early
 from lightning_accel._validation import validate_int
-from lightning_accel.quantization.calibration import batch_picker, calibrate_, check_batches, run_model
+from lightning_accel.quantization.calibration import (
+    batch_picker,
+    calibrate_,
+    check_batches,
+    classification_batches,
+    run_model,
+)
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.qat import dry_run_combined_exports
 from lightning_accel.quantization.settings import (
@@ -143,5 +149,6 @@ class PostTrainingQuantization(Callback):
             int8_model=calibrated_copy,
             int8_path=self.resolved_export_path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
+            classification=classification_batches(trainer),
             on_mismatch=self.on_mismatch,
         )

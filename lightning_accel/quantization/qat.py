@@ -15,7 +15,7 @@ from lightning_accel._lightning import TrainingSteps, configure_model_early, ref
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
-from lightning_accel.quantization.calibration import batch_picker, check_batches, example_input
+from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
 from lightning_accel.quantization.coverage import (
     left_in_float,
 )
@@ -367,6 +367,7 @@ class QuantizationAwareTraining(Callback):
             int8_model=lambda: pl_module,
             int8_path=path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
+            classification=classification_batches(trainer),
             on_mismatch=self.on_mismatch,
         )
 
