@@ -13,6 +13,7 @@ everything or nothing.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
@@ -227,3 +228,21 @@ def summarize_selection(selected: Iterable[str], candidates: Iterable[str], limi
     if left_out:
         text += f"; left out by include/exclude: {shown(left_out)}"
     return text
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that runs its own class's ``forward``, also when ``torch.compile`` wrapped it.
+
+    Lightning's ``fit(torch.compile(model))`` replaces the module's ``forward`` by the compiled function of the
+    *original* module (``from_compiled``). A plain deep copy keeps that instance attribute, so calling the copy ran
+    the original: a calibration copy observed nothing, and an export traced the wrong weights. Exports, calibration
+    and checks work on copies without it; the training module keeps its compiled forward.
+    """
+    duplicate = copy.deepcopy(module)
+    for submodule in duplicate.modules():
+        if "_compiler_ctx" in submodule.__dict__ or hasattr(
+            submodule.__dict__.get("forward"), "_torchdynamo_orig_callable"
+        ):
+            submodule.__dict__.pop("forward", None)
+            submodule.__dict__.pop("_compiler_ctx", None)
+    return duplicate

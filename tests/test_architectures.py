@@ -258,3 +258,39 @@ def test_dynamic_axes_can_be_named_and_bad_names_are_refused(tmp_path):
     import onnxruntime as ort
 
     assert ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape == ["n", 4]
+
+
+class _QuietModule(TinyModule):
+    """TinyModule without ``self.log`` in its steps (Lightning's logging does not trace under torch.compile)."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.helpers import EXAMPLE
+
+        self.example_input_array = EXAMPLE
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def test_a_compiled_module_is_pruned_quantized_and_exported(tmp_path):
+    """``trainer.fit(torch.compile(model))``: selection on the original module, masks and fake quantization in the
+    compiled training, exports and checks from the uncompiled module (copies had run the original's forward)."""
+    from lightning import Trainer
+
+    from lightning_accel import MagnitudePruning, QuantizationAwareTraining, tensor_sparsity
+    from tests.helpers import RandomImages, fast_trainer_kwargs
+
+    module = _QuietModule()
+    pruning = MagnitudePruning(0.5, end_step=4, every_n_steps=2)
+    path = tmp_path / "compiled.int8.onnx"
+    qat = QuantizationAwareTraining(start_step=2, export_path=str(path), on_mismatch="raise")
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=[pruning, qat])
+    trainer.fit(torch.compile(module), datamodule=RandomImages())
+    parameters = dict(module.named_parameters())
+    assert tensor_sparsity({name: parameters[name] for name in pruning.masks}) == pytest.approx(0.5, abs=1e-3)
+    assert path.exists() and all(q.calibrated for q in qat._quantizers.values())

@@ -7,13 +7,13 @@ on their integer grid, int32 biases); :func:`check_rewrite` proves that such a r
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_accel._modules import module_copy
 from lightning_accel.deploy.check import MIN_AGREEMENT, compare_outputs, torch_outputs
 from lightning_accel.quantization.fake_quant import (
     ActivationFakeQuant,
@@ -54,7 +54,7 @@ def as_evaluated(model: nn.Module) -> nn.Module:
     checked against. ``model`` is not changed.
     """
     _detach_fold_checks(model)
-    reference = copy.deepcopy(model).eval().float()
+    reference = module_copy(model).eval().float()
     if not is_prepared(reference):
         return reference
     for module in quantized_modules(reference).values():
@@ -117,7 +117,7 @@ def to_deployable(model: nn.Module) -> nn.Module:
         )
     _detach_fold_checks(model)
     # The runtime computes in float32 whatever precision the model trained in (bf16-true, 64-true, ...).
-    deploy = copy.deepcopy(model).eval().float()
+    deploy = module_copy(model).eval().float()
     for module in quantized_modules(deploy).values():
         bn, quantizer = module.folded_bn, module.weight_quant
         if bn is not None:

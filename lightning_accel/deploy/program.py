@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import warnings
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_accel._files import atomic_target
+from lightning_accel._modules import module_copy
 from lightning_accel.deploy.check import split_example
 
 
@@ -23,7 +23,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, example_input: Any
     ``torch.export.load(path).module()``.
     """
     args, kwargs, _ = split_example(example_input)
-    model = copy.deepcopy(model).eval().float()
+    model = module_copy(model).eval().float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # advice about specialising tiny example batches
         try:

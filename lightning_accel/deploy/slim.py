@@ -7,7 +7,6 @@ accept. A model prepared for QAT stays prepared, its per-channel weight scales f
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_accel._modules import module_copy
 from lightning_accel.deploy.int8 import as_evaluated, check_rewrite
 from lightning_accel.deploy.onnx import export_onnx
 from lightning_accel.deploy.program import export_program
@@ -68,7 +68,7 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
     for module in modules.values():
         if getattr(module, "_fold_check", None) is not None:
             module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
-    small = copy.deepcopy(model)
+    small = module_copy(model)
     small_modules = dict(small.named_modules())
     for (name, role), kept in keep.items():
         _resize_(small_modules[name], role, kept.nonzero().flatten())

@@ -9,7 +9,6 @@ The model's ``forward`` is untouched, so keyword and multiple inputs keep workin
 
 from __future__ import annotations
 
-import copy
 import itertools
 import weakref
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._modules import describe_selection, select_modules
+from lightning_accel._modules import describe_selection, module_copy, select_modules
 from lightning_accel.quantization.fake_quant import (
     DEFAULT_WEIGHT_BITS,
     WEIGHT_BITS_CHOICES,
@@ -535,7 +534,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     """
     for module in quantized_modules(model).values():
         module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
-    plain = copy.deepcopy(model)
+    plain = module_copy(model)
     for module in plain.modules():
         if isinstance(module, _Quantized):
             module.__class__ = plain_class(module)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._lightning import configure_model_early
+from lightning_accel._modules import module_copy
 from lightning_accel._validation import validate_int
 from lightning_accel.quantization.calibration import (
     batch_picker,
@@ -137,7 +137,7 @@ class PostTrainingQuantization(Callback):
 
         def calibrated_copy() -> nn.Module:
             return calibrate_(
-                copy.deepcopy(pl_module),
+                module_copy(pl_module),
                 trainer.train_dataloader,
                 self.calibration_batches,
                 model_input=self.model_input,

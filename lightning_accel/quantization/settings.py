@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from lightning import LightningModule
 
+from lightning_accel._modules import module_copy
 from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
 from lightning_accel.quantization.calibration import calibrate_, example_input
 from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
@@ -114,7 +114,7 @@ def require_example_input(pl_module: LightningModule, owner: str) -> None:
 
 def calibrated_probe(pl_module: LightningModule, **prepare: Any) -> Any:
     """A throwaway copy of ``pl_module``, prepared and calibrated on its example input: what a dry run exports."""
-    probe = copy.deepcopy(pl_module)
+    probe = module_copy(pl_module)
     calibrate_(probe, [example_input(pl_module)], num_batches=1, model_input=lambda batch: batch, **prepare)
     return probe
 
