@@ -396,3 +396,13 @@ def test_stochastic_weight_averaging_beside_pruning_or_qat_is_refused_at_setup(t
     callback = MagnitudePruning(target_sparsity=0.5) if technique == "pruning" else QuantizationAwareTraining()
     with pytest.raises(ValueError, match=r"StochasticWeightAveraging.*averages weights"):
         fit_tiny([callback, StochasticWeightAveraging(swa_lrs=0.01)], module_with_example())
+
+
+def test_qat_from_random_weights_warns_that_it_fine_tunes():
+    with pytest.warns(UserWarning, match=r"looks untrained\. QAT fine-tunes"):
+        fit_tiny([QuantizationAwareTraining(start_step=0)], module_with_example())
+
+
+def test_qat_that_starts_after_float_training_does_not_warn_about_random_weights(recwarn):
+    fit_tiny([QuantizationAwareTraining(start_step=4)], module_with_example())
+    assert not [w for w in recwarn.list if "looks untrained" in str(w.message)]

@@ -46,6 +46,7 @@ from lightning_accel.quantization.settings import (
     prepare_arguments,
     require_example_input,
     set_preparation_settings,
+    warn_when_starting_from_chance,
 )
 
 _STATE_VERSION = 2
@@ -260,6 +261,9 @@ class QuantizationAwareTraining(Callback):
             log_text(trainer, selection_tag(type(self).__name__, self.include, self.exclude), self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
         add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
+        current = self._training_steps.current(trainer, pl_module)
+        if self._steps[0] <= current and trainer.is_global_zero:
+            warn_when_starting_from_chance(trainer, pl_module, self.model_input)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""

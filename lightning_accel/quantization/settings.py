@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lightning import LightningModule
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accel._modules import module_copy
 from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
@@ -132,3 +134,39 @@ def dry_run_export(pl_module: LightningModule, owner: str, **prepare: Any) -> No
             f"{owner}: the int8 export of {type(pl_module).__name__} fails on its example_input_array, so it would "
             f"fail at the end of fit. Checked at setup, before training: {type(error).__name__}: {error}"
         ) from error
+
+
+def warn_when_starting_from_chance(trainer: Trainer, pl_module: LightningModule, model_input: Any) -> None:
+    """Warn when fake quantization starts on a model whose validation accuracy is near chance (random weights).
+
+    QAT fine-tunes: from random weights its clipped ranges slow learning (measured: ResNet-50 0.40 against 0.72,
+    ResNet-18 0.81 against 0.95 in float). Judged on one validation batch of (input, class) pairs; silent otherwise.
+    """
+    from lightning_accel.quantization.calibration import batch_picker, classification_batches, run_model
+
+    loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else trainer.train_dataloader
+    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+    if loader is None or not classification_batches(trainer):
+        return
+    try:
+        batch = next(iter(loader))
+        inputs = batch_picker(model_input, pl_module)(batch)
+        labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            logits = run_model(pl_module, inputs)
+        pl_module.train(was_training)
+    except Exception:
+        return
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
+        return
+    accuracy = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
+    chance = 1.0 / logits.shape[1]
+    if accuracy <= 1.5 * chance:
+        rank_zero_warn(
+            f"QuantizationAwareTraining: fake quantization starts now, on a model whose validation accuracy is "
+            f"{accuracy:.2%} (chance is {chance:.2%}): it looks untrained. QAT fine-tunes a trained model; from random "
+            "weights it learns far worse (measured: ResNet-18 0.81 against 0.95). Train in float first "
+            "(start_step=0.667), or start from a checkpoint."
+        )
