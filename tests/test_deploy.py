@@ -106,6 +106,7 @@ def test_building_stays_inside_the_deploy_stage_and_the_techniques_interfaces(tm
     interfaces = {
         "lightning_accel._files",
         "lightning_accel._validation",
+        "lightning_accel._modules",  # module_copy: shared plumbing, not a technique
         "lightning_accel.pruning.groups",  # the channel groups (plan data) and kept_channels
         "lightning_accel.quantization.prepare",  # float_copy, quantized_modules, set_qat_phase
         "lightning_accel.quantization.fake_quant",  # the quantizers' own forward and bias rounding

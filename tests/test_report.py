@@ -210,6 +210,7 @@ def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_chec
             *common,
             "--trainer.max_epochs=2",
             "--test_after_fit=false",
+            "--precision.precision=bf16-mixed",  # the export below is not told: the checkpoint says so
             f"--trainer.default_root_dir={tmp_path / 'run'}",
         ]
     )
@@ -221,6 +222,8 @@ def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_chec
     assert exported["model"]["sparsity"] == pytest.approx(trained["model"]["sparsity"])
     assert exported["quality"]["ORT int8"]["accuracy"] == pytest.approx(trained["quality"]["ORT int8"]["accuracy"])
     assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]
+    assert trained["precision"] == exported["precision"] == "bf16-mixed"  # it said "32-true" before
+    assert "bfloat16 state dict" in exported["sizes"]
 
 
 def test_report_and_exports_under_ddp_are_written_once_by_rank_zero(tmp_path):
