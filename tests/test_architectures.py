@@ -294,3 +294,28 @@ def test_a_compiled_module_is_pruned_quantized_and_exported(tmp_path):
     parameters = dict(module.named_parameters())
     assert tensor_sparsity({name: parameters[name] for name in pruning.masks}) == pytest.approx(0.5, abs=1e-3)
     assert path.exists() and all(q.calibrated for q in qat._quantizers.values())
+
+
+def test_hf_attention_groups_stay_dense_and_the_ffn_groups_slim_exactly():
+    """Hugging Face attention reshapes Q/K/V into heads in plain tensor code: those groups are found from the traced
+    consumers and left dense (slimming them broke heads: cosine 0.880 on MiniLM); the FFN units still go."""
+    from lightning_accel import find_channel_groups
+    from lightning_accel.deploy.slim import slim_checked
+    from lightning_accel.pruning import group_masks
+
+    model = _tiny_bert()
+    example = {k: v[:1] for k, v in _token_batch().items()}
+    groups = find_channel_groups(model, example)
+    dense = " ".join(f"{names}: {reason}" for names, reason in groups.left_dense.items())
+    assert "encoder.layer.0.attention.self.query" in dense and "reshaped into attention heads" in dense
+    roots = {group.root for group in groups.groups}
+    assert roots == {"encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"}
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in group_masks(parameters, groups, 0.5).items():
+            parameters[name].mul_(mask)
+    small = slim_checked(model, example, groups)  # raises if the slim model computed something else
+    assert small.encoder.layer[0].intermediate.dense.out_features == 32
+    batch = _token_batch()
+    with torch.no_grad():
+        assert torch.allclose(small(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=1e-5)

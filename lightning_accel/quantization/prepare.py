@@ -370,7 +370,7 @@ def _float_outputs(
     linears = {n: m for n, m in selected.items() if isinstance(m, nn.Linear) and n not in relus}
     consumers = None
     if outputs == "graph":
-        from lightning_accel.quantization.placement import trace_consumers
+        from lightning_accel._graph import trace_consumers
 
         # Every selected layer is followed (a layer consuming another's output takes int8); only Linears decide.
         consumers = trace_consumers(model, example_input, selected) if example_input is not None else None

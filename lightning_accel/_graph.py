@@ -1,4 +1,7 @@
-"""Where a layer's output is quantized, decided from what consumes it in a traced forward pass.
+"""What consumes each layer's output, from a traced forward pass: the graph that placement and grouping decide from.
+
+Used by quantization (where a layer's output is quantized) and by channel pruning (which groups cross an attention
+reshape). A rule keyed on module types silently does the wrong thing on the model families it does not list.
 
 A quantized output costs a rounding and only pays when the consumer takes int8 directly: another quantized layer
 (through shape-only ops such as flatten, reshape, transpose or dropout). Softmax, GELU, a residual add, LayerNorm or
@@ -172,3 +175,7 @@ def _run(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, tuple | list):
         return model(*[moved(v) for v in example_input])
     return model(moved(example_input))
+
+
+#: Functions that consume a projection as attention heads: its channels are reshaped into heads there.
+ATTENTION_CONSUMERS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum", "softmax"})
