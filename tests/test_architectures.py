@@ -319,3 +319,21 @@ def test_hf_attention_groups_stay_dense_and_the_ffn_groups_slim_exactly():
     batch = _token_batch()
     with torch.no_grad():
         assert torch.allclose(small(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=1e-5)
+
+
+def test_channel_pruning_says_plainly_before_training_when_it_cannot_group_a_model(monkeypatch):
+    from transformers import GPT2Config, GPT2Model
+
+    from lightning_accel import find_channel_groups
+
+    gpt2 = GPT2Model(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match=r"GPT2Model has none \(its weight-holding layers are \['Conv1D'"):
+        find_channel_groups(gpt2, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    import torch_pruning
+
+    def failing(*args, **kwargs):  # what torch-pruning raised on GPT-2's concatenations
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", failing)
+    with pytest.raises(ValueError, match=r"the trace failed \(TypeError: unsupported operand.*pattern='unstructured'"):
+        find_channel_groups(_tiny_bert(), {k: v[:1] for k, v in _token_batch().items()})

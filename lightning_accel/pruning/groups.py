@@ -173,9 +173,24 @@ def find_channel_groups(
     tied = _tied_parameter_ids(model)
     example = tuple(example_input) if isinstance(example_input, list) else example_input
     modes = {module: module.training for module in model.modules()}
+    if not layers:
+        weight_holders = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
+        raise ValueError(
+            f"pattern='channels' removes channels of nn.Linear/nn.Conv layers, and {type(model).__name__} has none "
+            f"(its weight-holding layers are {weight_holders[:6]}; GPT-2's Conv1D is one). Use "
+            "pattern='unstructured' or 'N:M', which take such weights when a pattern names them."
+        )
     try:
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, output_transform=_output_tensors, verbose=False
+            )
+    except Exception as error:
+        raise ValueError(
+            f"pattern='channels' traces {type(model).__name__} with torch-pruning's DependencyGraph to find the "
+            f"channels that go together, and the trace failed ({type(error).__name__}: {error}). Use "
+            "pattern='unstructured' or 'N:M', or exclude the part of the model the tracer cannot follow."
+        ) from error
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -253,6 +268,20 @@ def _attention_projections(model: nn.Module, example: Any, layers: dict[str, nn.
         for name, used in consumers.items()
         if used & ATTENTION_CONSUMERS
     }
+
+
+def _output_tensors(output: Any) -> list[Tensor]:
+    """The floating tensors of a model output, which the tracer follows.
+
+    Hugging Face ``ModelOutput``s and tuples hold several (GPT-2's holds the cache too).
+    """
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, tuple | list):
+        return [t for item in output for t in _output_tensors(item) if t.is_floating_point()]
+    return []
 
 
 def _parents(name: str) -> list[str]:
