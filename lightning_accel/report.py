@@ -69,7 +69,8 @@ def weight_sparsity(model: nn.Module, pruned: Sequence[str] = ()) -> dict[str, A
     parameters = dict(model.named_parameters())
     if pruned:
         chosen = [parameters[name] for name in pruned if name in parameters]
-        others = [p for name, p in parameters.items() if p.dim() >= 2 and name not in set(pruned)]
+        pruned_names = set(pruned)
+        others = [p for name, p in parameters.items() if p.dim() >= 2 and name not in pruned_names]
     else:
         chosen = [m.weight for name, m in model.named_modules() if isinstance(m, WEIGHT_MODULE_TYPES) and name]
         others = []

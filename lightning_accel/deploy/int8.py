@@ -115,9 +115,9 @@ def to_deployable(model: nn.Module) -> nn.Module:
             "observed: train past QuantizationAwareTraining's `start_step`, or calibrate with `calibrate_`, "
             "before exporting"
         )
-    _detach_fold_checks(model)
-    # The runtime computes in float32 whatever precision the model trained in (bf16-true, 64-true, ...).
-    deploy = module_copy(model).eval().float()
+    # The evaluated copy: float32 whatever precision the model trained in (the runtime computes in float32), fake
+    # quantization on, weight scales fixed for the current weights. The rewrites below start from it.
+    deploy = as_evaluated(model)
     for module in quantized_modules(deploy).values():
         bn, quantizer = module.folded_bn, module.weight_quant
         if bn is not None:
@@ -132,9 +132,6 @@ def to_deployable(model: nn.Module) -> nn.Module:
             _replace_submodule(deploy, bn.folded_name, nn.Identity())
         else:
             weight, bias = module.weight, module.bias
-        if quantizer.observe:  # scales still followed the weights: fix them for these weights
-            quantizer.scale.copy_(symmetric_weight_scale(weight, quantizer.qmax))
-        quantizer.observe, quantizer.fake_quant, quantizer.export_constants = False, True, False
         # Store the weights on their integer grid (clipped to +-qmax) and the bias on the runtime's int32 grid,
         # so that the file holds exactly the integers that the PyTorch model computes with.
         module.weight = nn.Parameter(quantizer(weight).detach().clone())
@@ -142,7 +139,5 @@ def to_deployable(model: nn.Module) -> nn.Module:
             module.bias = nn.Parameter(quantize_bias(bias, module.input_quant.scale, quantizer.scale).detach())
     for quantizer in deploy.modules():
         if isinstance(quantizer, ActivationFakeQuant | WeightFakeQuant):
-            quantizer.observe = False
-            quantizer.fake_quant = True
             quantizer.export_constants = True
     return deploy

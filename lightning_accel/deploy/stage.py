@@ -29,7 +29,7 @@ from lightning_accel.deploy.int8 import as_evaluated
 from lightning_accel.deploy.onnx import export_onnx, export_onnx_checked
 from lightning_accel.deploy.slim import slim_checked, write_slim
 from lightning_accel.deploy.sparse import save_sparse
-from lightning_accel.pruning.groups import ChannelGroups
+from lightning_accel.pruning.groups import ChannelGroups, trainer_channel_groups
 from lightning_accel.quantization.prepare import float_copy
 
 
@@ -327,8 +327,7 @@ def dry_run_for_trainer(trainer: Any, pl_module: nn.Module, probe: Contribution)
     quantization callback's contribution with ``int8_model`` building a copy calibrated on the example input.
     """
     # Only the channel groups matter here; the contributions themselves describe the trained model, at fit end.
-    found = [getattr(c, "channel_groups", None) for c in trainer.callbacks]
-    groups = _merged_groups([Contribution(owner="", channel_groups=g) for g in found if isinstance(g, ChannelGroups)])
+    groups = trainer_channel_groups(trainer.callbacks)
     example = getattr(pl_module, "example_input_array", None)
     if groups is None or example is None or not trainer.is_global_zero:
         return

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_accel._graph import ATTENTION_CONSUMERS, trace_consumers
 from lightning_accel._modules import select_weights
 
 Role = Literal["out", "in"]
@@ -260,8 +261,6 @@ def _attention_projections(model: nn.Module, example: Any, layers: dict[str, nn.
     projection's columns looked removable; slimming then left row counts that the model reshapes into other heads
     (measured on MiniLM: the slim model's cosine to the masked one 0.880). Decided from the traced consumers.
     """
-    from lightning_accel._graph import ATTENTION_CONSUMERS, trace_consumers
-
     consumers = trace_consumers(model, example, layers) or {}
     return {
         name: ", ".join(sorted(used & ATTENTION_CONSUMERS))

@@ -151,10 +151,7 @@ def check_batches(
     example = example_input(pl_module)
     if example is None:  # nothing is exported without an example input
         return []
-    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
-        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-        if loader is None or not isinstance(loader, Iterable):
-            continue
+    for loader in evaluation_loaders(trainer):
         picked, count = [], 0
         try:
             for batch in loader:
@@ -255,23 +252,41 @@ def calibrate_(
     return model
 
 
+def evaluation_loaders(trainer: Trainer) -> list[Iterable]:
+    """The first validation dataloader, then the training one: where the checks take their batches from."""
+    found = []
+    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        if loader is not None and isinstance(loader, Iterable):
+            found.append(loader)
+    return found
+
+
+def first_batch(trainer: Trainer) -> Any:
+    """The first batch of :func:`evaluation_loaders` that yields one, or ``None``."""
+    for loader in evaluation_loaders(trainer):
+        try:
+            return next(iter(loader))
+        except (StopIteration, TypeError):
+            continue
+    return None
+
+
+def batch_labels(batch: Any) -> torch.Tensor | None:
+    """The integer class labels of a batch: an (input, class) pair's second element or a dict's ``labels``."""
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+    else:
+        labels = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
+    is_classes = isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+    return labels if is_classes else None
+
+
 def classification_batches(trainer: Trainer) -> bool | None:
-    """Whether the validation (else training) batches are (input, integer class) pairs: the model gives logits.
+    """Whether the validation (else training) batches carry integer classes: the model gives logits.
 
     ``None`` when there is no batch to look at. A dict batch is a classification batch when it holds integer
     ``labels`` of one per sample.
     """
-    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
-        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-        if loader is None or not isinstance(loader, Iterable):
-            continue
-        try:
-            batch = next(iter(loader))
-        except (StopIteration, TypeError):
-            continue
-        if isinstance(batch, Mapping):
-            labels = batch.get("labels")
-        else:
-            labels = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
-        return isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
-    return None
+    batch = first_batch(trainer)
+    return None if batch is None else batch_labels(batch) is not None

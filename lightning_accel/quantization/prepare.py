@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_accel._graph import trace_consumers
 from lightning_accel._modules import describe_selection, module_copy, select_modules
 from lightning_accel.quantization.fake_quant import (
     DEFAULT_WEIGHT_BITS,
@@ -370,8 +371,6 @@ def _float_outputs(
     linears = {n: m for n, m in selected.items() if isinstance(m, nn.Linear) and n not in relus}
     consumers = None
     if outputs == "graph":
-        from lightning_accel._graph import trace_consumers
-
         # Every selected layer is followed (a layer consuming another's output takes int8); only Linears decide.
         consumers = trace_consumers(model, example_input, selected) if example_input is not None else None
         if consumers is None:

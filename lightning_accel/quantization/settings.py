@@ -13,7 +13,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accel._modules import module_copy
 from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
-from lightning_accel.quantization.calibration import calibrate_, example_input
+from lightning_accel.quantization.calibration import (
+    batch_labels,
+    batch_picker,
+    calibrate_,
+    example_input,
+    first_batch,
+    run_model,
+)
 from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
 
 FULL_RANGE_NOTE = (
@@ -142,16 +149,12 @@ def warn_when_starting_from_chance(trainer: Trainer, pl_module: LightningModule,
     QAT fine-tunes: from random weights its clipped ranges slow learning (measured: ResNet-50 0.40 against 0.72,
     ResNet-18 0.81 against 0.95 in float). Judged on one validation batch of (input, class) pairs; silent otherwise.
     """
-    from lightning_accel.quantization.calibration import batch_picker, classification_batches, run_model
-
-    loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else trainer.train_dataloader
-    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-    if loader is None or not classification_batches(trainer):
+    batch = first_batch(trainer)
+    labels = batch_labels(batch) if batch is not None else None
+    if labels is None:
         return
     try:
-        batch = next(iter(loader))
         inputs = batch_picker(model_input, pl_module)(batch)
-        labels = batch["labels"] if isinstance(batch, dict) else batch[1]
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
