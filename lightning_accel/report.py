@@ -230,7 +230,12 @@ def ort_session(path: str | Path, threads: int | None = None) -> Any:
 
 
 def classification_pairs(batch: Any) -> tuple[Any, Tensor] | None:
-    """``(input, labels)`` when a batch is an (input, integer class) pair, else ``None``."""
+    """``(input, labels)`` when a batch is an (input, integer class) pair or a dict with integer ``labels``."""
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+            return {k: v for k, v in batch.items() if k != "labels"}, labels
+        return None
     if isinstance(batch, tuple | list) and len(batch) == 2:
         labels = batch[1]
         if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
@@ -243,11 +248,14 @@ def evaluate(
     batches: Iterable[Any],
     max_batches: int,
     reference: str,
+    pick_input: Callable[[Any], Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score every predictor on the same batches.
 
-    With (input, class) batches: accuracy and argmax agreement against the ``reference`` predictor; otherwise the
-    cosine of each sample's output to the reference's (an embedding's argmax means nothing). Always: SNR.
+    With (input, class) batches (or dicts with integer ``labels``): accuracy and argmax agreement against the
+    ``reference`` predictor; otherwise the cosine of each sample's output to the reference's (an embedding's
+    argmax means nothing). Always: SNR. ``pick_input`` takes the model input out of a batch (the callbacks'
+    ``model_input`` picker); by default the first element of a pair, else the batch.
     """
     from lightning_accel.deploy.check import compare_outputs
 
@@ -257,7 +265,10 @@ def evaluate(
         if index >= max_batches:
             break
         pair = classification_pairs(batch)
-        inputs = pair[0] if pair else (batch[0] if isinstance(batch, tuple | list) else batch)
+        if pick_input is not None:
+            inputs = pick_input(batch)
+        else:
+            inputs = pair[0] if pair else (batch[0] if isinstance(batch, tuple | list) else batch)
         if pair:
             labels.append(pair[1].cpu())
         for name, predict in predictors.items():

@@ -14,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._validation import validate_bool, validate_int
-from lightning_accel.quantization.calibration import run_model
+from lightning_accel.quantization.calibration import batch_picker, run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
+from lightning_accel.quantization.settings import check_model_input
 from lightning_accel.report import (
     HEADLINE_METRICS,
     NOISY_SPREAD,
@@ -55,6 +56,9 @@ class AccelerationReport(Callback):
         latency: Measure latency (needs the ``onnx`` extra for the ONNX Runtime rows).
         max_batches: Validation batches to score quality on.
         plots: Draw the plots (needs the ``report`` extra: matplotlib).
+        model_input: Which part of a validation batch is the model's input, as QAT and PTQ take it: ``None`` (the
+            first element of a tuple/list batch; for a dict batch, the keys the module's ``forward`` takes, so
+            ``labels`` stay out), a dict key, a list of dict keys or a tuple index.
 
     Example:
         >>> callbacks = [MagnitudePruning(0.9), QuantizationAwareTraining(), AccelerationReport()]
@@ -67,6 +71,7 @@ class AccelerationReport(Callback):
         latency: bool = True,
         max_batches: int = 20,
         plots: bool = True,
+        model_input: str | int | list[str] | None = None,
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
             raise TypeError(f"`directory` must be a path (str or os.PathLike), got {directory!r}")
@@ -74,6 +79,8 @@ class AccelerationReport(Callback):
         self.latency = validate_bool("latency", latency)
         self.max_batches = validate_int("max_batches", max_batches, 1)
         self.plots = validate_bool("plots", plots)
+        check_model_input(model_input)
+        self.model_input = model_input
         self.report: dict[str, Any] | None = None
         self.history: dict[str, Any] = {}
         self._dense_start: dict[str, float] | None = None
@@ -94,7 +101,12 @@ class AccelerationReport(Callback):
         """What the report asks of the deploy stage: every artifact, those nobody else placed in its folder."""
         from lightning_accel.deploy.stage import Contribution
 
-        example = _example(pl_module, _validation_loader(trainer))[0] if pl_module.example_input_array is None else None
+        picker = batch_picker(self.model_input, pl_module)
+        example = (
+            _example(pl_module, _validation_loader(trainer), picker)[0]
+            if pl_module.example_input_array is None
+            else None
+        )
         return Contribution(owner="AccelerationReport", report_directory=self._resolved, example=example)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -111,7 +123,8 @@ class AccelerationReport(Callback):
         if loader is None:
             return
         model = float_copy(pl_module).eval().float()  # bf16-true trains in bf16; inputs arrive in fp32
-        scores = evaluate({"dense start": _predictor(model)}, loader, self.max_batches, reference="dense start")
+        picker = batch_picker(self.model_input, pl_module)
+        scores = evaluate({"dense start": _predictor(model)}, loader, self.max_batches, "dense start", picker)
         self._dense_start = scores.get("dense start")
 
     def on_train_batch_end(
@@ -153,6 +166,7 @@ class AccelerationReport(Callback):
                 self.max_batches,
                 self._dense_start,
                 deployment=deployment,
+                model_input=self.model_input,
             )
         except Exception as error:  # the trained model and its checkpoints are safe: never lose a run to the report
             rank_zero_warn(
@@ -209,19 +223,37 @@ def _predictor(model: torch.nn.Module) -> Any:
     return predict
 
 
-def _example(pl_module: LightningModule, loader: Any) -> tuple[Any, Any]:
-    """(an input at batch 1, a validation-batch input): from ``example_input_array`` and the first batch."""
+def _example(pl_module: LightningModule, loader: Any, picker: Any = None) -> tuple[Any, Any]:
+    """(an input at batch 1, a validation-batch input): from ``example_input_array`` and the first batch.
+
+    ``picker`` takes the input out of a batch (``batch_picker``): a dict batch gives the keys the forward takes.
+    """
+    picker = picker or batch_picker(None, pl_module)
     batch_input = None
     if loader is not None:
         try:
-            first = next(iter(loader))
-            batch_input = first[0] if isinstance(first, tuple | list) else first
+            batch_input = picker(next(iter(loader)))
         except StopIteration:
             batch_input = None
     example = pl_module.example_input_array
     if example is None and isinstance(batch_input, torch.Tensor):
         example = batch_input[:1]
+    elif (
+        example is None
+        and isinstance(batch_input, dict)
+        and all(isinstance(v, torch.Tensor) for v in batch_input.values())
+    ):
+        example = {k: v[:1] for k, v in batch_input.items()}  # keyword inputs, one sample (T5, BERT)
     return example, batch_input
+
+
+def _batch_size(inputs: Any) -> int:
+    """The batch size of a tensor, a tuple of tensors or a dict of keyword tensors (0 when unknown)."""
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()), None)
+    elif isinstance(inputs, tuple | list):
+        inputs = inputs[0] if inputs else None
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 0
 
 
 def build_report(
@@ -234,6 +266,7 @@ def build_report(
     loader: Any = None,
     contributions: Sequence[Any] | None = None,
     deployment: Any = None,
+    model_input: str | int | list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every artifact of ``pl_module``: sizes, latency and quality. The deploy stage builds them.
 
@@ -248,11 +281,13 @@ def build_report(
         contributions: What the techniques contribute (``lightning_accel.deploy.Contribution``); by default, asked
             of the trainer's callbacks.
         deployment: Artifacts already built for this fit (``deploy_for_trainer``); then nothing is built here.
+        model_input: Which part of a batch is the model's input (see :class:`AccelerationReport`).
     """
     from lightning_accel.deploy.stage import Contribution, build_artifacts, contributions_of
 
     loader = loader if loader is not None else (_validation_loader(trainer) if trainer is not None else None)
-    example, batch_input = _example(pl_module, loader)
+    picker = batch_picker(model_input, pl_module)
+    example, batch_input = _example(pl_module, loader, picker)
     if deployment is None:
         if contributions is None:
             asked = contributions_of(trainer.callbacks, trainer, pl_module) if trainer is not None else []
@@ -260,7 +295,7 @@ def build_report(
         report_part = Contribution(owner="AccelerationReport", report_directory=Path(directory), example=example)
         precision = str(trainer.precision) if trainer is not None else "32-true"
         deployment = build_artifacts(pl_module, [*contributions, report_part], example, precision=precision)
-    return measure(deployment, loader, batch_input, latency, max_batches, dense_start)
+    return measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker)
 
 
 def measure(
@@ -270,6 +305,7 @@ def measure(
     latency: bool = True,
     max_batches: int = 20,
     dense_start: dict[str, float] | None = None,
+    pick_input: Any = None,
 ) -> dict[str, Any]:
     """The report of a deployment: every artifact listed once, with its size, latency and quality."""
     float_model = deployment.float_model
@@ -320,7 +356,7 @@ def measure(
         if "sparse int8" in artifacts:
             sparse_model = load_sparse_(copy.deepcopy(float_model), artifacts["sparse int8"].path).eval()
             predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
-        scores = evaluate(predictors, loader, max_batches, reference="float weights")
+        scores = evaluate(predictors, loader, max_batches, "float weights", pick_input)
         report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
         report["quality_reference"] = "float weights"
     return report
@@ -332,8 +368,8 @@ def _measure_latency(
     from lightning_accel.quantization.check import onnx_feed
 
     batches = {"batch 1": example}
-    if isinstance(batch_input, torch.Tensor) and batch_input.shape[0] > 1:
-        batches[f"batch {batch_input.shape[0]}"] = batch_input
+    if _batch_size(batch_input) > 1:
+        batches[f"batch {_batch_size(batch_input)}"] = batch_input
     predict = _predictor(float_model)
     for label, inputs in batches.items():
         runners = {"PyTorch eager fp32": lambda inputs=inputs: predict(inputs)}

@@ -8,6 +8,9 @@ afterwards (``- zp_x * sum_k w``), so the raw uint8 values enter the products.
 Convolutions are lowered as ORT's QLinearConv does on x86: channels-last im2col, so K runs over
 (kernel row, kernel column, input channel) and pairs are neighbouring input channels.
 
+Dynamic activations (``activations="dynamic"``) are quantized at the scale ``DynamicQuantizeLinear`` computes from
+each input, and their bias is added in float after the integer product, as ``MatMulIntegerToFloat`` does.
+
 ``emulated(deployable, saturate=True)`` patches every quantized Linear/Conv of a deployable model (see
 ``lightning_accel.quantization.to_deployable``) to compute through this kernel; the result is what ONNX Runtime
 computes on such a CPU, so tests can check portability on a machine that has VNNI.
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_accel.quantization import quantized_modules
+from lightning_accel.quantization.dynamic import dynamic_qparams, is_dynamic
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 
@@ -94,7 +98,11 @@ class KernelCounter:
 def _emulated_forward(name: str, module: nn.Module, saturate: bool, counter: KernelCounter, force_pairs: bool):
     def forward(x: Tensor) -> Tensor:
         quantizer = module.input_quant
-        s_x, zp = quantizer.scale.float(), quantizer.zero_point.float()
+        dynamic = is_dynamic(module)
+        if dynamic:  # DynamicQuantizeLinear: the scale of this very input
+            s_x, zp = dynamic_qparams(x)
+        else:
+            s_x, zp = quantizer.scale.float(), quantizer.zero_point.float()
         w = integer_weight(module)
         s_w = module.weight_quant.scale.float()
         if isinstance(module, nn.Linear):
@@ -113,9 +121,11 @@ def _emulated_forward(name: str, module: nn.Module, saturate: bool, counter: Ker
         acc, saturated = u8s8_gemm(a, w_flat, saturate, force_pairs=force_pairs)  # rows x M
         counter.saturated[name] = counter.saturated.get(name, 0) + saturated
         acc = acc - int(zp) * w_flat.sum(dim=1, dtype=torch.int64)
-        if module.bias is not None:
+        if module.bias is not None and not dynamic:
             acc = acc + torch.round(module.bias.detach().float() / (s_x * s_w)).to(torch.int64)
         y = (acc.double() * (s_x * s_w).double()).float()
+        if dynamic and module.bias is not None:  # MatMulIntegerToFloat adds the bias in float
+            y = y + module.bias.detach().float()
         if isinstance(module, nn.Linear):
             y = y.reshape(*x.shape[:-1], w.shape[0])
         else:

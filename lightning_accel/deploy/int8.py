@@ -15,6 +15,8 @@ from torch import nn
 
 from lightning_accel._modules import module_copy
 from lightning_accel.deploy.check import MIN_AGREEMENT, compare_outputs, torch_outputs
+from lightning_accel.quantization.dynamic import is_dynamic, store_dynamic_weights_
+from lightning_accel.quantization.embeddings import Int8Embedding, quantized_embeddings
 from lightning_accel.quantization.fake_quant import (
     ActivationFakeQuant,
     WeightFakeQuant,
@@ -61,6 +63,9 @@ def as_evaluated(model: nn.Module) -> nn.Module:
         quantizer = module.weight_quant
         if quantizer.observe:  # the scale followed the weights: what the export will fix for these weights
             quantizer.scale.copy_(symmetric_weight_scale(module.folded_weight_and_factor()[0], quantizer.qmax))
+    for embedding in quantized_embeddings(reference).values():
+        if embedding.weight_quant.observe:
+            embedding.weight_quant.scale.copy_(embedding.weight_quant.compute_scale(embedding.weight))
     set_qat_phase(reference, fake_quant=True, observe=False)
     return reference
 
@@ -97,7 +102,8 @@ def to_deployable(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of a fake-quantized ``model`` as the runtime will execute it.
 
     BatchNorms folded during training are folded into their conv for real (weight and bias) and replaced by
-    ``nn.Identity``; weight scales are fixed; weights are stored on their integer grid (within ``+-qmax``) and
+    ``nn.Identity``; weight scales are fixed; int8 embedding tables become int8 lookups; dynamic Linears compute
+    through the ONNX integer ops they export as; weights are stored on their integer grid (within ``+-qmax``) and
     biases on the runtime's int32 grid at ``input_scale * weight_scale``; every quantizer fake-quantizes with
     constant parameters; the copy is float32 whatever precision the model trained in. Its outputs are what the
     exported file computes, and the eval-mode fake-quant model computes the same. ``model`` is not changed, so
@@ -135,8 +141,12 @@ def to_deployable(model: nn.Module) -> nn.Module:
         # Store the weights on their integer grid (clipped to +-qmax) and the bias on the runtime's int32 grid,
         # so that the file holds exactly the integers that the PyTorch model computes with.
         module.weight = nn.Parameter(quantizer(weight).detach().clone())
-        if bias is not None:
+        if is_dynamic(module):  # the bias is added in float after the integer product; the export reads int8 buffers
+            store_dynamic_weights_(module)
+        elif bias is not None:
             module.bias = nn.Parameter(quantize_bias(bias, module.input_quant.scale, quantizer.scale).detach())
+    for name, embedding in quantized_embeddings(deploy).items():
+        _replace_submodule(deploy, name, Int8Embedding(embedding))  # traces to Gather on the int8 table
     for quantizer in deploy.modules():
         if isinstance(quantizer, ActivationFakeQuant | WeightFakeQuant):
             quantizer.export_constants = True

@@ -17,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._validation import validate_int
+from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
+from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.prepare import (
     DEFAULT_OUTPUTS,
@@ -185,6 +187,8 @@ def calibrate_(
     model_input: str | int | Callable[[Any], Any] | None = None,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
     outputs: str = DEFAULT_OUTPUTS,
+    activations: str = DEFAULT_ACTIVATIONS,
+    embeddings: str = DEFAULT_EMBEDDINGS,
 ) -> nn.Module:
     """Post-training quantization: prepare ``model`` in place and calibrate its activation ranges on data.
 
@@ -205,6 +209,9 @@ def calibrate_(
         weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
         outputs: ``"graph"`` (default: a Linear output stays float where something other than a quantized layer
             consumes it, traced on the first batch), ``"auto"`` (the type rule) or ``"all"``.
+        activations: ``"static"`` (default: ranges calibrated here) or ``"dynamic"`` (Linear inputs quantized at
+            the scale of each input at run time; only the convs' ranges are calibrated).
+        embeddings: ``"float"`` (default) or ``"int8"`` (tables stored in int8, one scale per row).
 
     Returns:
         The same ``model``, prepared and calibrated.
@@ -221,7 +228,17 @@ def calibrate_(
     if first is None:
         raise ValueError("`batches` yielded no batch to calibrate on")
     example = _as_example(picker(first))  # the placement is traced on the first batch
-    prepare_qat_(model, include, exclude, fold_bn, weight_bits, outputs, example_input=example)
+    prepare_qat_(
+        model,
+        include,
+        exclude,
+        fold_bn,
+        weight_bits,
+        outputs,
+        example_input=example,
+        activations=activations,
+        embeddings=embeddings,
+    )
     batches = itertools.chain([first], batches)
     quantizers = activation_quantizers(model)
     was_training = model.training

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_accel.quantization.embeddings import QuantizedEmbedding, quantized_embeddings
 from lightning_accel.quantization.prepare import (
     _BATCH_NORMS,
     QUANTIZED_CLASSES,
@@ -27,8 +28,10 @@ def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:
         return "recurrent layers (nn.LSTM/GRU/RNN: no int8 kernel in this export)"
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed convolutions (not quantized by this export)"
+    if isinstance(module, QuantizedEmbedding):
+        return None
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-        return "embeddings (a table lookup, no matrix product to run in int8)"
+        return "embeddings (a table lookup; embeddings='int8' stores nn.Embedding tables in int8)"
     return "other weight-holding layers (not an nn.Linear/nn.Conv computation, e.g. GPT-2's Conv1D)"
 
 
@@ -61,6 +64,10 @@ def left_in_float(model: nn.Module, limit: int = 6) -> str:
     if float_outputs:
         by_reason["outputs (the layer runs in int8, its output stays float for a float consumer)"] = float_outputs
     text = ""
+    tables = list(quantized_embeddings(model))
+    if tables:
+        more = f" (+{len(tables) - limit} more)" if len(tables) > limit else ""
+        text += f"; int8 embedding tables (one scale per row): {', '.join(tables[:limit])}{more}"
     for reason, names in by_reason.items():
         more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
         text += f"; left in float, {reason}: {', '.join(names[:limit])}{more}"

@@ -274,10 +274,14 @@ class WeightFakeQuant(_Float32State):
         self.fake_quant = False
         self.export_constants = False
 
+    def compute_scale(self, weight: Tensor) -> Tensor:
+        """The scale this quantizer takes for ``weight`` while observing."""
+        return symmetric_weight_scale(weight, self.qmax)
+
     def forward(self, weight: Tensor) -> Tensor:
         """Return the fake-quantized weight (or the weight itself while fake quantization is off)."""
         if self.observe:
-            self.scale.copy_(symmetric_weight_scale(weight, self.qmax))
+            self.scale.copy_(self.compute_scale(weight))
         if not self.fake_quant:
             return weight
         if self.export_constants:

@@ -21,6 +21,20 @@ from torch import Tensor, nn
 
 from lightning_accel._graph import trace_consumers
 from lightning_accel._modules import describe_selection, module_copy, select_modules
+from lightning_accel.quantization.dynamic import (
+    DEFAULT_ACTIVATIONS,
+    DynamicActivationFakeQuant,
+    dynamic_linear_for_export,
+    is_dynamic,
+    validate_activations,
+)
+from lightning_accel.quantization.embeddings import (
+    DEFAULT_EMBEDDINGS,
+    QuantizedEmbedding,
+    is_quantizable_embedding,
+    prepare_embedding_,
+    validate_embeddings,
+)
 from lightning_accel.quantization.fake_quant import (
     DEFAULT_WEIGHT_BITS,
     WEIGHT_BITS_CHOICES,
@@ -37,7 +51,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class _Quantized:
     """Forward of a fake-quantized Linear or Conv; mixed into a subclass of the original class."""
 
-    input_quant: ActivationFakeQuant
+    input_quant: ActivationFakeQuant | DynamicActivationFakeQuant
     weight_quant: WeightFakeQuant
     output_quant: ActivationFakeQuant | None
     # The BatchNorm folded into this module, held outside ``_modules`` so that it is not registered twice.
@@ -70,7 +84,8 @@ class _Quantized:
         """
         weight_quant, input_quant = self.weight_quant, self.input_quant
         return (
-            weight_quant.fake_quant
+            not is_dynamic(self)  # a dynamic layer adds its bias in float, after the integer product
+            and weight_quant.fake_quant
             and not weight_quant.export_constants
             and input_quant.fake_quant
             and input_quant.calibrated
@@ -91,6 +106,8 @@ class _Quantized:
         return self._quantized_forward(x)
 
     def _quantized_forward(self, x: Tensor) -> Tensor:
+        if self.weight_quant.export_constants and is_dynamic(self):
+            return dynamic_linear_for_export(self, x)  # the ONNX integer ops, computing what the lines below do
         x = self.input_quant(x)
         weight, factor = self.folded_weight_and_factor()
         weight = self.weight_quant(weight)
@@ -390,8 +407,10 @@ def prepare_qat_(
     weight_bits: int = DEFAULT_WEIGHT_BITS,
     outputs: str = DEFAULT_OUTPUTS,
     example_input: Any = None,
+    activations: str = DEFAULT_ACTIVATIONS,
+    embeddings: str = DEFAULT_EMBEDDINGS,
 ) -> dict[str, nn.Module]:
-    """Prepare ``model`` in place for int8 fake quantization (static W8A8).
+    """Prepare ``model`` in place for int8 fake quantization (W8A8, static or dynamic activations).
 
     Parameters keep their identity and names; the fake-quant state lives in non-persistent buffers of new child
     modules, so ``model.state_dict()`` is unchanged. Quantization starts switched off: see :func:`set_qat_phase`.
@@ -415,6 +434,12 @@ def prepare_qat_(
             for the Linear layers inside ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer``.
             ``"all"``: quantize every output.
         example_input: An input the model runs on (``example_input_array``), for ``outputs="graph"``.
+        activations: ``"static"`` (default): per-tensor uint8 ranges observed in training or calibration.
+            ``"dynamic"``: every Linear quantizes its input with a scale computed from that input at run time
+            (``DynamicQuantizeLinear``, as ONNX Runtime's ``quantize_dynamic``), and its output stays float; the
+            scale spans the whole input tensor, so it depends on the batch. Convs keep static activations.
+        embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8,
+            one symmetric scale per row (8 bits: a lookup cannot saturate), fake-quantized in training alike.
 
     Returns:
         The prepared modules by name.
@@ -424,6 +449,8 @@ def prepare_qat_(
     """
     validate_weight_bits(weight_bits)
     validate_outputs(outputs)
+    validate_activations(activations)
+    validate_embeddings(embeddings)
     if is_prepared(model):
         prepared = quantized_modules(model)
         bits = {m.weight_quant.qmax for m in prepared.values()}
@@ -431,6 +458,12 @@ def prepare_qat_(
             raise ValueError(
                 f"`weight_bits`: the model is already prepared with weights in +-{sorted(bits)}, which "
                 f"weight_bits={weight_bits} (+-{weight_qmax(weight_bits)}) contradicts; prepare a fresh copy"
+            )
+        schemes = {"dynamic" if is_dynamic(m) else "static" for m in prepared.values() if isinstance(m, nn.Linear)}
+        if schemes and schemes != {activations}:
+            raise ValueError(
+                f"`activations`: the model is already prepared with {sorted(schemes)} activations, which "
+                f"activations={activations!r} contradicts; prepare a fresh copy"
             )
         return prepared
     pairs = _conv_bn_pairs(model) if fold_bn else {}
@@ -447,11 +480,18 @@ def prepare_qat_(
             f"QuantizationAwareTraining selected no nn.Linear/nn.Conv module of {type(model).__name__} with "
             f"{describe_selection(include, exclude)}"
         )
-    float_outputs = _float_outputs(model, selected, relus, outputs, example_input)
+    dynamic = activations == "dynamic"
+    if dynamic:  # every Linear output stays float: its consumers quantize their own inputs
+        float_outputs = {n: "dynamic activations" for n, m in selected.items() if isinstance(m, nn.Linear)}
+    else:
+        float_outputs = _float_outputs(model, selected, relus, outputs, example_input)
     for name, module in selected.items():
         module.__class__ = _quantized_class(type(module))
-        module.input_quant = ActivationFakeQuant()
-        module.input_quant.is_input = True
+        if dynamic and isinstance(module, nn.Linear):
+            module.input_quant = DynamicActivationFakeQuant()
+        else:
+            module.input_quant = ActivationFakeQuant()
+            module.input_quant.is_input = True
         module.weight_quant = WeightFakeQuant(module.weight.shape[0], weight_qmax(weight_bits))
         module.folded_name = name
         module._fold_check = None
@@ -475,6 +515,10 @@ def prepare_qat_(
         object.__setattr__(bn, "folded_into", module)
         bn.register_forward_pre_hook(_check_bn_input)
         bn.register_forward_hook(_quantize_bn_output)
+    if embeddings == "int8":
+        for embedding in select_modules(model, None, exclude, types=(nn.Embedding,)).values():
+            if is_quantizable_embedding(embedding):
+                prepare_embedding_(embedding)
     _disable_transformer_fast_paths(model)
     device = next(model.parameters()).device
     model.to(device)  # the new buffers follow the parameters
@@ -515,7 +559,7 @@ def _disable_transformer_fast_paths(model: nn.Module) -> None:
 def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
     """Switch fake quantization and observation on or off for every quantizer in ``model``."""
     for module in model.modules():
-        if isinstance(module, ActivationFakeQuant | WeightFakeQuant):
+        if isinstance(module, ActivationFakeQuant | WeightFakeQuant | DynamicActivationFakeQuant):
             module.fake_quant = fake_quant
             module.observe = observe
 
@@ -539,6 +583,9 @@ def float_copy(model: nn.Module) -> nn.Module:
             module.__class__ = plain_class(module)
             for child in ("input_quant", "weight_quant", "output_quant"):
                 module._modules.pop(child, None)
+        elif isinstance(module, QuantizedEmbedding):
+            module.__class__ = nn.Embedding
+            module._modules.pop("weight_quant", None)
         elif isinstance(module, _BATCH_NORMS) and "output_quant" in module._modules:
             module._modules.pop("output_quant")
         for hooks in (module._forward_hooks, module._forward_pre_hooks):

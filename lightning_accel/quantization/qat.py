@@ -111,6 +111,13 @@ class QuantizationAwareTraining(Callback):
             softmax, GELU, an add, LayerNorm or attention consume it, decided by tracing ``example_input_array``;
             ONNX Runtime still runs its int8 kernel), ``"auto"`` (the type rule: float outputs for the Linear layers
             of torch's transformer blocks) or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
+        activations: ``"static"`` (default): per-tensor uint8 ranges, observed and stored. ``"dynamic"``: every
+            Linear quantizes its input at that input's own range at run time (ONNX ``DynamicQuantizeLinear``, the
+            scheme of ONNX Runtime's ``quantize_dynamic``; fused by ONNX Runtime into ``DynamicQuantizeMatMul``),
+            and its output stays float. The scale spans the whole input tensor, so it depends on the batch; the
+            export check runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations.
+        embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8
+            with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -130,6 +137,8 @@ class QuantizationAwareTraining(Callback):
         model_input: str | int | list[str] | None = None,
         on_mismatch: str = "warn",
         outputs: Literal["graph", "auto", "all"] = "graph",
+        activations: Literal["static", "dynamic"] = "static",
+        embeddings: Literal["float", "int8"] = "float",
     ) -> None:
         start_step = validate_step("start_step", start_step)
         freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
@@ -141,7 +150,9 @@ class QuantizationAwareTraining(Callback):
                 f"they are frozen, or None; got {freeze_observers_step!r}"
             )
         log_ranges = validate_bool("log_ranges", log_ranges)
-        set_preparation_settings(self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch)
+        set_preparation_settings(
+            self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch, activations, embeddings
+        )
         self.export_path = check_export_path(export_path)
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step
@@ -155,6 +166,8 @@ class QuantizationAwareTraining(Callback):
         self._model: nn.Module | None = None
         self._quantizers: dict[str, ActivationFakeQuant] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._state_restored = False
+        self._saved_quantized = False
         self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
         self._training_steps = TrainingSteps()
@@ -226,6 +239,8 @@ class QuantizationAwareTraining(Callback):
             self.weight_bits,
             self.outputs,
             example_input=example_input(pl_module),
+            activations=self.activations,
+            embeddings=self.embeddings,
         )
         self._model = pl_module
         self._batch_norms = list(iter_batch_norms(pl_module))
@@ -279,7 +294,7 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         """Reduce this batch's activation ranges over ranks, update the running ranges, and log."""
         self._training_steps.batch_done(pl_module)
-        if self._phase == PHASE_OBSERVING:
+        if self._phase == PHASE_OBSERVING and self._quantizers:  # dynamic activations observe nothing
             ranges = flag_nonfinite(observed_ranges(self._quantizers))
             if trainer.world_size > 1:
                 ranges = trainer.strategy.reduce(ranges, reduce_op="max")
@@ -318,7 +333,9 @@ class QuantizationAwareTraining(Callback):
         if trainer.state.fn == "fit":
             return self.phase_at(self._training_steps.current(trainer, trainer.lightning_module))
         calibrated = [name for name, q in self._quantizers.items() if q.calibrated]
-        if len(calibrated) == len(self._quantizers):
+        if len(calibrated) == len(self._quantizers) and (
+            self._quantizers or (self._state_restored and self._saved_quantized)
+        ):
             return PHASE_FROZEN
         if calibrated:
             missing = [name for name in self._quantizers if name not in calibrated]
@@ -351,15 +368,18 @@ class QuantizationAwareTraining(Callback):
         if path is not None and trainer.fast_dev_run:
             rank_zero_warn(f"QuantizationAwareTraining: fast_dev_run, so the int8 export to {path} is skipped")
             path = None
-        uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
-        if not self._quantizers or (uncalibrated and path is None):
+        if self._model is None:
             return None
+        uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
         start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
-        if uncalibrated and steps <= start:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
-                f"{start}, so there is no int8 model: nothing was written to {path}"
-            )
+        # With dynamic activations only there is no range to tell; the step count does.
+        never_started = steps <= start and (uncalibrated or not self._quantizers)
+        if never_started or (uncalibrated and path is None):
+            if never_started and path is not None:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
+                    f"{start}, so there is no int8 model: nothing was written to {path}"
+                )
             return None
         if uncalibrated:
             raise RuntimeError(
@@ -385,7 +405,10 @@ class QuantizationAwareTraining(Callback):
             "quantizers": quantizers,
             "weight_bits": self.weight_bits,
             "outputs": self.outputs,
+            "activations": self.activations,
+            "embeddings": self.embeddings,
             "skipped_ranges": self.skipped_ranges,
+            "quantized": self._phase != PHASE_FLOAT,  # what tells a dynamic-only model's state from a float one
             "training_batches": self._training_steps.batches,
         }
 
@@ -404,6 +427,14 @@ class QuantizationAwareTraining(Callback):
                 f"The checkpoint's quantizers were trained with outputs={saved_outputs!r}, this callback has "
                 f"`outputs`={self.outputs!r}: set outputs={saved_outputs!r} to continue from it"
             )
+        for setting, legacy in (("activations", "static"), ("embeddings", "float")):
+            saved = state_dict.get(setting, legacy)
+            if state is not None and saved != getattr(self, setting):
+                raise ValueError(
+                    f"The checkpoint's quantizers were trained with {setting}={saved!r}, this callback has "
+                    f"`{setting}`={getattr(self, setting)!r}: set {setting}={saved!r} to continue from it"
+                )
+        self._saved_quantized = bool(state_dict.get("quantized", True))
         self.skipped_ranges = int(state_dict.get("skipped_ranges", 0))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
         if state is None:
@@ -418,6 +449,7 @@ class QuantizationAwareTraining(Callback):
     def _load_into_model(self, state: dict[str, Any]) -> None:
         load_quantizer_state_(self._model, state)
         self._pending_state = None
+        self._state_restored = True  # dynamic activations alone have no range that would say so
 
     def _set_phase(self, phase: int, training: bool) -> None:
         self._phase = phase

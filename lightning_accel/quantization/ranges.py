@@ -26,6 +26,8 @@ def observed_ranges(quantizers: Mapping[str, ActivationFakeQuant]) -> Tensor:
             "forward, so their activation ranges cannot be observed. Every quantized module must run in each "
             "training or calibration step: exclude the modules that the forward skips (`exclude=[...]`)."
         )
+    if not quantizers:  # dynamic activations only: nothing is observed
+        return torch.zeros(0)
     ranges = torch.stack([v for q in quantizers.values() for v in q.batch_range])
     ranges[0::2].neg_()
     for quantizer in quantizers.values():

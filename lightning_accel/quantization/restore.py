@@ -70,6 +70,8 @@ def load_quantized(module: nn.Module, ckpt_path: str | os.PathLike) -> nn.Module
         fold_bn=fold_bn,
         weight_bits=state.get("weight_bits", LEGACY_WEIGHT_BITS),
         outputs="all" if state.get("outputs") == "graph" else state.get("outputs", LEGACY_OUTPUTS),
+        activations=state.get("activations", "static"),
+        embeddings=state.get("embeddings", "float"),
     )
     if state.get("outputs") == "graph":
         # The placement traced in training is in the state itself: an output quantizer it lacks was a float output.

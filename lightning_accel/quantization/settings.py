@@ -21,6 +21,8 @@ from lightning_accel.quantization.calibration import (
     first_batch,
     run_model,
 )
+from lightning_accel.quantization.dynamic import validate_activations
+from lightning_accel.quantization.embeddings import validate_embeddings
 from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
 
 FULL_RANGE_NOTE = (
@@ -63,7 +65,8 @@ def _check_on_mismatch(on_mismatch: Any) -> None:
         raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
 
 
-def _check_model_input(model_input: Any) -> None:
+def check_model_input(model_input: Any) -> None:
+    """Raise ``TypeError`` unless ``model_input`` is None, a key, a list of keys or an index."""
     keys = isinstance(model_input, list) and model_input and all(isinstance(k, str) for k in model_input)
     if (
         model_input is not None
@@ -86,6 +89,8 @@ def set_preparation_settings(
     outputs: str,
     model_input: str | int | list[str] | None,
     on_mismatch: str,
+    activations: str,
+    embeddings: str,
 ) -> None:
     """Validate and store the settings QAT and PTQ share (those :func:`prepare_arguments` passes on, and the check)."""
     callback.include = validate_patterns("include", include)
@@ -95,7 +100,11 @@ def set_preparation_settings(
     callback.weight_bits = weight_bits
     validate_outputs(outputs)
     callback.outputs = outputs
-    _check_model_input(model_input)
+    validate_activations(activations)
+    callback.activations = activations
+    validate_embeddings(embeddings)
+    callback.embeddings = embeddings
+    check_model_input(model_input)
     callback.model_input = model_input
     _check_on_mismatch(on_mismatch)
     callback.on_mismatch = on_mismatch
@@ -109,6 +118,8 @@ def prepare_arguments(callback: Any) -> dict[str, Any]:
         "fold_bn": callback.fold_bn,
         "weight_bits": callback.weight_bits,
         "outputs": callback.outputs,
+        "activations": callback.activations,
+        "embeddings": callback.embeddings,
     }
 
 
