@@ -356,10 +356,22 @@ def measure(
         if "sparse int8" in artifacts:
             sparse_model = load_sparse_(copy.deepcopy(float_model), artifacts["sparse int8"].path).eval()
             predictors["sparse artifact (reloaded)"] = _predictor(sparse_model)
-        scores = evaluate(predictors, loader, max_batches, "float weights", pick_input)
+        try:
+            scores = evaluate(predictors, loader, max_batches, "float weights", pick_input)
+        except Exception as error:  # the batch holds other inputs than the forward takes (T5 without decoder ids)
+            notes.append(_input_note("Quality not measured", error))
+            return report
         report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
         report["quality_reference"] = "float weights"
     return report
+
+
+def _input_note(what: str, error: Exception) -> str:
+    return (
+        f"{what}: the model does not run on the input picked from a validation batch ({type(error).__name__}: "
+        f"{error}). `AccelerationReport(model_input=...)` names the batch keys (or index) the model takes; the "
+        "example input (`example_input_array`, a dict for keyword inputs) is used for everything else."
+    )
 
 
 def _measure_latency(
@@ -368,9 +380,13 @@ def _measure_latency(
     from lightning_accel.quantization.check import onnx_feed
 
     batches = {"batch 1": example}
-    if _batch_size(batch_input) > 1:
-        batches[f"batch {_batch_size(batch_input)}"] = batch_input
     predict = _predictor(float_model)
+    if _batch_size(batch_input) > 1:
+        try:
+            predict(batch_input)
+            batches[f"batch {_batch_size(batch_input)}"] = batch_input
+        except Exception as error:
+            report["notes"].append(_input_note("Latency at the validation batch size not measured", error))
     for label, inputs in batches.items():
         runners = {"PyTorch eager fp32": lambda inputs=inputs: predict(inputs)}
         for name, session in sessions.items():

@@ -400,3 +400,65 @@ def test_the_report_feeds_dict_batches_the_keys_the_forward_takes(tmp_path, with
         assert quality["ORT int8"]["agreement"] >= 0.9
     with pytest.raises(TypeError, match="`model_input` must be None"):
         AccelerationReport(model_input=3.5)
+
+
+class _TinyT5(TinyModule):
+    """An encoder-decoder (T5 from a small config) whose forward needs `decoder_input_ids` the batches lack."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        config = T5Config(
+            vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+        )
+        del self.net
+        self.t5 = T5ForConditionalGeneration(config)
+        self.example_input_array = {
+            "input_ids": torch.ones(1, 8, dtype=torch.long),
+            "attention_mask": torch.ones(1, 8, dtype=torch.long),
+            "decoder_input_ids": torch.zeros(1, 4, dtype=torch.long),
+        }
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+
+    def training_step(self, batch, batch_idx):
+        return self.t5(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.t5(**batch).loss)
+
+    def _loader(self):
+        generator = torch.Generator().manual_seed(0)
+        ids, labels = (
+            torch.randint(0, 64, (8, 8), generator=generator),
+            torch.randint(0, 64, (8, 4), generator=generator),
+        )
+        rows = [
+            {"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y}
+            for i, y in zip(ids, labels, strict=True)
+        ]
+        return torch.utils.data.DataLoader(rows, batch_size=4)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+def test_the_report_of_an_encoder_decoder_uses_its_dict_example_and_says_what_the_batches_lack(tmp_path):
+    report = AccelerationReport(directory=tmp_path / "report", max_batches=2, plots=False)
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=[report])
+    trainer.fit(_TinyT5())  # crashed before: one "sequence" axis for lengths 8 and 4 ("Got: 4 Expected: 8")
+    assert "ORT fp32" in report.report["latency_ms"]["batch 1"]
+    assert any(n.startswith("Quality not measured") and "decoder_input_ids" in n for n in report.report["notes"])
+    session = ort.InferenceSession(report.report["sizes"]["fp32 ONNX"]["path"], providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes["input_ids"] == ["batch", "sequence"] == shapes["attention_mask"]
+    assert shapes["decoder_input_ids"] == ["batch", "decoder_input_ids_sequence"]
+    feed = {"input_ids": np.ones((2, 11), np.int64), "attention_mask": np.ones((2, 11), np.int64)}
+    logits = session.run(None, {**feed, "decoder_input_ids": np.zeros((2, 3), np.int64)})[0]
+    assert logits.shape == (2, 3, 64)  # other lengths, each axis on its own

@@ -30,7 +30,7 @@ from tests.helpers import (
     fit_tiny,
     module_with_example,
 )
-from tests.slim_models import MLP, ConcatCNN, MobileNet, PlainCNN, ResNet, TransformerClassifier
+from tests.slim_models import MLP, ConcatCNN, MobileNet, PlainCNN, ResNet, TimmStyleViT, TransformerClassifier
 
 ARCHITECTURES = {
     "plain-cnn": (lambda: PlainCNN(), (2, 1, 8, 8)),
@@ -39,6 +39,8 @@ ARCHITECTURES = {
     "concat": (lambda: ConcatCNN(), (2, 1, 8, 8)),
     "mlp": (lambda: MLP(), (2, 16)),
     "transformer-ffn": (lambda: TransformerClassifier(), (2, 5, 16)),
+    # fit-end crash before: "shape '[1, 5, 3, 3, 64]' is invalid" (the fused QKV slimmed across heads)
+    "timm-vit": (lambda: TimmStyleViT(), (2, 1, 8, 8)),
 }
 
 
@@ -76,7 +78,10 @@ def test_slim_model_computes_what_the_masked_model_computes(name):
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
     assert after < before
     assert all(p.numel() for p in model.parameters())  # the masked model itself kept every tensor's size
-    if name != "transformer-ffn":  # CNNs and MLPs: half the channels of every group leave ~1/4 of the work
+    if name not in (
+        "transformer-ffn",
+        "timm-vit",
+    ):  # CNNs and MLPs: half the channels of every group leave ~1/4 of the work
         assert count_macs(small, example) < 0.45 * count_macs(model, example)
 
 
@@ -257,3 +262,10 @@ def test_slim_export_works_with_qat_listed_first(tmp_path):
     graph = onnx.load(str(tmp_path / "slim.onnx")).graph
     assert (4, 1, 3, 3) in [tuple(init.dims) for init in graph.initializer]
     assert not any(node.op_type == "QuantizeLinear" for node in graph.node)
+
+
+def test_a_timm_style_vit_keeps_its_fused_qkv_dense_and_slims_its_mlp():
+    _, _, groups = masked("timm-vit")
+    assert {g.root for g in groups.groups} == {"blocks.0.fc1", "blocks.1.fc1"}
+    for block in ("blocks.0", "blocks.1"):
+        assert "attention heads" in groups.left_dense[f"{block}.attn.qkv"]

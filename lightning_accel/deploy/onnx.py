@@ -331,15 +331,16 @@ def default_dynamic_axes(
     args, kwargs, _ = split_example(example_input)
     inputs = dict(zip(input_names, [*args, *kwargs.values()], strict=True))
     axes = {name: {0: "batch"} for name in input_names + output_names}
-    lengths = {int(t.shape[1]) for t in inputs.values() if not t.is_floating_point() and t.dim() >= 2}
+    # One label per length in the example: `input_ids` and `attention_mask` share theirs, while an
+    # encoder-decoder's `decoder_input_ids` gets its own (one shared label made ORT refuse T5's two lengths).
+    labels: dict[int, str] = {}
     for name, tensor in inputs.items():
         if not tensor.is_floating_point() and tensor.dim() >= 2:
-            axes[name][1] = "sequence"
-    if len(lengths) == 1:
-        length = lengths.pop()
-        for name, tensor in zip(output_names, output_tensors(output), strict=True):
-            if tensor.dim() >= 3 and tensor.shape[1] == length:
-                axes[name][1] = "sequence"
+            length = int(tensor.shape[1])
+            axes[name][1] = labels.setdefault(length, "sequence" if not labels else f"{name}_sequence")
+    for name, tensor in zip(output_names, output_tensors(output), strict=True):
+        if labels and tensor.dim() >= 3 and int(tensor.shape[1]) in labels:
+            axes[name][1] = labels[int(tensor.shape[1])]
     return axes
 
 
