@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -337,3 +338,52 @@ def test_channel_pruning_says_plainly_before_training_when_it_cannot_group_a_mod
     monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", failing)
     with pytest.raises(ValueError, match=r"the trace failed \(TypeError: unsupported operand.*pattern='unstructured'"):
         find_channel_groups(_tiny_bert(), {k: v[:1] for k, v in _token_batch().items()})
+
+
+class TinyGAN(TinyModule):
+    """Generator and discriminator in one module, manual optimization; the forward and the example: the generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        del self.net
+        self.generator = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.Tanh())
+        self.discriminator = nn.Sequential(nn.Linear(8, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+        self.example_input_array = torch.zeros(1, 16)
+
+    def forward(self, noise):
+        return self.generator(noise)
+
+    def training_step(self, batch, batch_idx):
+        real = batch[0].flatten(1)[:, :8]  # RandomImages' pixels stand in for 8-feature samples
+        generator_opt, discriminator_opt = self.optimizers()
+        fake = self.generator(torch.randn(real.shape[0], 16))
+        d_loss = F.softplus(-self.discriminator(real)).mean() + F.softplus(self.discriminator(fake.detach())).mean()
+        discriminator_opt.zero_grad()
+        self.manual_backward(d_loss)
+        discriminator_opt.step()
+        g_loss = F.softplus(-self.discriminator(fake)).mean()
+        generator_opt.zero_grad()
+        self.manual_backward(g_loss)
+        generator_opt.step()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.Adam(self.generator.parameters(), 1e-3),
+            torch.optim.Adam(self.discriminator.parameters(), 1e-3),
+        )
+
+
+def test_a_gan_quantizes_both_networks_and_exports_the_generator_its_example_drives(tmp_path):
+    import onnxruntime as ort
+
+    qat = QuantizationAwareTraining(export_path=tmp_path / "generator.int8.onnx")
+    _, module = fit_tiny([qat], TinyGAN())  # the setup dry run failed: the example never runs the discriminator
+    for name in ("generator.0", "generator.2", "discriminator.0", "discriminator.2"):
+        layer = module.get_submodule(name)
+        assert layer.input_quant.calibrated, name  # trained in training_step, so both networks have ranges
+    session = ort.InferenceSession(str(tmp_path / "generator.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 16] and session.get_outputs()[0].shape == ["batch", 8]

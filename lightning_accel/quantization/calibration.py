@@ -19,7 +19,7 @@ from torch import nn
 from lightning_accel._validation import validate_int
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
-from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
+from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, update_many
 from lightning_accel.quantization.prepare import (
     DEFAULT_OUTPUTS,
     activation_quantizers,
@@ -129,7 +129,14 @@ def _same_structure(candidate: Any, example: Any) -> bool:
         return isinstance(candidate, Mapping) and set(candidate) == set(example)
     if isinstance(example, tuple | list):
         return isinstance(candidate, tuple | list) and len(candidate) == len(example)
-    return isinstance(candidate, torch.Tensor) and candidate.dim() == example.dim()
+    if not isinstance(candidate, torch.Tensor) or candidate.dim() != example.dim():
+        return False
+    # The export fixes every axis but the batch (and the sequence of token inputs): a batch of another shape is
+    # another input (a GAN's real images, where the forward takes noise).
+    fixed_from = 1 if candidate.is_floating_point() else 2
+    return candidate.is_floating_point() == example.is_floating_point() and (
+        candidate.shape[fixed_from:] == example.shape[fixed_from:]
+    )
 
 
 #: The export check runs on at least this many validation samples where the data has them: a few dozen samples
@@ -189,6 +196,7 @@ def calibrate_(
     outputs: str = DEFAULT_OUTPUTS,
     activations: str = DEFAULT_ACTIVATIONS,
     embeddings: str = DEFAULT_EMBEDDINGS,
+    modules_not_run: str = "raise",
 ) -> nn.Module:
     """Post-training quantization: prepare ``model`` in place and calibrate its activation ranges on data.
 
@@ -212,6 +220,9 @@ def calibrate_(
         activations: ``"static"`` (default: ranges calibrated here) or ``"dynamic"`` (Linear inputs quantized at
             the scale of each input at run time; only the convs' ranges are calibrated).
         embeddings: ``"float"`` (default) or ``"int8"`` (tables stored in int8, one scale per row).
+        modules_not_run: ``"raise"`` (default): every quantized module must run on every batch. ``"placeholder"``:
+            modules the forward never runs (a GAN's discriminator, when the forward is the generator) get the
+            range [0, 1]; the export of that forward does not contain them. For export dry runs.
 
     Returns:
         The same ``model``, prepared and calibrated.
@@ -220,6 +231,8 @@ def calibrate_(
         ValueError: when no batch came, or every batch gave a quantizer NaN/inf activations (named).
     """
     num_batches = validate_int("num_batches", num_batches, 1)
+    if modules_not_run not in ("raise", "placeholder"):
+        raise ValueError(f"`modules_not_run` must be 'raise' or 'placeholder', got {modules_not_run!r}")
     if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor):
         raise TypeError(f"`batches` must be an iterable of batches such as a DataLoader, got {type(batches).__name__}")
     picker = batch_picker(model_input, model)
@@ -247,13 +260,19 @@ def calibrate_(
     seen = skipped = 0
     for seen, batch in enumerate(batches, start=1):
         run_model(model, picker(batch))
-        ranges = flag_nonfinite(observed_ranges(quantizers))
+        observed = quantizers
+        if modules_not_run == "placeholder":
+            observed = {name: q for name, q in quantizers.items() if q.batch_range is not None}
+        ranges = flag_nonfinite(observed_ranges(observed))
         if ranges[-1] > 0:
             skipped += 1
         else:
-            update_ranges(list(quantizers.values()), ranges[:-1], averaging_constant=None)
+            update_ranges(list(observed.values()), ranges[:-1], averaging_constant=None)
         if seen >= num_batches:
             break
+    if modules_not_run == "placeholder":
+        unused = [q for q in quantizers.values() if not q.calibrated]
+        update_many(unused, torch.zeros(len(unused)), torch.ones(len(unused)), None)
     if seen == 0:
         raise ValueError("`batches` yielded no batch to calibrate on")
     if skipped:

@@ -135,7 +135,14 @@ def require_example_input(pl_module: LightningModule, owner: str) -> None:
 def calibrated_probe(pl_module: LightningModule, **prepare: Any) -> Any:
     """A throwaway copy of ``pl_module``, prepared and calibrated on its example input: what a dry run exports."""
     probe = module_copy(pl_module)
-    calibrate_(probe, [example_input(pl_module)], num_batches=1, model_input=lambda batch: batch, **prepare)
+    calibrate_(
+        probe,
+        [example_input(pl_module)],
+        num_batches=1,
+        model_input=lambda batch: batch,
+        modules_not_run="placeholder",  # trained in training_step (a GAN's discriminator), not in the export
+        **prepare,
+    )
     return probe
 
 
