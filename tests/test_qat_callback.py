@@ -296,3 +296,22 @@ def test_dict_batches_with_labels_pass_the_keys_the_forward_takes(tmp_path, mode
 def test_model_input_keys_are_validated():
     with pytest.raises(TypeError, match=r"a list of dict keys.*got \[1, 2\]"):
         PostTrainingQuantization("m.onnx", model_input=[1, 2])
+
+
+def test_qat_scores_the_int8_model_when_it_starts_and_at_the_end(tmp_path):
+    qat = QuantizationAwareTraining(start_step=0.5)
+    fit_tiny([qat], module_with_example(), epochs=2)
+    assert qat.int8_at_start["metric"] == qat.int8_at_end["metric"] == "accuracy"
+    assert 0.0 <= qat.int8_at_start["value"] <= 1.0 and 0.0 <= qat.int8_at_end["value"] <= 1.0
+    assert qat.state_dict()["int8_at_start"] == qat.int8_at_start  # a resumed fit keeps the original start
+
+
+def test_qat_that_ends_below_its_start_warns(monkeypatch):
+    from lightning_accel.quantization import progress
+
+    scores = iter([0.90, 0.50])  # PTQ of the starting weights, then the QAT model at the end
+    monkeypatch.setattr(progress.QualityProbe, "score", lambda self, model: next(scores))
+    qat = QuantizationAwareTraining(start_step=0.5)
+    with pytest.warns(UserWarning, match=r"ended worse than it started: int8 accuracy: 0.9000 at QAT start"):
+        fit_tiny([qat], module_with_example(), epochs=2)
+    assert qat.int8_at_end["value"] == 0.5

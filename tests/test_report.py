@@ -45,9 +45,14 @@ def fit_with_report(tmp_path, logger=False, extra=(), module=None, **kwargs):
 
 
 def test_the_report_numbers_match_an_independent_recomputation(tmp_path):
-    _, module, report = fit_with_report(tmp_path)
+    trainer, module, report = fit_with_report(tmp_path)
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report.report))
+    qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    start, end = qat.int8_at_start["value"], qat.int8_at_end["value"]
+    assert (
+        f"QAT: int8 accuracy: {start:.4f} at QAT start (PTQ of those weights), {end:.4f} at the end." in saved["notes"]
+    )
     # Sizes from the files themselves.
     for entry in saved["sizes"].values():
         assert Path(entry["path"]).stat().st_size == entry["bytes"]

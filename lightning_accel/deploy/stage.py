@@ -78,6 +78,7 @@ class Contribution:
         pruned_parameters: The parameters pruning selected: the report's sparsity is over exactly these.
         classification: Whether the model's output is logits (the check then measures argmax agreement), as the
             technique's validation data shows; ``None``: judged from the output's shape.
+        notes: Lines for the report (e.g. QAT's int8 quality at its start and at the end).
     """
 
     owner: str
@@ -93,6 +94,7 @@ class Contribution:
     example: Any = None
     pruned_parameters: tuple[str, ...] = ()
     classification: bool | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +182,7 @@ def build_artifacts(
         example = next((c.example for c in contributions if c.example is not None), None)
     pruned = tuple(name for c in contributions for name in c.pruned_parameters)
     deployment = Deployment(example=example, precision=precision, pruned_parameters=pruned)
+    deployment.notes.extend(note for c in contributions for note in c.notes)
     builder = _Builder(deployment)
     report = next((c for c in contributions if c.report_directory is not None), None)
     report_dir = Path(report.report_directory) if report is not None else None

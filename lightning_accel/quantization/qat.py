@@ -168,6 +168,10 @@ class QuantizationAwareTraining(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._state_restored = False
         self._saved_quantized = False
+        #: The int8 score when fake quantization started (PTQ of those weights) and at the end of fit.
+        self.int8_at_start: dict[str, Any] | None = None
+        self.int8_at_end: dict[str, Any] | None = None
+        self._probe: Any = None
         self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
         self._training_steps = TrainingSteps()
@@ -283,6 +287,11 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
         step = self._training_steps.current(trainer, pl_module)
+        if self.phase_at(step) != PHASE_FLOAT and self.int8_at_start is None:
+            if trainer.is_global_zero:
+                self._probe_start(trainer, pl_module)
+            # Every rank keeps rank 0's figures: the callback's state must not differ between ranks.
+            self.int8_at_start = trainer.strategy.broadcast(self.int8_at_start, src=0)
         self._set_phase(self.phase_at(step), training=True)
         freeze_bn_step = self._steps[2]
         if freeze_bn_step is not None and step >= freeze_bn_step:
@@ -351,10 +360,50 @@ class QuantizationAwareTraining(Callback):
         return PHASE_FLOAT
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The deploy stage builds every artifact once, on rank 0 (the trained model stays as it is)."""
+        """Compare the int8 quality with QAT's start; the deploy stage builds every artifact once, on rank 0."""
         from lightning_accel.deploy.stage import deploy_for_trainer
 
+        if trainer.is_global_zero:
+            self._probe_end(pl_module)
         deploy_for_trainer(trainer, pl_module)
+
+    def _probe_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
+        import torch
+
+        from lightning_accel.quantization.progress import probe_at_start
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self._probe = probe_at_start(trainer, pl_module, self.model_input, prepare_arguments(self))
+        except Exception as error:  # a score for the log; never a reason to stop training
+            rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
+            self._probe = None
+        if self._probe is not None:
+            self.int8_at_start = {"metric": self._probe.metric, "value": self._probe.start}
+            rank_zero_info(
+                f"QuantizationAwareTraining: int8 {self._probe.metric} when QAT starts (PTQ of these weights): "
+                f"{self._probe.start:.4f}"
+            )
+        else:
+            self.int8_at_start = {}
+
+    def _probe_end(self, pl_module: LightningModule) -> None:
+        from lightning_accel.deploy.int8 import as_evaluated
+
+        probe = self._probe
+        if probe is None or not self._quantizers or not all(q.calibrated for q in self._quantizers.values()):
+            return
+        probe.end = probe.score(as_evaluated(pl_module))
+        self.int8_at_end = {"metric": probe.metric, "value": probe.end}
+        rank_zero_info(f"QuantizationAwareTraining: {probe.describe()}")
+        if probe.ended_worse():
+            rank_zero_warn(
+                f"QuantizationAwareTraining ended worse than it started: {probe.describe()}. Post-training "
+                "quantization of the starting weights would have been better; try a lower learning rate, a later "
+                "`freeze_observers_step`, or PostTrainingQuantization."
+            )
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What QAT hands to the deploy stage: the trained int8 model, where to write it, and what to check it on.
@@ -386,8 +435,10 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
                 f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
             )
+        notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
         return Contribution(
             owner="QuantizationAwareTraining",
+            notes=notes,
             int8_model=lambda: pl_module,
             int8_path=path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
@@ -409,6 +460,8 @@ class QuantizationAwareTraining(Callback):
             "embeddings": self.embeddings,
             "skipped_ranges": self.skipped_ranges,
             "quantized": self._phase != PHASE_FLOAT,  # what tells a dynamic-only model's state from a float one
+            # A resumed fit keeps the start's score instead of scoring its own later weights as the start.
+            "int8_at_start": self.int8_at_start,
             "training_batches": self._training_steps.batches,
         }
 
@@ -435,6 +488,8 @@ class QuantizationAwareTraining(Callback):
                     f"`{setting}`={getattr(self, setting)!r}: set {setting}={saved!r} to continue from it"
                 )
         self._saved_quantized = bool(state_dict.get("quantized", True))
+        if state_dict.get("int8_at_start") is not None:
+            self.int8_at_start = state_dict["int8_at_start"]
         self.skipped_ranges = int(state_dict.get("skipped_ranges", 0))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
         if state is None:

@@ -1,0 +1,101 @@
+"""Whether QAT made the int8 model better: its quality when QAT starts (PTQ of those weights) and when fit ends.
+
+QAT should never end worse than post-training quantization of the model it started from. When fake quantization
+starts, a copy of the float model is calibrated on a few training batches (that is PTQ) and scored on a few
+validation batches; at the end of fit the QAT model is scored on the same batches. The score is accuracy where the
+batches carry class labels, otherwise the cosine of each sample's output to the float model's at QAT start (for an
+encoder distilled from its pretrained self, the figure that matters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning import LightningModule, Trainer
+from torch import nn
+
+from lightning_accel.quantization.calibration import (
+    batch_labels,
+    batch_picker,
+    calibrate_,
+    evaluation_loaders,
+    run_model,
+)
+from lightning_accel.quantization.prepare import float_copy
+
+#: Validation batches scored at QAT start and end, and training batches PTQ calibrates on.
+QUALITY_BATCHES = 8
+CALIBRATION_BATCHES = 8
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    from lightning_accel.deploy.check import output_tensors  # the deploy helpers read every output kind
+
+    return output_tensors(output)[0]
+
+
+class QualityProbe:
+    """The scored batches, their float outputs at QAT start, and the two int8 scores."""
+
+    def __init__(self, batches: list[Any], labels: list[torch.Tensor] | None, float_outputs: list[torch.Tensor]):
+        self.batches = batches
+        self.labels = labels
+        self.float_outputs = float_outputs
+        self.metric = "accuracy" if labels is not None else "cosine"
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def score(self, model: nn.Module) -> float:
+        """Accuracy against the labels, or mean cosine to the float outputs at QAT start."""
+        outputs = [_first_tensor(run_model(model, inputs)).detach().float().cpu() for inputs in self.batches]
+        if self.labels is not None:
+            correct = sum(int((o.argmax(-1) == y.cpu()).sum()) for o, y in zip(outputs, self.labels, strict=True))
+            return correct / sum(len(y) for y in self.labels)
+        cosines = [
+            torch.nn.functional.cosine_similarity(o.flatten(1), f.flatten(1), dim=1)
+            for o, f in zip(outputs, self.float_outputs, strict=True)
+        ]
+        return torch.cat(cosines).mean().item()
+
+    def ended_worse(self) -> bool:
+        """Whether the end score is below the start score by more than one sample's worth (accuracy) or 1e-4."""
+        if self.start is None or self.end is None:
+            return False
+        samples = sum(len(y) for y in self.labels) if self.labels is not None else 0
+        tolerance = 1.0 / samples if samples else 1e-4
+        return self.end < self.start - tolerance
+
+    def describe(self) -> str:
+        """One line with both scores."""
+        what = "accuracy" if self.metric == "accuracy" else "cosine to the float model at QAT start"
+        end = "n/a" if self.end is None else f"{self.end:.4f}"
+        return f"int8 {what}: {self.start:.4f} at QAT start (PTQ of those weights), {end} at the end"
+
+
+@torch.no_grad()
+def probe_at_start(
+    trainer: Trainer, pl_module: LightningModule, model_input: Any, prepare: dict[str, Any]
+) -> QualityProbe | None:
+    """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on."""
+    loaders = evaluation_loaders(trainer)
+    if not loaders or trainer.train_dataloader is None:
+        return None
+    picker: Callable[[Any], Any] = batch_picker(model_input, pl_module)
+    batches, labels = [], []
+    for batch in loaders[0]:
+        batches.append(picker(batch))
+        labels.append(batch_labels(batch))
+        if len(batches) >= QUALITY_BATCHES:
+            break
+    if not batches:
+        return None
+    plain = float_copy(pl_module).eval()
+    float_outputs = [_first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
+    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs)
+    ptq = calibrate_(plain, trainer.train_dataloader, CALIBRATION_BATCHES, model_input=model_input, **prepare)
+    probe.start = probe.score(ptq.eval())
+    return probe
