@@ -18,6 +18,7 @@ from lightning_accel.deploy import (
     save_sparse,
     slim,
 )
+from lightning_accel.distillation import Distillation
 from lightning_accel.precision import MixedPrecision, NonFiniteLossError, choose_precision
 from lightning_accel.pruning import (
     ChannelGroups,
@@ -47,6 +48,7 @@ __all__ = [
     "ChannelGroups",
     "Contribution",
     "Deployment",
+    "Distillation",
     "ExportCheck",
     "MagnitudePruning",
     "MixedPrecision",

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_accel._config_errors import summarize_config_error
+from lightning_accel.distillation import Distillation
 from lightning_accel.export_command import ArtifactTrainer
 from lightning_accel.precision import MixedPrecision
 from lightning_accel.pruning import MagnitudePruning
@@ -33,6 +34,7 @@ CALLBACK_SECTIONS: dict[str, type] = {
     "qat": QuantizationAwareTraining,
     "ptq": PostTrainingQuantization,
     "report": AccelerationReport,
+    "distillation": Distillation,
 }
 
 
