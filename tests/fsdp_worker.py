@@ -103,7 +103,7 @@ def _prune(rank: int) -> dict:
         pruning.on_train_batch_start(trainer, module, (x, y), step)
         if any(not torch.equal(previous[name], mask) for name, mask in pruning.masks.items()):
             # What the new masks must be: the global threshold over the full tensors, recomputed independently.
-            expected = compute_masks(before, pruning.sparsity_at(step), previous=previous)
+            expected = compute_masks(before, pruning.sparsity_at(step), scope=pruning.scope, previous=previous)
             independent.append((step, expected, pruning.masks))
         loss = F.cross_entropy(module(x), y)
         loss.backward()

@@ -24,6 +24,7 @@ def test_the_quick_benchmarks_run_and_write_results(tmp_path):
     titles = [section["title"] for section in results["sections"]]
     for expected in (
         "Pruning: per-step overhead",
+        "Pruning: global, LAMP and per-layer ranking",
         "Channel pruning: ResNet-18-shaped CNN",
         "Channel pruning on digits against torch-pruning's MetaPruner",
         "Int8: PTQ against ONNX Runtime's quantize_static",

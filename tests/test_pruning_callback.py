@@ -2,6 +2,7 @@
 
 import csv
 import re
+import warnings
 
 import pytest
 import torch
@@ -46,12 +47,12 @@ def selected(module):
 
 
 @pytest.mark.parametrize("schedule", ["cubic", "linear", "one_shot"])
-@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("scope", ["global", "lamp", "layer"])
 def test_reaches_the_target_exactly(schedule, scope):
     pruning = MagnitudePruning(0.9, schedule=schedule, scope=scope, every_n_steps=2)
     _, module = fit([pruning])
     weights = selected(module)
-    if scope == "global":
+    if scope in ("global", "lamp"):
         total = sum(p.numel() for p in weights.values())
         assert tensor_sparsity(weights) == pytest.approx(round(0.9 * total) / total)
     else:
@@ -318,10 +319,17 @@ class _SmallLayer(TinyModule):
 
 
 def test_a_layer_the_global_threshold_empties_is_named_at_each_recompute():
-    pruning = MagnitudePruning(0.5, schedule="one_shot")
+    pruning = MagnitudePruning(0.5, schedule="one_shot", scope="global")
     with pytest.warns(UserWarning, match=r"above 99% zeros: net\.fc2\.weight 100\.0%"):
         fit_tiny([pruning], _SmallLayer())
     assert (~pruning.masks["net.fc2.weight"]).all()  # the reason for the warning, measured
+    # The default ranks scale-aware (LAMP): the small-scale layer keeps weights, and nothing is warned about.
+    default = MagnitudePruning(0.5, schedule="one_shot")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!MagnitudePruning)")
+        fit_tiny([default], _SmallLayer())
+    assert (~default.masks["net.fc2.weight"]).float().mean() < 0.5  # scale does not decide: it keeps most
 
 
 class _Depthwise(TinyModule):

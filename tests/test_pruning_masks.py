@@ -142,3 +142,25 @@ def test_two_four_on_convolutions_groups_input_channels_as_sparse_tensor_cores_d
     linear = torch.randn(6, 8)
     linear_mask = compute_masks({"fc": linear}, 0.5, pattern="2:4")["fc"]
     assert (linear_mask.reshape(6, 2, 4).sum(-1) == 2).all()  # Linear: along the input features, as before
+
+
+def test_lamp_scores_ignore_a_layers_scale_and_keep_small_scale_layers_alive():
+    from lightning_accel.pruning.masks import lamp_scores
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 30, generator=generator)
+    assert torch.allclose(lamp_scores(weight * 1e-3), lamp_scores(weight), rtol=1e-4)
+    values = torch.tensor([3.0, -1.0, 2.0])
+    assert torch.allclose(lamp_scores(values), torch.tensor([1.0, 1 / 14, 4 / 13]))  # w^2 / sum of larger-or-equal
+    weights = {
+        "wide": torch.randn(64, 64, generator=generator),
+        "small": torch.randn(64, 64, generator=generator) * 0.01,
+    }
+    global_masks = compute_masks(weights, 0.6)
+    assert (~global_masks["small"]).float().mean() > 0.99  # one magnitude threshold empties the small layer
+    lamp = compute_masks(weights, 0.6, scope="lamp")
+    zeros = {name: (~mask).float().mean().item() for name, mask in lamp.items()}
+    assert sum((~m).sum().item() for m in lamp.values()) == round(0.6 * 2 * 64 * 64)  # the target, exactly
+    assert 0.4 < zeros["small"] < 0.8 and 0.4 < zeros["wide"] < 0.8
+    again = compute_masks({k: v * lamp[k] for k, v in weights.items()}, 0.7, scope="lamp", previous=lamp)
+    assert all(not (again[k] & ~lamp[k]).any() for k in lamp)  # what was pruned stays pruned

@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_accel._validation import validate_fraction
 
-Scope = Literal["global", "layer"]
-SCOPES: tuple[str, ...] = ("global", "layer")
+Scope = Literal["global", "layer", "lamp"]
+SCOPES: tuple[str, ...] = ("global", "layer", "lamp")
 
 # Score that ranks an already pruned element below every real magnitude (magnitudes are >= 0).
 _PRUNED_SCORE = -1.0
@@ -67,6 +67,27 @@ def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
     return score
 
 
+def lamp_scores(weight: Tensor, previous: Tensor | None = None) -> Tensor:
+    """Layer-adaptive magnitude scores (LAMP, Lee et al. 2021): ``w_i^2 / sum of w_j^2 over |w_j| >= |w_i|``.
+
+    The score compares a weight with the weights of its own tensor that are at least as large, so it does not
+    depend on the tensor's scale: a layer whose weights are all small by initialisation (large fan-in, T5's unscaled
+    attention) is not emptied first by one global threshold, and each tensor's largest weight scores 1, the most any
+    weight can, so no tensor is emptied before every other weight is gone.
+    """
+    squared = weight.detach().float().flatten().square()
+    if previous is not None:
+        squared = squared.masked_fill(~previous.flatten(), 0.0)
+    order = torch.argsort(squared)
+    ascending = squared[order]
+    at_least = torch.flip(torch.cumsum(torch.flip(ascending, [0]), 0), [0])  # sum over this and all larger ones
+    scores = torch.empty_like(squared)
+    scores[order] = ascending / at_least.clamp_min(torch.finfo(torch.float32).tiny)
+    if previous is not None:
+        scores = scores.masked_fill(~previous.flatten(), _PRUNED_SCORE)
+    return scores.view_as(weight)
+
+
 def _keep_all_but_smallest(scores: Tensor, k: int) -> Tensor:
     """Bool mask over a 1-D ``scores`` that drops exactly the ``k`` smallest entries."""
     n = scores.numel()
@@ -93,20 +114,24 @@ def unstructured_masks(
     Args:
         weights: Tensors by name.
         sparsity: Fraction of zeros to reach, in [0, 1).
-        scope: ``"global"`` ranks all elements together; ``"layer"`` prunes ``sparsity`` of each tensor.
+        scope: ``"global"`` ranks all elements together by magnitude; ``"layer"`` prunes ``sparsity`` of each
+            tensor; ``"lamp"`` ranks all elements together by :func:`lamp_scores` (scale-aware).
         previous: Earlier masks by name; elements they pruned stay pruned.
 
     Returns:
         Bool keep-masks by name.
     """
     previous = previous or {}
-    scores = {name: _scores(w, previous.get(name)).flatten() for name, w in weights.items()}
+    if scope == "lamp":
+        scores = {name: lamp_scores(w, previous.get(name)).flatten() for name, w in weights.items()}
+    else:
+        scores = {name: _scores(w, previous.get(name)).flatten() for name, w in weights.items()}
     if scope == "layer":
         return {
             name: _keep_all_but_smallest(s, round(sparsity * s.numel())).view_as(weights[name])
             for name, s in scores.items()
         }
-    if scope != "global":
+    if scope not in ("global", "lamp"):
         raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
     if not scores:
         return {}

@@ -393,8 +393,8 @@ class QuantizationAwareTraining(Callback):
         from lightning_accel.deploy.int8 import as_evaluated
 
         probe = self._probe
-        if probe is None or not self._quantizers or not all(q.calibrated for q in self._quantizers.values()):
-            return
+        if probe is None or not all(q.calibrated for q in self._quantizers.values()):
+            return  # QAT never started, or some range was never observed: there is no int8 model to score
         probe.end = probe.score(as_evaluated(pl_module))
         self.int8_at_end = {"metric": probe.metric, "value": probe.end}
         rank_zero_info(f"QuantizationAwareTraining: {probe.describe()}")
