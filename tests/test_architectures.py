@@ -387,3 +387,30 @@ def test_a_gan_quantizes_both_networks_and_exports_the_generator_its_example_dri
         assert layer.input_quant.calibrated, name  # trained in training_step, so both networks have ranges
     session = ort.InferenceSession(str(tmp_path / "generator.int8.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 16] and session.get_outputs()[0].shape == ["batch", 8]
+
+
+def test_t5_channel_groups_are_found_and_slim_exactly():
+    """T5 (encoder-decoder, tied embeddings, relative attention): `pattern="channels"` crashed at setup ("The size of
+    tensor a (2) must match the size of tensor b (4)"); its groups are found, attention and tied layers stay dense."""
+    from transformers import T5Config, T5Model
+
+    from lightning_accel import find_channel_groups
+    from lightning_accel.deploy.slim import slim_checked
+    from lightning_accel.pruning import group_masks
+
+    torch.manual_seed(0)
+    model = T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)).eval()
+    example = {
+        "input_ids": torch.ones(1, 8, dtype=torch.long),
+        "decoder_input_ids": torch.zeros(1, 4, dtype=torch.long),
+    }
+    groups = find_channel_groups(model, example)
+    assert groups.groups, groups.summary()
+    dense = " ".join(f"{names}: {reason}" for names, reason in groups.left_dense.items())
+    assert "SelfAttention.q" in dense
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in group_masks(parameters, groups, 0.5).items():
+            parameters[name].mul_(mask)
+    small = slim_checked(model, example, groups)  # raises if the slim model computed something else
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

