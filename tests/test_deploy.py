@@ -110,6 +110,8 @@ def test_building_stays_inside_the_deploy_stage_and_the_techniques_interfaces(tm
         "lightning_accel.pruning.groups",  # the channel groups (plan data) and kept_channels
         "lightning_accel.quantization.prepare",  # float_copy, quantized_modules, set_qat_phase
         "lightning_accel.quantization.fake_quant",  # the quantizers' own forward and bias rounding
+        "lightning_accel.quantization.dynamic",  # the dynamic quantizer's forward and its export op
+        "lightning_accel.quantization.embeddings",  # the int8 table's forward and its deployable lookup
         "lightning_accel.quantization.qat",  # only the contribution's own lambda, which hands the model over
     }
     outside = {name for name in ours if not name.startswith("lightning_accel.deploy")} - interfaces

@@ -393,8 +393,8 @@ class QuantizationAwareTraining(Callback):
         from lightning_accel.deploy.int8 import as_evaluated
 
         probe = self._probe
-        if probe is None or not all(q.calibrated for q in self._quantizers.values()):
-            return  # QAT never started, or some range was never observed: there is no int8 model to score
+        if probe is None or probe.end is not None or not all(q.calibrated for q in self._quantizers.values()):
+            return  # scored already, QAT never started, or a range was never observed: no int8 model to score
         probe.end = probe.score(as_evaluated(pl_module))
         self.int8_at_end = {"metric": probe.metric, "value": probe.end}
         rank_zero_info(f"QuantizationAwareTraining: {probe.describe()}")
@@ -435,6 +435,7 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
                 f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
             )
+        self._probe_end(pl_module)  # the deploy stage may ask before this callback's own on_fit_end ran
         notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
         return Contribution(
             owner="QuantizationAwareTraining",
