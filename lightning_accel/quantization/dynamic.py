@@ -80,7 +80,6 @@ class DynamicActivationFakeQuant(nn.Module):
         self.fake_quant = False
         self.observe = False
         self.export_constants = False
-        self.is_input = True
 
     @property
     def calibrated(self) -> bool:
