@@ -82,6 +82,20 @@ def fake_quantize(
     return _CompositeFakeQuantize.apply(x, scale, None if symmetric else zero_point.to(x.dtype), qmin, qmax)
 
 
+def symmetric_fake_quantize(weight: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Fake-quantize ``weight`` to ``[-qmax, qmax]`` with one scale per output channel (dimension 0), in float32.
+
+    Weights are symmetric by construction, so unlike :func:`fake_quantize` this never asks the zero point whether
+    it is zero: that question is a host sync per layer and step, and under ``torch.compile`` a graph break.
+    """
+    weight = _as_float32(weight)
+    if weight.is_cuda:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -qmax, qmax)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    return _CompositeFakeQuantize.apply(weight, scale.reshape(shape), None, -qmax, qmax)
+
+
 def affine_qparams(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     """Scale and zero point that map ``[min(low, 0), max(high, 0)]`` onto ``[0, 255]``; zero is exact."""
     low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
@@ -291,7 +305,7 @@ class WeightFakeQuant(_Float32State):
                 _as_float32(weight), self.scale, self.zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
             )
         else:
-            quantized = fake_quantize(weight, self.scale, self.zero_point, -self.qmax, self.qmax, axis=0)
+            quantized = symmetric_fake_quantize(weight, self.scale, self.qmax)
         return quantized if quantized.dtype == weight.dtype else quantized.to(weight.dtype)
 
     def extra_repr(self) -> str:  # noqa: D102 - shown by print(model)
