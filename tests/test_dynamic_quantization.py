@@ -198,3 +198,22 @@ def test_a_model_of_linears_only_has_no_range_to_observe_and_still_exports(tmp_p
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert fresh.evaluation_phase(testing) == phase
+
+
+def test_an_int8_file_stores_each_distinct_scalar_constant_once(tmp_path):
+    from onnx import numpy_helper
+
+    batches = [_token_batch(seed) for seed in range(2)]
+    model = calibrate_(_tiny_bert(), batches, model_input=lambda b: b, activations="dynamic")
+    path = export_onnx(model, tmp_path / "bert.onnx", {k: v[:1] for k, v in batches[0].items()}, check_inputs=batches)
+    graph = onnx.load(str(path)).graph
+    scalars = [numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 0]
+    scalars += [
+        numpy_helper.to_array(n.attribute[0].t)
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute[0].name == "value" and len(n.attribute[0].t.dims) == 0
+    ]
+    keys = [(a.dtype.str, a.tobytes()) for a in scalars]
+    assert len(keys) == len(set(keys))  # the 12 Linears' int8 zero points are one constant
+    zero = (np.dtype(np.int8).str, np.zeros((), np.int8).tobytes())
+    assert zero in keys
