@@ -136,16 +136,26 @@ def _digits_rows(make_net: Any, target: float, dense_epochs: int, prune_epochs: 
     trainer.fit(dense, datamodule=data)
     rows = {"dense": {"accuracy": trainer.test(dense, datamodule=data, verbose=False)[0]["test/acc"]}}
     steps = prune_epochs * len(data.train_dataloader())
+
+    def score(trainer: Any, model: nn.Module) -> dict[str, float]:
+        return {"accuracy": trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]}
+
+    return rows | _pruned_rows(dense, target, steps, score, max_epochs=prune_epochs, deterministic=True, data=data)
+
+
+def _pruned_rows(dense: nn.Module, target: float, steps: int, score: Any, data: Any = None, **trainer: Any) -> dict:
+    """Fine-tune a copy of ``dense`` while pruning with each ranking; its score and its emptiest layer."""
+    rows = {}
     for label, callbacks in _pruners(target, steps).items():
         seed_everything(0, verbose=False)
         model = copy.deepcopy(dense)
-        trainer = quiet_trainer(max_epochs=prune_epochs, callbacks=callbacks, deterministic=True)
-        trainer.fit(model, datamodule=data)
-        accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
+        fitting = quiet_trainer(callbacks=callbacks, **trainer)
+        fitting.fit(model, datamodule=data)
+        figures = score(fitting, model)
         if isinstance(callbacks[0], ModelPruning):
             callbacks[0].make_pruning_permanent(model)
         worst, sparsity = _worst_layer(model)
-        rows[label] = {"accuracy": accuracy, "emptiest_layer": worst, "emptiest_sparsity": sparsity}
+        rows[label] = {**figures, "emptiest_layer": worst, "emptiest_sparsity": sparsity}
     return rows
 
 
@@ -188,17 +198,11 @@ def _t5_rows(target: float, dense_epochs: int, prune_epochs: int) -> dict[str, A
     trainer.fit(dense)
     rows = {"dense": {"val_loss": trainer.validate(dense, verbose=False)[0]["val_loss"]}}
     steps = prune_epochs * len(dense.train_dataloader())
-    for label, callbacks in _pruners(target, steps).items():
-        seed_everything(0, verbose=False)
-        model = copy.deepcopy(dense)
-        trainer = quiet_trainer(max_epochs=prune_epochs, callbacks=callbacks, limit_val_batches=None)
-        trainer.fit(model)
-        loss = trainer.validate(model, verbose=False)[0]["val_loss"]
-        if isinstance(callbacks[0], ModelPruning):
-            callbacks[0].make_pruning_permanent(model)
-        worst, sparsity = _worst_layer(model)
-        rows[label] = {"val_loss": loss, "emptiest_layer": worst, "emptiest_sparsity": sparsity}
-    return rows
+
+    def score(trainer: Any, model: nn.Module) -> dict[str, float]:
+        return {"val_loss": trainer.validate(model, verbose=False)[0]["val_loss"]}
+
+    return rows | _pruned_rows(dense, target, steps, score, max_epochs=prune_epochs, limit_val_batches=None)
 
 
 def run(quick: bool) -> list[Section]:

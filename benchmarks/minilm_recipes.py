@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning import Trainer, seed_everything
+from lightning import seed_everything
 
+from benchmarks.common import quiet_trainer
 from examples.minilm import DocstringTexts, SentenceEncoder
 from lightning_accel import Distillation, MagnitudePruning, QuantizationAwareTraining
 
@@ -32,17 +33,8 @@ def train_recipe(name: str, directory: Path) -> tuple[SentenceEncoder, Path, dic
     callbacks: list[Any] = [Distillation(loss="cosine"), qat]
     if name == "slim":
         callbacks.insert(0, MagnitudePruning(0.5, pattern="channels", end_step=int(steps * 0.5), every_n_steps=8))
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    # Validation stays on: QAT scores its int8 model on the validation texts.
+    trainer = quiet_trainer(max_epochs=EPOCHS, callbacks=callbacks, limit_val_batches=1.0)
     trainer.fit(module, datamodule=data)
     figures = {
         "steps": steps,

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._files import resolve_artifact_path
 from lightning_accel._validation import validate_bool, validate_int
-from lightning_accel.quantization.calibration import batch_picker, run_model
+from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.quantization.settings import check_model_input
 from lightning_accel.report import (
@@ -247,15 +247,6 @@ def _example(pl_module: LightningModule, loader: Any, picker: Any = None) -> tup
     return example, batch_input
 
 
-def _batch_size(inputs: Any) -> int:
-    """The batch size of a tensor, a tuple of tensors or a dict of keyword tensors (0 when unknown)."""
-    if isinstance(inputs, dict):
-        inputs = next(iter(inputs.values()), None)
-    elif isinstance(inputs, tuple | list):
-        inputs = inputs[0] if inputs else None
-    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 0
-
-
 def build_report(
     trainer: Trainer | None,
     pl_module: LightningModule,
@@ -381,10 +372,10 @@ def _measure_latency(
 
     batches = {"batch 1": example}
     predict = _predictor(float_model)
-    if _batch_size(batch_input) > 1:
+    if batch_size(batch_input) > 1:
         try:
             predict(batch_input)
-            batches[f"batch {_batch_size(batch_input)}"] = batch_input
+            batches[f"batch {batch_size(batch_input)}"] = batch_input
         except Exception as error:
             report["notes"].append(_input_note("Latency at the validation batch size not measured", error))
     for label, inputs in batches.items():

@@ -144,7 +144,8 @@ def _same_structure(candidate: Any, example: Any) -> bool:
 CHECK_SAMPLES = 1000
 
 
-def _batch_size(inputs: Any) -> int:
+def batch_size(inputs: Any) -> int:
+    """The batch size of a tensor, a tuple of tensors or a dict of keyword tensors (1 when it has none)."""
     first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
     first = first[0] if isinstance(first, tuple | list) else first
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
@@ -169,7 +170,7 @@ def check_batches(
                 if not _same_structure(inputs, example):
                     break
                 picked.append(inputs)
-                count += _batch_size(inputs)
+                count += batch_size(inputs)
                 if count >= samples:
                     break
         except (ValueError, TypeError, KeyError, IndexError):

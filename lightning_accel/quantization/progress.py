@@ -31,8 +31,6 @@ CALIBRATION_BATCHES = 8
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
     from lightning_accel.deploy.check import output_tensors  # the deploy helpers read every output kind
 
     return output_tensors(output)[0]
