@@ -152,7 +152,7 @@ def trace_consumers(
     try:
         model.eval()
         with torch.no_grad(), trace:
-            _run(model, example_input)
+            run_example(model, example_input)
     except Exception:
         return None
     finally:
@@ -162,7 +162,8 @@ def trace_consumers(
     return {name: trace.float_consumers.get(name, set()) for name in layers}
 
 
-def _run(model: nn.Module, example_input: Any) -> Any:
+def run_example(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input: a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     device = next(model.parameters()).device
 
     def moved(value: Any) -> Any:

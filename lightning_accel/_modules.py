@@ -17,11 +17,40 @@ import copy
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 #: Module types whose ``weight`` the callbacks act on by default.
 WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _GLOB_CHARACTERS = frozenset("*?[")
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``x @ weight + bias`` with ``weight`` stored ``in x out`` (GPT-2's ``Conv1D``).
+
+    Decided from what the module computes, not from its type (contract 12): a leaf module other than ``nn.Linear``
+    whose parameters are exactly a 2-D ``weight`` and a matching ``bias``, and whose output on a probe input is the
+    transposed matrix product.
+    """
+    if isinstance(module, nn.Linear) or any(True for _ in module.children()):
+        return False
+    parameters = dict(module.named_parameters(recurse=False))
+    weight, bias = parameters.get("weight"), parameters.get("bias")
+    if set(parameters) != {"weight", "bias"} or weight.dim() != 2 or bias.shape != (weight.shape[1],):
+        return False
+    cached = getattr(module, "_accel_transposed_linear", None)
+    if cached is not None and cached[0] == tuple(weight.shape):
+        return cached[1]
+    try:
+        with torch.no_grad():
+            probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
+            probe = probe.to(device=weight.device, dtype=weight.dtype)
+            expected = torch.addmm(bias, probe, weight)
+            answer = bool(torch.allclose(module(probe), expected, rtol=1e-4, atol=1e-5))
+    except Exception:
+        answer = False
+    object.__setattr__(module, "_accel_transposed_linear", (tuple(weight.shape), answer))
+    return answer
 
 
 def _prefixes(name: str) -> list[str]:
@@ -64,7 +93,9 @@ def _all_parameter_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def default_weight_names(model: nn.Module) -> set[str]:
-    """Every weight matrix a Linear, a (transposed) Conv, a recurrent layer or an attention projection multiplies by.
+    """Every weight matrix a Linear, a transposed Linear, a (transposed) Conv, a recurrent layer or an attention uses.
+
+    A transposed Linear is GPT-2's ``Conv1D``, recognised from what it computes (:func:`is_transposed_linear`).
 
     ``nn.MultiheadAttention`` keeps its Q/K/V projection as a bare parameter (``in_proj_weight``, or
     ``q/k/v_proj_weight`` when the dimensions differ), not as a Linear, so it is named here explicitly; its
@@ -73,7 +104,7 @@ def default_weight_names(model: nn.Module) -> set[str]:
     names = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, (*WEIGHT_MODULE_TYPES, nn.modules.conv._ConvTransposeNd)):
+        if isinstance(module, (*WEIGHT_MODULE_TYPES, nn.modules.conv._ConvTransposeNd)) or is_transposed_linear(module):
             names.add(f"{prefix}weight")
         elif isinstance(module, nn.RNNBase):  # the gate matrices; biases stay
             names.update(f"{prefix}{name}" for name, p in module.named_parameters(recurse=False) if p.dim() >= 2)

@@ -110,12 +110,15 @@ def test_groups_couple_batchnorm_residual_branches_depthwise_convs_and_flatten()
     assert {"stem.0", "stem.1", "blocks.0", "blocks.1", "blocks.3"} <= set(depthwise.modules())
 
 
-def test_transformer_keeps_the_residual_stream_and_attention_dense_and_says_why():
+def test_transformer_prunes_ffn_units_and_heads_and_keeps_the_residual_stream_dense_and_says_why():
     _, _, groups = masked("transformer-ffn")
-    assert sorted(g.root for g in groups.groups) == ["encoder.layers.0.linear1", "encoder.layers.1.linear1"]
-    assert all(set(g.modules()) == {g.root, g.root.replace("linear1", "linear2")} for g in groups.groups)
+    channels = [g for g in groups.groups if g.kind == "channels"]
+    assert sorted(g.root for g in channels) == ["encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    assert all(set(g.modules()) == {g.root, g.root.replace("linear1", "linear2")} for g in channels)
+    heads = sorted((g for g in groups.groups if g.kind == "heads"), key=lambda g: g.root)
+    assert [(g.owner, g.channels) for g in heads] == [(f"encoder.layers.{i}.self_attn", 2) for i in (0, 1)]
     reasons = " ".join(groups.left_dense.values())
-    assert "LayerNorm" in reasons and "MultiheadAttention" in reasons and "output" in reasons
+    assert "LayerNorm" in reasons and "output" in reasons
 
 
 def test_previous_masks_stay_pruned_as_sparsity_grows():
@@ -264,8 +267,13 @@ def test_slim_export_works_with_qat_listed_first(tmp_path):
     assert not any(node.op_type == "QuantizeLinear" for node in graph.node)
 
 
-def test_a_timm_style_vit_keeps_its_fused_qkv_dense_and_slims_its_mlp():
-    _, _, groups = masked("timm-vit")
+def test_a_timm_style_vit_keeps_its_heads_when_its_forward_reads_the_width_and_slims_its_mlp():
+    from lightning_accel.deploy.slim import removable_groups
+
+    model, example, traced = masked("timm-vit")
+    assert {g.owner for g in traced.groups if g.kind == "heads"} == {"blocks.0.attn", "blocks.1.attn"}
+    groups = removable_groups(model, example, traced)  # reshape(B, N, C) fails with fewer heads: checked at setup
     assert {g.root for g in groups.groups} == {"blocks.0.fc1", "blocks.1.fc1"}
     for block in ("blocks.0", "blocks.1"):
-        assert "attention heads" in groups.left_dense[f"{block}.attn.qkv"]
+        reason = groups.left_dense[f"{block}.attn.qkv, {block}.attn.proj"]
+        assert "does not compute the same without its heads" in reason and "is invalid for input" in reason

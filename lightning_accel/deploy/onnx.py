@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._files import atomic_target
+from lightning_accel._modules import module_copy
 from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_int
 from lightning_accel.deploy.check import (
     MIN_AGREEMENT,
@@ -270,7 +271,9 @@ def export_onnx_checked(
     onnx = _require_onnx()
     quantized = is_prepared(model)
     reference = as_evaluated(model)
-    deploy = to_deployable(model) if quantized else reference
+    # The tracer runs its own copy: tracing can change a model's later forwards (a Hugging Face BERT traced once
+    # computed other outputs afterwards, cosine 0.95), and the reference must stay the model as evaluated.
+    deploy = to_deployable(model) if quantized else module_copy(reference)
     inputs = [example_input, *(check_inputs or ())]
     if quantized:
         check_rewrite(reference, deploy, inputs, "The deployable int8 copy (BatchNorms folded, weights on their grid)")

@@ -16,11 +16,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._modules import module_copy
+from lightning_accel._modules import is_transposed_linear, module_copy
+from lightning_accel.deploy.attention import prune_heads
 from lightning_accel.deploy.int8 import as_evaluated, check_rewrite
 from lightning_accel.deploy.onnx import export_onnx
 from lightning_accel.deploy.program import export_program
-from lightning_accel.pruning.groups import ChannelGroups, find_channel_groups, is_depthwise, kept_channels
+from lightning_accel.pruning.groups import (
+    ChannelGroup,
+    ChannelGroups,
+    find_channel_groups,
+    group_masks,
+    is_depthwise,
+    kept_channels,
+)
 from lightning_accel.quantization.prepare import float_copy, is_prepared
 
 Role = Literal["out", "in"]
@@ -47,21 +55,23 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
         >>> small = slim(model, torch.randn(1, 1, 8, 8))  # doctest: +SKIP
     """
     if groups is None:
-        groups = find_channel_groups(_traceable(model), example_input)
+        groups = removable_groups(model, example_input, find_channel_groups(_traceable(model), example_input))
     parameters = dict(model.named_parameters())
     keep: dict[tuple[str, str], Tensor] = {}  # (module, "out"|"in") -> kept positions
+    kept_heads: dict[str, tuple[ChannelGroup, Tensor]] = {}  # attention owner -> (its head group, heads kept)
     modules = dict(model.named_modules())
     for group in groups.groups:
         alive = kept_channels(group, parameters)
         if alive.all():
             continue
+        if group.kind == "heads":
+            kept_heads[group.owner] = (group, alive)
+            if isinstance(modules[group.owner], nn.MultiheadAttention):
+                continue  # replaced as a whole below
         for member in group.members:
-            role = (
-                "out"
-                if isinstance(modules[member.module], _BATCH_NORMS) or is_depthwise(modules[member.module])
-                else member.role
-            )
-            size = _dimension_size(modules[member.module], role)
+            module = modules[member.module]
+            role = "out" if isinstance(module, _BATCH_NORMS) or is_depthwise(module) else member.role
+            size = _dimension_size(module, role)
             kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
             kept[member.indices[~alive[member.root_indices]]] = False
             keep[(member.module, role)] = kept
@@ -72,7 +82,38 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
     small_modules = dict(small.named_modules())
     for (name, role), kept in keep.items():
         _resize_(small_modules[name], role, kept.nonzero().flatten())
+    for owner, (group, alive) in kept_heads.items():
+        attention = small_modules[owner]
+        if isinstance(attention, nn.MultiheadAttention):
+            parent, _, child = owner.rpartition(".")
+            setattr(small.get_submodule(parent), child, prune_heads(attention, alive.nonzero().flatten()))
+        else:
+            _update_head_attributes(small, group, int(alive.sum()))
     return small
+
+
+#: Attributes that attention modules read their head count from (Hugging Face, timm, torch and common code).
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_head", "n_heads", "heads")
+#: Attributes that hold the width of all heads together (``heads x head_dim``).
+HEAD_WIDTH_ATTRIBUTES = ("all_head_size", "split_size", "inner_dim")
+
+
+def _update_head_attributes(model: nn.Module, group: ChannelGroup, heads: int) -> None:
+    """Set the head count and the heads' total width on the attention module(s) below ``group.owner``.
+
+    Only attributes that hold the old value are changed, and the slim model is then checked against the masked one
+    (:func:`slim_checked`), so an attention whose forward reads its width elsewhere fails that check instead of
+    computing something else.
+    """
+    head_dim = group.members[0].indices.numel() // group.channels
+    owner = model.get_submodule(group.owner)
+    for module in owner.modules():
+        for attribute in HEAD_COUNT_ATTRIBUTES:
+            if getattr(module, attribute, None) == group.channels and isinstance(getattr(module, attribute), int):
+                setattr(module, attribute, heads)
+        for attribute in HEAD_WIDTH_ATTRIBUTES:
+            if getattr(module, attribute, None) == group.channels * head_dim:
+                setattr(module, attribute, heads * head_dim)
 
 
 def _traceable(model: nn.Module) -> nn.Module:
@@ -85,6 +126,8 @@ def _dimension_size(module: nn.Module, role: Role) -> int:
         return module.num_features
     if isinstance(module, nn.Linear):
         return module.out_features if role == "out" else module.in_features
+    if is_transposed_linear(module):
+        return module.weight.shape[1] if role == "out" else module.weight.shape[0]
     return module.out_channels if role == "out" else module.in_channels
 
 
@@ -101,6 +144,16 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
             setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
 
     count = kept.numel()
+    if is_transposed_linear(module):  # weight stored in x out; GPT-2's Conv1D reads its width from `nf`/`nx`
+        if role == "out":
+            set_parameter("weight", 1)
+            set_parameter("bias", 0)
+        else:
+            set_parameter("weight", 0)
+        for attribute, dim in (("nf", 1), ("nx", 0)):
+            if isinstance(getattr(module, attribute, None), int):
+                setattr(module, attribute, module.weight.shape[dim])
+        return
     depthwise = is_depthwise(module)  # before resizing: it compares the channel counts
     if isinstance(module, _BATCH_NORMS):
         set_parameter("weight", 0)
@@ -140,6 +193,46 @@ def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | N
     small = slim(model, example_input, groups)
     check_rewrite(as_evaluated(model), as_evaluated(small), [example_input], "The slim model")
     return small
+
+
+def removable_groups(model: nn.Module, example_input: Any, groups: ChannelGroups) -> ChannelGroups:
+    """The groups whose removal :func:`slim` computes exactly, checked on a copy with half of each group zeroed.
+
+    The plan comes from tracing; this proves it before training (contract 10). An attention whose forward reads its
+    width from the input (timm's ``reshape(B, N, C)``) runs with fewer heads only after its code changes, so its head
+    group is left dense with that reason instead of failing at the end of fit.
+
+    Returns:
+        ``groups`` without the groups that failed, each named in ``left_dense`` with the reason.
+    """
+    plain = _traceable(model)
+
+    def slims_exactly(candidates: list[ChannelGroup]) -> str | None:
+        masked = module_copy(plain)
+        parameters = dict(masked.named_parameters())
+        with torch.no_grad():
+            for name, mask in group_masks(parameters, ChannelGroups(candidates), 0.5).items():
+                parameters[name].mul_(mask.to(parameters[name].dtype))
+        try:
+            slim_checked(masked, example_input, ChannelGroups(candidates))
+        except Exception as error:  # a shape error or a mismatch: either way this group cannot go
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return None
+
+    if not groups.groups or slims_exactly(groups.groups) is None:
+        return groups
+    checked = ChannelGroups(left_dense=dict(groups.left_dense))
+    for group in groups.groups:
+        failure = slims_exactly([group])
+        if failure is None:
+            checked.groups.append(group)
+        else:
+            what = "its heads" if group.kind == "heads" else "its channels"
+            checked.left_dense[", ".join(group.modules())] = (
+                f"the model does not compute the same without {what} (checked at setup: {failure}); its forward "
+                "reads a width, or holds a per-head tensor (a position bias), that slimming does not update"
+            )
+    return checked
 
 
 def write_slim(model: nn.Module, path: str | os.PathLike, example_input: Any, on_mismatch: str = "warn") -> Path:

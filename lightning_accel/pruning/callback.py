@@ -251,7 +251,11 @@ class MagnitudePruning(Callback):
             )
         example = _example(pl_module)
         # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
+        from lightning_accel.deploy.slim import removable_groups  # deploy builds on the techniques
+
         self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
+        # Proven before training: removing half of each group on a copy must compute what the masked copy computes.
+        self._groups = removable_groups(pl_module, example, self._groups)
         parameters = dict(pl_module.named_parameters())
         self._params = {name: parameters[name] for name in self._groups.parameter_names()}
         if not self._groups.groups:

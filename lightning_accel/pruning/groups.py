@@ -13,6 +13,7 @@ on a deep copy of the model, whose modules have the same names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,8 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_accel._graph import ATTENTION_CONSUMERS, trace_consumers
-from lightning_accel._modules import select_weights
+from lightning_accel._graph import ATTENTION_CONSUMERS, run_example, trace_consumers
+from lightning_accel._modules import is_transposed_linear, module_copy, select_weights
+from lightning_accel.pruning.heads import multihead_attention_heads, trace_attention
 
 Role = Literal["out", "in"]
 
@@ -54,11 +56,18 @@ class GroupMember:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Channels that must be removed together; ``channels`` of them, named by the ``root`` module's output."""
+    """Channels that must be removed together; ``channels`` of them, named by the ``root`` module's output.
+
+    ``kind`` is ``"channels"`` (a layer's output channels and everything coupled to them) or ``"heads"`` (one
+    channel is a whole attention head: its query, key and value rows and the output projection's columns); for
+    heads, ``owner`` names the attention module whose head-count attributes :func:`slim` updates.
+    """
 
     root: str
     channels: int
     members: tuple[GroupMember, ...]
+    kind: Literal["channels", "heads"] = "channels"
+    owner: str = ""
 
     def modules(self) -> list[str]:
         """The names of the modules this group touches, in order."""
@@ -78,8 +87,14 @@ class ChannelGroups:
 
     def summary(self) -> str:
         """One line: how many groups and channels are pruned, and what is left dense and why."""
-        channels = sum(group.channels for group in self.groups)
-        text = f"{len(self.groups)} channel groups ({channels} channels)"
+        channel_groups = [group for group in self.groups if group.kind == "channels"]
+        head_groups = [group for group in self.groups if group.kind == "heads"]
+        channels = sum(group.channels for group in channel_groups)
+        text = f"{len(channel_groups)} channel groups ({channels} channels)"
+        if head_groups:
+            heads = sum(group.channels for group in head_groups)
+            text += f", {len(head_groups)} attention head groups ({heads} heads: {', '.join(head_groups[0].modules())}"
+            text += ", ...)" if len(head_groups) > 1 else ")"
         if self.left_dense:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in list(self.left_dense.items())[:8])
             more = f"; and {len(self.left_dense) - 8} more" if len(self.left_dense) > 8 else ""
@@ -113,8 +128,13 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return f"couples with {type(module).__name__}, which slimming does not resize"
 
 
-def _slices(module: nn.Module, role: Role) -> list[tuple[str, int]]:
-    """(parameter name, dimension) pairs that one channel of ``role`` occupies in ``module``."""
+def _slices(module: nn.Module, role: Role, transposed: bool = False) -> list[tuple[str, int]]:
+    """(parameter name, dimension) pairs that one channel of ``role`` occupies in ``module``.
+
+    A transposed Linear (GPT-2's ``Conv1D``) stores its weight ``in x out``: its rows are input channels.
+    """
+    if transposed:
+        return [("weight", 1), ("bias", 0)] if role == "out" else [("weight", 0)]
     if isinstance(module, _BATCH_NORMS) or is_depthwise(module) or role == "out":
         return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
     return [("weight", 1)]
@@ -169,22 +189,33 @@ def find_channel_groups(
     """
     tp = _require_torch_pruning()
     selected = select_weights(model, include, exclude)
-    names = {module: name for name, module in model.named_modules()}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
+    transposed = {name for name, m in model.named_modules() if is_transposed_linear(m)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS) or name in transposed}
     tied = _tied_parameter_ids(model)
     example = tuple(example_input) if isinstance(example_input, list) else example_input
-    modes = {module: module.training for module in model.modules()}
     if not layers:
         weight_holders = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
         raise ValueError(
-            f"pattern='channels' removes channels of nn.Linear/nn.Conv layers, and {type(model).__name__} has none "
-            f"(its weight-holding layers are {weight_holders[:6]}; GPT-2's Conv1D is one). Use "
-            "pattern='unstructured' or 'N:M', which take such weights when a pattern names them."
+            f"pattern='channels' removes channels of Linear/Conv layers, and {type(model).__name__} has none "
+            f"(its weight-holding layers are {weight_holders[:6]}). Use pattern='unstructured' or 'N:M', which take "
+            "such weights when a pattern names them."
         )
+    found = ChannelGroups()
+    head_groups, head_reasons = _head_groups(model, example, layers, transposed, selected)
+    found.groups.extend(head_groups)
+    in_heads = {module for group in head_groups for module in group.modules()}
+    # torch-pruning knows Linear and Conv: a transposed Linear is traced as the Linear it is (same names).
+    traced_model = _linear_view(model, transposed) if transposed else model
+    names = {module: name for name, module in traced_model.named_modules()}
+    traced_layers = {name: m for name, m in traced_model.named_modules() if isinstance(m, _LAYERS)}
+    modes = {module: module.training for module in traced_model.modules()}
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, output_transform=_output_tensors, verbose=False
+                traced_model,
+                example_inputs=_without_cache(model, example),
+                output_transform=_output_tensors,
+                verbose=False,
             )
     except Exception as error:
         raise ValueError(
@@ -195,10 +226,9 @@ def find_channel_groups(
     finally:
         for module, mode in modes.items():
             module.training = mode
-    found = ChannelGroups()
-    seen_roots: set[str] = set()
+    seen_roots: set[str] = set(in_heads)
     attention = _attention_projections(model, example, layers)
-    layer_modules = set(layers.values())
+    layer_modules = set(traced_layers.values())
     for tp_group in graph.get_all_groups(root_module_types=(nn.Linear, *_CONVS)):
         members, reason, out_layers = [], None, []
         for item in tp_group:
@@ -213,9 +243,13 @@ def find_channel_groups(
             if role == "out" and isinstance(module, _LAYERS):
                 out_layers.append(name)
                 if name in attention:
-                    reason = reason or (
-                        f"{name}'s channels are reshaped into attention heads ({attention[name]}); removing channels "
-                        "would not follow head boundaries, so the group stays dense"
+                    reason = (
+                        reason
+                        or head_reasons.get(name)
+                        or (
+                            f"{name}'s channels are reshaped into attention heads ({attention[name]}); removing channels "
+                            "would not follow head boundaries, so the group stays dense"
+                        )
                     )
                 if _reaches_output(graph.module2node[module], layer_modules):
                     reason = reason or "its output channels are the model's output"
@@ -226,13 +260,15 @@ def find_channel_groups(
                     role,
                     torch.as_tensor(list(item.idxs), dtype=torch.long),
                     torch.as_tensor(list(item.root_idxs), dtype=torch.long),
-                    tuple((prefix + parameter, dim) for parameter, dim in _slices(module, role)),
+                    tuple((prefix + parameter, dim) for parameter, dim in _slices(module, role, name in transposed)),
                 )
             )
         if not out_layers:
             continue
         root = out_layers[0]
         seen_roots.update(out_layers)
+        if all(name in in_heads for name in out_layers):
+            continue  # attention projections: their channels go as whole heads (the head groups above)
         unselected = [name for name in out_layers if f"{name}.weight" not in selected]
         if reason is None and unselected:
             reason = f"coupled with {', '.join(unselected)}, which include/exclude leave dense"
@@ -242,7 +278,7 @@ def find_channel_groups(
         channels = int(max(int(m.root_indices.max()) for m in members) + 1)
         found.groups.append(ChannelGroup(root, channels, tuple(members)))
     traced = {names[m]: m for m in graph.module2node if m in names}
-    for name, module in layers.items():
+    for name, module in traced_layers.items():
         if name in seen_roots or module in graph.module2node:
             continue
         owner = next((prefix for prefix in _parents(name) if prefix in traced), None)
@@ -252,6 +288,107 @@ def find_channel_groups(
             else "not seen by the tracer in the example forward pass"
         )
     return found
+
+
+def _without_cache(model: nn.Module, example: Any) -> Any:
+    """``example`` with ``use_cache=False`` when the forward takes that keyword and the example does not set it.
+
+    A key/value cache is state for generation, not channels; torch-pruning cannot follow the concatenation that
+    fills it (GPT-2: ``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'``).
+    """
+    if not isinstance(example, Mapping) or "use_cache" in example:
+        return example
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return example
+    return {**example, "use_cache": False} if accepts else example
+
+
+def _linear_view(model: nn.Module, transposed: set[str]) -> nn.Module:
+    """A copy of ``model`` whose transposed Linears are plain ``nn.Linear`` layers (same names, same results)."""
+    view = module_copy(model)
+    for name in transposed:
+        parent_name, _, child = name.rpartition(".")
+        parent = view.get_submodule(parent_name)
+        original = getattr(parent, child)
+        weight = original.weight.detach()
+        linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            linear.bias.copy_(original.bias.detach())
+        setattr(parent, child, linear)
+    return view
+
+
+def _head_groups(
+    model: nn.Module, example: Any, layers: dict[str, nn.Module], transposed: set[str], selected: Any
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """One group per attention whose heads can be removed; for the others, the reason by projection name."""
+    attentions, reasons = trace_attention(model, example, layers, run_example)
+    groups: list[ChannelGroup] = []
+    for attention in attentions:
+        modules = list(dict.fromkeys([attention.query, attention.key, attention.value, attention.output]))
+        unselected = [name for name in modules if f"{name}.weight" not in selected]
+        if unselected:
+            for name in modules:
+                reasons[name] = f"heads coupled with {', '.join(unselected)}, which include/exclude leave dense"
+            continue
+        members = [
+            _head_member(name, layers[name], "out", rows, name in transposed)
+            for name, rows in (
+                (attention.query, attention.query_rows),
+                (attention.key, attention.key_rows),
+                (attention.value, attention.value_rows),
+            )
+        ]
+        output = attention.output
+        members.append(_head_member(output, layers[output], "in", attention.output_columns, output in transposed))
+        owner = _common_parent(modules)
+        groups.append(ChannelGroup(attention.query, attention.heads, tuple(members), kind="heads", owner=owner))
+    for name, module in multihead_attention_heads(model):
+        if f"{name}.in_proj_weight" not in selected:
+            continue
+        heads, width = module.num_heads, module.head_dim
+        rows = torch.arange(heads * width).reshape(heads, width)
+        bias = [(f"{name}.in_proj_bias", 0)] if module.in_proj_bias is not None else []
+        members = [
+            GroupMember(
+                name,
+                "out",
+                (rows + offset * module.embed_dim).flatten(),
+                torch.arange(heads).repeat_interleave(width),
+                ((f"{name}.in_proj_weight", 0), *bias),
+            )
+            for offset in range(3)
+        ]
+        members.append(_head_member(f"{name}.out_proj", module.out_proj, "in", rows, False))
+        groups.append(ChannelGroup(name, heads, tuple(members), kind="heads", owner=name))
+    return groups, reasons
+
+
+def _head_member(layer: str, module: nn.Module, role: Role, table: Tensor, transposed: bool) -> GroupMember:
+    """A head group's member: ``table`` holds, per head, the rows (``"out"``) or columns (``"in"``) of ``layer``."""
+    heads, width = table.shape
+    slices = _slices(module, role, transposed)
+    return GroupMember(
+        layer,
+        role,
+        table.flatten(),
+        torch.arange(heads).repeat_interleave(width),
+        tuple((f"{layer}.{parameter}", dim) for parameter, dim in slices),
+    )
+
+
+def _common_parent(names: list[str]) -> str:
+    """The innermost module that contains every module in ``names``."""
+    parts = [name.split(".")[:-1] for name in names]
+    common = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
 
 
 def _attention_projections(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> dict[str, str]:
@@ -314,6 +451,8 @@ def group_masks(
 ) -> dict[str, Tensor]:
     """Keep-masks that remove ``round(sparsity * channels)`` channels of every group, the least important first.
 
+    At most all but one channel of a group goes: an emptied layer, or an attention without heads, cuts the model.
+
     Importance is the group's summed squared L2 norm per channel; channels that ``previous`` pruned stay pruned
     (they rank lowest). Every tensor slice of a pruned channel is masked: the producing layer's rows and bias,
     the BatchNorm's weight and bias, the consuming layers' input columns. So the masked model computes exactly what
@@ -333,7 +472,8 @@ def group_masks(
         scores = _channel_scores(group, parameters)
         if previous:
             scores[~kept_channels(group, previous)] = -1.0
-        count = round(sparsity * group.channels)
+        # One channel always stays: an emptied layer (or attention without heads) would silently cut the model.
+        count = min(round(sparsity * group.channels), group.channels - 1)
         if count <= 0:
             continue
         pruned = torch.zeros(group.channels, dtype=torch.bool)
