@@ -21,20 +21,29 @@ BATCH = 8
 EPOCHS = 2
 
 
-def train_recipe(name: str, directory: Path) -> tuple[SentenceEncoder, Path, dict[str, Any]]:
-    """Fit one recipe (``"qat"`` or ``"slim"``); return the trained module, its int8 file and QAT's figures."""
+def train_recipe(
+    name: str, directory: Path, sparsity: float = 0.5, importance: str = "magnitude", epochs: int = EPOCHS
+) -> tuple[SentenceEncoder, Path, dict[str, Any]]:
+    """Fit one recipe (``"qat"`` or ``"slim"``); return the trained module, its int8 file and QAT's figures.
+
+    ``sparsity`` and ``importance`` set the slimming (the fraction of every FFN's hidden units and of every
+    attention's heads, and how they are ranked).
+    """
     seed_everything(0, workers=True)
     module, data = SentenceEncoder(), DocstringTexts(batch_size=BATCH)
     data.setup("fit")
-    steps = EPOCHS * len(data.train_dataloader())
-    path = directory / f"{name}.int8.onnx"
+    steps = epochs * len(data.train_dataloader())
+    path = directory / f"{name}_{importance}_{sparsity}.int8.onnx"
     qat_start = 0 if name == "qat" else int(steps * 0.6)  # slimming: prune first, then quantize the slim model
     qat = QuantizationAwareTraining(start_step=qat_start, activations="dynamic", embeddings="int8", export_path=path)
     callbacks: list[Any] = [Distillation(loss="cosine"), qat]
     if name == "slim":
-        callbacks.insert(0, MagnitudePruning(0.5, pattern="channels", end_step=int(steps * 0.5), every_n_steps=8))
+        pruning = MagnitudePruning(
+            sparsity, pattern="channels", end_step=int(steps * 0.5), every_n_steps=8, importance=importance
+        )
+        callbacks.insert(0, pruning)
     # Validation stays on: QAT scores its int8 model on the validation texts.
-    trainer = quiet_trainer(max_epochs=EPOCHS, callbacks=callbacks, limit_val_batches=1.0)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=callbacks, limit_val_batches=1.0)
     trainer.fit(module, datamodule=data)
     figures = {
         "steps": steps,

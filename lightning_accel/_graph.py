@@ -58,20 +58,23 @@ PASS_THROUGH = frozenset(
     }
 )
 #: Attribute reads the tracer sees as function calls; they consume nothing.
-_IGNORED = frozenset({"size", "dim", "shape", "dtype", "device", "__get__", "__len__", "numel", "is_floating_point"})
+IGNORED_CALLS = frozenset(
+    {"size", "dim", "shape", "dtype", "device", "__get__", "__len__", "numel", "is_floating_point"}
+)
 
 
 def _name(func: Any) -> str:
     return getattr(func, "__name__", str(func))
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def tensors_in(value: Any) -> list[Tensor]:
+    """Every tensor in a value: a tensor, or nested lists, tuples and dicts of them."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in tensors_in(item)]
     if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in tensors_in(item)]
     return []
 
 
@@ -86,13 +89,13 @@ class _ConsumerTrace(TorchFunctionMode):
         self.paused = 0
 
     def mark(self, value: Any, producers: frozenset[str]) -> None:
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             known = self.marks.get(id(tensor))
             self.marks[id(tensor)] = (tensor, producers | (known[1] if known else frozenset()))
 
     def producers_of(self, value: Any) -> frozenset[str]:
         found: frozenset[str] = frozenset()
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             entry = self.marks.get(id(tensor))
             if entry is not None and entry[0] is tensor:
                 found |= entry[1]
@@ -104,7 +107,7 @@ class _ConsumerTrace(TorchFunctionMode):
         if self.paused:
             return result
         name = _name(func)
-        if name in _IGNORED:
+        if name in IGNORED_CALLS:
             return result
         producers = self.producers_of((args, kwargs))
         if not producers:

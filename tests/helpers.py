@@ -184,3 +184,49 @@ def hide_module(monkeypatch, module: str) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", without)
+
+
+class TokenClassifier(TinyModule):
+    """A tiny Hugging Face BERT classifier on dict batches that carry `labels` (as HF data collators make them)."""
+
+    def __init__(self, with_example: bool = True, heads: int = 2, hidden: int = 16) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=50,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            intermediate_size=2 * hidden,
+            num_labels=3,
+        )
+        del self.net
+        self.bert = BertForSequenceClassification(config)
+        if with_example:
+            self.example_input_array = {
+                "input_ids": torch.zeros(1, 12, dtype=torch.long),
+                "attention_mask": torch.ones(1, 12, dtype=torch.long),
+            }
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch, batch_idx):
+        return self.bert(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.bert(**batch).loss)
+
+    def _loader(self):
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 50, (32, 12), generator=generator)
+        rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i[0] % 3} for i in ids]
+        return DataLoader(rows, batch_size=8)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()

@@ -27,7 +27,15 @@ from lightning_accel import (
     tensor_sparsity,
 )
 from lightning_accel.quantization import is_prepared
-from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, hide_module, module_with_example
+from tests.helpers import (
+    EXAMPLE,
+    RandomImages,
+    TinyModule,
+    TokenClassifier,
+    fast_trainer_kwargs,
+    hide_module,
+    module_with_example,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,52 +350,6 @@ def test_the_report_works_under_bf16_true(tmp_path):
     assert "dense start" in report.report["quality"] and "fp32 ONNX" in report.report["sizes"]
 
 
-class _TokenClassifier(TinyModule):
-    """A tiny Hugging Face BERT classifier on dict batches that carry `labels` (as HF data collators make them)."""
-
-    def __init__(self, with_example=True):
-        super().__init__()
-        from transformers import BertConfig, BertForSequenceClassification
-
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=3,
-        )
-        del self.net
-        self.bert = BertForSequenceClassification(config)
-        if with_example:
-            self.example_input_array = {
-                "input_ids": torch.zeros(1, 12, dtype=torch.long),
-                "attention_mask": torch.ones(1, 12, dtype=torch.long),
-            }
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def training_step(self, batch, batch_idx):
-        return self.bert(**batch).loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.bert(**batch).loss)
-
-    def _loader(self):
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 50, (32, 12), generator=generator)
-        rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i[0] % 3} for i in ids]
-        return torch.utils.data.DataLoader(rows, batch_size=8)
-
-    def train_dataloader(self):
-        return self._loader()
-
-    def val_dataloader(self):
-        return self._loader()
-
-
 @pytest.mark.parametrize("with_example", [True, False])
 def test_the_report_feeds_dict_batches_the_keys_the_forward_takes(tmp_path, with_example):
     from lightning_accel import PostTrainingQuantization
@@ -397,7 +359,7 @@ def test_the_report_feeds_dict_batches_the_keys_the_forward_takes(tmp_path, with
     if not with_example:
         callbacks = [report]  # no export needs an example: the report takes one sample of the first batch
     trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=callbacks)
-    trainer.fit(_TokenClassifier(with_example))
+    trainer.fit(TokenClassifier(with_example))
     quality = report.report["quality"]
     assert 0.0 <= quality["float weights"]["accuracy"] <= 1.0  # labels read from the dict, never fed to forward
     assert "batch 1" in report.report["latency_ms"] and "batch 8" in report.report["latency_ms"]

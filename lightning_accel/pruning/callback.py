@@ -25,6 +25,7 @@ from lightning_accel.pruning.groups import (
     group_masks,
     is_depthwise,
 )
+from lightning_accel.pruning.importance import IMPORTANCES, TaylorImportance
 from lightning_accel.pruning.masks import (
     SCOPES,
     apply_masks_,
@@ -70,10 +71,11 @@ class MagnitudePruning(Callback):
             cores accelerate). ``"channels"`` traces the model once at setup (torch-pruning's dependency graph, on
             ``example_input_array``) to find the channels that must go together: a conv's BatchNorm, the next
             layers' input channels, every branch of a residual add or concat, depthwise convs, the Linear after a
-            flatten. Each group loses ``target_sparsity`` of its channels, the smallest by summed L2 norm, and every
-            tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.pruning.groups.slim` can remove
+            flatten; attention heads (a head's Q/K/V rows and the output projection's columns) are groups too. Each
+            group loses ``target_sparsity`` of its channels (at most all but one), the least important first, and
+            every tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.deploy.slim` can remove
             them from an exported copy. The model's output layer and groups touching other layers (LayerNorm,
-            attention, embeddings) stay dense; the setup log names them and why.
+            embeddings) stay dense; the setup log names them and why.
         scope: For unstructured pruning, ``"lamp"`` (default) ranks all selected weights together by a
             scale-aware score (LAMP: each weight against the weights of its own layer at least as large), so layers
             whose weights are small by initialisation are not emptied first; ``"global"`` ranks them by magnitude
@@ -89,6 +91,10 @@ class MagnitudePruning(Callback):
             0): ``.onnx`` for fp32 ONNX, ``.pt2`` for a ``torch.export`` program. A relative path goes under the
             run's log directory. Int8 exports of ``QuantizationAwareTraining``/``PostTrainingQuantization`` in the
             same Trainer are slimmed too.
+        importance: With ``pattern="channels"``, how channels and heads are ranked: ``"magnitude"`` (summed squared
+            weights of the group's slices) or ``"taylor"`` (first-order Taylor, ``|w * dL/dw|`` summed over the
+            group's slices and over the optimizer steps since the masks were last computed; the usual choice for
+            pretrained transformers). A recompute before any step was taken ranks by magnitude.
 
     Example:
         >>> from lightning import Trainer
@@ -109,6 +115,7 @@ class MagnitudePruning(Callback):
         exclude: list[str] | None = None,
         log_per_layer: bool = False,
         export_path: str | None = None,
+        importance: Literal["magnitude", "taylor"] = "magnitude",
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
@@ -132,6 +139,15 @@ class MagnitudePruning(Callback):
         log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
+        if importance not in IMPORTANCES:
+            raise ValueError(f"`importance` must be one of {list(IMPORTANCES)}, got {importance!r}")
+        if importance == "taylor" and self.pattern.kind != "channels":
+            raise ValueError(
+                f"`importance='taylor'` ranks channel and head groups: it needs pattern='channels', got {pattern!r}"
+            )
+        self.importance = importance
+        self._taylor: TaylorImportance | None = None
+        self._taylor_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None
         self._groups: ChannelGroups | None = None
 
@@ -263,7 +279,13 @@ class MagnitudePruning(Callback):
                 f"MagnitudePruning(pattern='channels') found no removable channel group in "
                 f"{type(pl_module).__name__}: {self._groups.summary()}"
             )
-        self._selection_summary = self._groups.summary()
+        self._selection_summary = self._groups.summary() + (
+            ", ranked by Taylor importance" if self.importance == "taylor" else ""
+        )
+        if self.importance == "taylor":
+            self._taylor = TaylorImportance(self._groups)
+            if self._taylor_state is not None:
+                self._taylor.load_state_dict(self._taylor_state)
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self._masks is not None:
             self._check_masks_fit(self._masks)
@@ -335,15 +357,25 @@ class MagnitudePruning(Callback):
         masks = None
         # Sharded parameters (FSDP) are ranked over their full tensors: every rank takes part in gathering them.
         weights = {name: full_tensor(p) for name, p in self._params.items()}
+        scores = self._taylor.take() if self._taylor is not None else None  # every rank restarts its sums
         if trainer.is_global_zero:
             if self._groups is not None:
-                masks = group_masks(weights, self._groups, target, previous=self._masks)
+                masks = group_masks(weights, self._groups, target, previous=self._masks, scores=scores)
             else:
                 masks = compute_masks(weights, target, self.pattern_string, self.scope, previous=self._masks)
             _warn_about_emptied_layers(masks, target)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """With Taylor importance: add this step's ``|w * grad|`` (Lightning has unscaled AMP gradients by now)."""
+        if self._taylor is None:
+            return
+        gradients = {name: full_tensor(p.grad) for name, p in self._params.items() if p.grad is not None}
+        self._taylor.accumulate({name: full_tensor(p) for name, p in self._params.items()}, gradients)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -423,6 +455,7 @@ class MagnitudePruning(Callback):
             "mask_sparsity": self._mask_sparsity,
             "last_step": self._last_step,
             "training_batches": self._training_steps.batches,
+            "taylor": self._taylor.state_dict() if self._taylor is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -440,6 +473,9 @@ class MagnitudePruning(Callback):
         self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
+        self._taylor_state = dict(state_dict.get("taylor") or {}) or None
+        if self._taylor is not None and self._taylor_state is not None:
+            self._taylor.load_state_dict(self._taylor_state)
 
     # --- helpers ------------------------------------------------------------------------------------------------
 

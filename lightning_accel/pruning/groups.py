@@ -247,8 +247,8 @@ def find_channel_groups(
                         reason
                         or head_reasons.get(name)
                         or (
-                            f"{name}'s channels are reshaped into attention heads ({attention[name]}); removing channels "
-                            "would not follow head boundaries, so the group stays dense"
+                            f"{name}'s channels are reshaped into attention heads ({attention[name]}); removing "
+                            "channels would not follow head boundaries, so the group stays dense"
                         )
                     )
                 if _reaches_output(graph.module2node[module], layer_modules):
@@ -433,14 +433,24 @@ def _tied_parameter_ids(model: nn.Module) -> set[int]:
     return {key for key, modules in owners.items() if len(modules) > 1}
 
 
-def _channel_scores(group: ChannelGroup, parameters: Mapping[str, Tensor]) -> Tensor:
-    """The group's importance per channel: squared L2 norm summed over every tensor slice in the group."""
-    scores = torch.zeros(group.channels, dtype=torch.float64)
+def channel_sums(group: ChannelGroup, tensors: Mapping[str, Tensor]) -> Tensor:
+    """Per group channel, the sum of ``tensors`` over every slice of it (tensors shaped like the parameters).
+
+    Names missing from ``tensors`` contribute nothing.
+    """
+    sums = torch.zeros(group.channels, dtype=torch.float64)
     for name, member, dim in _member_slices(group):
-        values = parameters[name].detach().float()
-        per_position = values.pow(2).transpose(0, dim).reshape(values.shape[dim], -1).sum(dim=1).cpu()
-        scores.index_add_(0, member.root_indices, per_position[member.indices].double())
-    return scores
+        if name not in tensors:
+            continue
+        values = tensors[name].detach().float()
+        per_position = values.transpose(0, dim).reshape(values.shape[dim], -1).sum(dim=1).cpu()
+        sums.index_add_(0, member.root_indices, per_position[member.indices].double())
+    return sums
+
+
+def _channel_scores(group: ChannelGroup, parameters: Mapping[str, Tensor]) -> Tensor:
+    """The group's magnitude importance per channel: squared L2 norm summed over every tensor slice in the group."""
+    return channel_sums(group, {name: parameters[name].detach().float().pow(2) for name, _, _ in _member_slices(group)})
 
 
 def group_masks(
@@ -448,36 +458,40 @@ def group_masks(
     groups: ChannelGroups,
     sparsity: float,
     previous: Mapping[str, Tensor] | None = None,
+    scores: Sequence[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Keep-masks that remove ``round(sparsity * channels)`` channels of every group, the least important first.
 
     At most all but one channel of a group goes: an emptied layer, or an attention without heads, cuts the model.
 
-    Importance is the group's summed squared L2 norm per channel; channels that ``previous`` pruned stay pruned
-    (they rank lowest). Every tensor slice of a pruned channel is masked: the producing layer's rows and bias,
-    the BatchNorm's weight and bias, the consuming layers' input columns. So the masked model computes exactly what
-    the slimmed model computes, whatever the activation between the layers.
+    Importance is the group's summed squared L2 norm per channel (magnitude), or ``scores`` when given (Taylor
+    importance, :class:`~lightning_accel.pruning.importance.TaylorImportance`); channels that ``previous`` pruned
+    stay pruned (they rank lowest). Every tensor slice of a pruned channel is masked: the producing layer's rows and
+    bias, the BatchNorm's weight and bias, the consuming layers' input columns. So the masked model computes exactly
+    what the slimmed model computes, whatever the activation between the layers.
 
     Args:
         parameters: The model's parameters by name (``dict(model.named_parameters())``).
         groups: The groups from :func:`find_channel_groups`.
         sparsity: Fraction of each group's channels to remove, in [0, 1).
         previous: Earlier masks by name; channels they removed stay removed.
+        scores: One importance tensor per group (``channels`` values each), in the order of ``groups.groups``;
+            ``None``: magnitude.
 
     Returns:
         Bool keep-masks by parameter name, shaped like the parameters.
     """
     masks = {name: torch.ones_like(parameters[name], dtype=torch.bool) for name in groups.parameter_names()}
-    for group in groups.groups:
-        scores = _channel_scores(group, parameters)
+    for index, group in enumerate(groups.groups):
+        importance = _channel_scores(group, parameters) if scores is None else scores[index].double().clone()
         if previous:
-            scores[~kept_channels(group, previous)] = -1.0
+            importance[~kept_channels(group, previous)] = -1.0
         # One channel always stays: an emptied layer (or attention without heads) would silently cut the model.
         count = min(round(sparsity * group.channels), group.channels - 1)
         if count <= 0:
             continue
         pruned = torch.zeros(group.channels, dtype=torch.bool)
-        pruned[torch.sort(scores, stable=True).indices[:count]] = True
+        pruned[torch.sort(importance, stable=True).indices[:count]] = True
         for name, member, dim in _member_slices(group):
             positions = member.indices[pruned[member.root_indices]]
             masks[name].index_fill_(dim, positions.to(masks[name].device), False)

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_accel._graph import IGNORED_CALLS, tensors_in
+
 #: Ops that move values without mixing channels: the same call on the companion says where each channel went.
 _SHAPE_OPS = frozenset(
     {
@@ -53,7 +55,6 @@ _SHAPE_OPS = frozenset(
 #: Ops that keep every value where it is (casts, copies, dropout): the companion is unchanged.
 _SAME_PLACE_OPS = frozenset({"contiguous", "to", "float", "half", "bfloat16", "type", "clone", "detach", "dropout"})
 _MATMULS = frozenset({"matmul", "__matmul__", "bmm"})
-_IGNORED = frozenset({"size", "dim", "shape", "dtype", "device", "__get__", "__len__", "numel", "is_floating_point"})
 
 
 @dataclass
@@ -111,25 +112,6 @@ class Attention:
         return int(self.query_rows.shape[0])
 
 
-def _tensors_in(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors_in(item)]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _tensors_in(item)]
-    return []
-
-
-def _replace(value: Any, tensor: Tensor, by: Tensor) -> Any:
-    """``value`` (an argument structure) with ``tensor`` swapped for ``by``."""
-    if value is tensor:
-        return by
-    if isinstance(value, list | tuple):
-        return type(value)(_replace(item, tensor, by) for item in value)
-    return value
-
-
 def _batch_rows(ids: Tensor, transposed: bool) -> list[tuple[int, ...]]:
     """Per batch position of a matmul operand, the channel ids along its contracted (or kept) last axis."""
     values = ids[..., :, 0] if transposed else ids[..., 0, :]
@@ -160,9 +142,9 @@ class _HeadTrace(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if self.paused or name in _IGNORED:
+        if self.paused or name in IGNORED_CALLS:
             return result
-        tagged = [(t, self.tag_of(t)) for t in _tensors_in((args, kwargs)) if self.tag_of(t) is not None]
+        tagged = [(t, self.tag_of(t)) for t in tensors_in((args, kwargs)) if self.tag_of(t) is not None]
         if not tagged:
             return result
         # A companion that cannot follow an op loses its tag there, and no head is found through it.
@@ -174,7 +156,7 @@ class _HeadTrace(TorchFunctionMode):
         first, tag = tagged[0]
         if name in _SHAPE_OPS and len(tagged) == 1 and args and args[0] is first and hasattr(tag, "ids"):
             moved = getattr(torch.Tensor, name)(tag.ids, *args[1:], **kwargs)
-            for out, ids in zip(_tensors_in(result), _tensors_in(moved), strict=True):
+            for out, ids in zip(tensors_in(result), tensors_in(moved), strict=True):
                 self.tag(out, _with_ids(tag, ids))
         elif name in _SAME_PLACE_OPS and isinstance(result, Tensor) and result.shape == first.shape:
             self.tag(result, tag)
