@@ -39,10 +39,16 @@ OURS = [
     (DYNAMIC_SMALLEST, {"activations": "dynamic", "embeddings": "int8", "weight_bits": 7}, True),
     (DYNAMIC_SMALLEST_8BIT, {"activations": "dynamic", "embeddings": "int8", "weight_bits": 8}, True),
 ]
-#: The recipes that train (benchmarks/minilm_recipes.py), by name and row label.
+#: The fraction of every FFN's hidden units and of every attention's heads that the slimming recipes remove.
+SLIM_SPARSITY = minilm_recipes.SLIM_SPARSITY
+#: The recipes that train (benchmarks/minilm_recipes.py): row label -> (recipe, settings).
 RECIPES = {
-    "qat": "ours QAT + Distillation, dynamic, int8 embeddings, 7-bit",
-    "slim": "ours FFN slimming 50% + Distillation, then QAT (dynamic, int8 embeddings, 7-bit)",
+    "ours QAT + Distillation, dynamic, int8 embeddings, 7-bit": ("qat", {}),
+    **{
+        f"ours heads + FFN slimming {SLIM_SPARSITY:.0%} (importance='{importance}') + Distillation, then QAT "
+        "(dynamic, int8 embeddings, 7-bit)": ("slim", {**minilm_recipes.SLIM_SETTINGS, "importance": importance})
+        for importance in ("magnitude", "taylor")
+    },
 }
 #: ONNX Runtime's one-call dynamic quantization, as users run it.
 ORT_DYNAMIC = {
@@ -90,8 +96,8 @@ def run(quick: bool) -> list[Section]:
                 )
             rows.append((label, torch_cos))
         recipes = {}
-        for name, label in RECIPES.items():
-            trained, files[label], recipes[label] = minilm_recipes.train_recipe(name, Path(directory))
+        for label, (name, settings) in RECIPES.items():
+            trained, files[label], recipes[label] = minilm_recipes.train_recipe(name, Path(directory), **settings)
             with torch.no_grad():
                 torch_cos = _cosine(reference, as_evaluated(trained)(**scored).numpy())
             # Slimming removes exactly the zeroed channel slices: the nonzero count is the slim model's size.
@@ -148,15 +154,15 @@ def run(quick: bool) -> list[Section]:
             f"{speed:.2f}x fp32 ORT), file {sizes[label] / 1e6:.1f} MB "
             f"({goal(sizes[label], sizes[anchor], 'lower')} smaller)"
         )
-    slim = RECIPES["slim"]
-    slim_speed = latency[32]["fp32 ORT"] / latency[32][slim]
+    first = next(iter(recipes.values()))
     lines += [
         "",
-        f"Training recipes (`examples/minilm`: {recipes[RECIPES['qat']]['train_texts']} other docstring paragraphs, "
-        f"batch {minilm_recipes.BATCH}, "
-        f"{minilm_recipes.EPOCHS} epochs, AdamW 3e-5, `Distillation(loss='cosine')` from the pretrained model, "
-        "QAT with dynamic activations and int8 embeddings; slimming prunes 50% of every FFN's hidden units "
-        "(attention stays dense), then QAT from 60% of the steps):",
+        f"Training recipes (`examples/minilm`: {first['train_texts']} other docstring paragraphs, "
+        f"batch {minilm_recipes.BATCH}, {minilm_recipes.EPOCHS} epochs, AdamW {minilm_recipes.LR:g}, "
+        "`Distillation(loss='cosine')` from the pretrained model, QAT with dynamic activations and int8 embeddings; "
+        f"slimming removes {SLIM_SPARSITY:.0%} of every FFN's hidden units and of every attention's heads until half "
+        f"of the steps, at AdamW {minilm_recipes.SLIM_SETTINGS['lr']:g} with every encoder layer's output distilled "
+        "too (MSE), then QAT from 60% of the steps):",
     ]
     for label, figures in recipes.items():
         start, end = figures["int8_at_start"] or {}, figures["int8_at_end"] or {}
@@ -165,10 +171,15 @@ def run(quick: bool) -> list[Section]:
             f"started, {end.get('value', float('nan')):.4f} at the end; {figures['nonzero_parameters']:,} nonzero "
             "parameters"
         )
-    lines.append(
-        f"- slim + int8 with distillation >= 2.5x fp32 ORT at batch 32 with cosine >= 0.95: {slim_speed:.2f}x "
-        f"({goal(slim_speed, 2.5, 'higher')}), cosine {ort_cos[slim][0]:.4f} ({goal(ort_cos[slim][0], 0.95, 'higher')})"
-    )
+    for label, (name, settings) in RECIPES.items():
+        if name != "slim":
+            continue
+        speed = latency[32]["fp32 ORT"] / latency[32][label]
+        lines.append(
+            f"- slim + int8 with distillation >= 2.5x fp32 ORT at batch 32 with cosine >= 0.95, importance "
+            f"'{settings['importance']}': {speed:.2f}x ({goal(speed, 2.5, 'higher')}), cosine "
+            f"{ort_cos[label][0]:.4f} ({goal(ort_cos[label][0], 0.95, 'higher')})"
+        )
     data.update(
         {
             "ort_cosine": {k: list(v) for k, v in ort_cos.items()},

@@ -110,10 +110,10 @@ class SaveRankState(Callback):
 
 
 def flatten(state, prefix: str) -> dict:
-    """Flatten nested dicts into ``prefix/key/...`` entries (tensors and plain values)."""
-    if isinstance(state, dict):
+    """Flatten nested dicts and lists into ``prefix/key/...`` entries (tensors and plain values)."""
+    if isinstance(state, dict | list | tuple):
         flat = {}
-        for key, value in state.items():
+        for key, value in state.items() if isinstance(state, dict) else enumerate(state):
             flat.update(flatten(value, f"{prefix}/{key}"))
         return flat
     return {prefix: state}

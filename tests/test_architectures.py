@@ -285,6 +285,7 @@ def test_a_compiled_module_is_pruned_quantized_and_exported(tmp_path):
     """``trainer.fit(torch.compile(model))``: selection on the original module, masks and fake quantization in the
     compiled training, exports and checks from the uncompiled module (copies had run the original's forward)."""
     from lightning import Trainer
+    from torch._dynamo.utils import counters
 
     from lightning_accel import MagnitudePruning, QuantizationAwareTraining, tensor_sparsity
     from tests.helpers import RandomImages, fast_trainer_kwargs
@@ -294,7 +295,13 @@ def test_a_compiled_module_is_pruned_quantized_and_exported(tmp_path):
     path = tmp_path / "compiled.int8.onnx"
     qat = QuantizationAwareTraining(start_step=2, export_path=str(path), on_mismatch="raise")
     trainer = Trainer(**fast_trainer_kwargs(max_epochs=1), callbacks=[pruning, qat])
+    torch._dynamo.reset()
+    counters.clear()
     trainer.fit(torch.compile(module), datamodule=RandomImages())
+    # Setup's traces run eagerly: compiled under a tracing mode they broke the graph and made dynamo skip the
+    # model's forward for the whole fit ("Reconstruction of FakeIdVariable").
+    assert not counters["unimplemented"] and not counters["graph_break"], dict(counters["unimplemented"])
+    assert counters["frames"]["total"] <= 8  # was 24: each module compiled on its own once the forward was skipped
     parameters = dict(module.named_parameters())
     assert tensor_sparsity({name: parameters[name] for name in pruning.masks}) == pytest.approx(0.5, abs=1e-3)
     assert path.exists() and all(q.calibrated for q in qat._quantizers.values())

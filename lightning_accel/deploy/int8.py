@@ -70,7 +70,13 @@ def as_evaluated(model: nn.Module) -> nn.Module:
     return reference
 
 
-def check_rewrite(reference: nn.Module, rewritten: nn.Module, inputs: Sequence[Any], what: str) -> None:
+def check_rewrite(
+    reference: nn.Module,
+    rewritten: nn.Module,
+    inputs: Sequence[Any],
+    what: str,
+    min_snr_db: float = MIN_REWRITE_SNR_DB,
+) -> None:
     """Raise unless ``rewritten`` computes what ``reference`` computes on ``inputs`` (torch only, no runtime).
 
     Args:
@@ -78,9 +84,10 @@ def check_rewrite(reference: nn.Module, rewritten: nn.Module, inputs: Sequence[A
         rewritten: A copy made from it for export (folded, slimmed, ...).
         inputs: Example inputs, as :func:`export_onnx` takes them.
         what: Names the rewrite in the error.
+        min_snr_db: The SNR the rewrite must reach (``MIN_REWRITE_SNR_DB`` unless a caller knows better).
 
     Raises:
-        RuntimeError: when argmax agreement (for logits) is below 99% or the SNR below ``MIN_REWRITE_SNR_DB``.
+        RuntimeError: when argmax agreement (for logits) is below 99% or the SNR below ``min_snr_db``.
     """
     expected = [torch_outputs(reference, example) for example in inputs]
     got = [torch_outputs(rewritten, example) for example in inputs]
@@ -88,10 +95,10 @@ def check_rewrite(reference: nn.Module, rewritten: nn.Module, inputs: Sequence[A
         [torch.cat(parts) for parts in zip(*expected, strict=True)],
         [torch.cat(parts) for parts in zip(*got, strict=True)],
     )
-    if not result.passed(min_snr_db=MIN_REWRITE_SNR_DB):
+    if not result.passed(min_snr_db=min_snr_db):
         raise RuntimeError(
             f"{what} does not compute what the evaluated model computes: {result} (wanted agreement >= "
-            f"{MIN_AGREEMENT:.0%} and SNR >= {MIN_REWRITE_SNR_DB:.0f} dB). Exporting it would deploy another model "
+            f"{MIN_AGREEMENT:.0%} and SNR >= {min_snr_db:.0f} dB). Exporting it would deploy another model "
             "than the one validated, so nothing was written. Please report this model's layer types; excluding "
             "the affected layers from quantization (`exclude=[...]`) avoids it meanwhile."
         )

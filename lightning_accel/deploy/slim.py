@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_accel._modules import is_transposed_linear, module_copy
 from lightning_accel.deploy.attention import prune_heads
+from lightning_accel.deploy.check import dynamic_min_snr_db
 from lightning_accel.deploy.int8 import as_evaluated, check_rewrite
 from lightning_accel.deploy.onnx import export_onnx
 from lightning_accel.deploy.program import export_program
@@ -29,6 +30,7 @@ from lightning_accel.pruning.groups import (
     is_depthwise,
     kept_channels,
 )
+from lightning_accel.quantization.dynamic import has_dynamic_layers
 from lightning_accel.quantization.prepare import float_copy, is_prepared
 
 Role = Literal["out", "in"]
@@ -188,10 +190,20 @@ def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | N
     """:func:`slim`, then raise unless the slim copy computes what ``model`` computes on ``example_input``.
 
     Slimming must never change what the masked model computes: the files are then checked against the slim model,
-    so a wrong slim would pass its own check.
+    so a wrong slim would pass its own check. With dynamic activations, a last-bit difference in a sum (fewer
+    channels, another summation order) can move a tensor's maximum and so every rounding after it (measured on a
+    slimmed MiniLM: 32.7 dB between two correct models). There the slicing is checked on the float models at the
+    strict threshold, and the quantized models at the export check's dynamic threshold.
     """
     small = slim(model, example_input, groups)
-    check_rewrite(as_evaluated(model), as_evaluated(small), [example_input], "The slim model")
+    inputs = [example_input]
+    if is_prepared(model) and has_dynamic_layers(model):
+        floats = float_copy(model).eval(), float_copy(small).eval()
+        check_rewrite(*floats, inputs, "The slim model (its float weights)")
+        threshold = dynamic_min_snr_db(as_evaluated(model), inputs)
+        check_rewrite(as_evaluated(model), as_evaluated(small), inputs, "The slim model", min_snr_db=threshold)
+    else:
+        check_rewrite(as_evaluated(model), as_evaluated(small), inputs, "The slim model")
     return small
 
 

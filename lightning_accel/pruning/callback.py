@@ -91,10 +91,13 @@ class MagnitudePruning(Callback):
             0): ``.onnx`` for fp32 ONNX, ``.pt2`` for a ``torch.export`` program. A relative path goes under the
             run's log directory. Int8 exports of ``QuantizationAwareTraining``/``PostTrainingQuantization`` in the
             same Trainer are slimmed too.
-        importance: With ``pattern="channels"``, how channels and heads are ranked: ``"magnitude"`` (summed squared
-            weights of the group's slices) or ``"taylor"`` (first-order Taylor, ``|w * dL/dw|`` summed over the
-            group's slices and over the optimizer steps since the masks were last computed; the usual choice for
-            pretrained transformers). A recompute before any step was taken ranks by magnitude.
+        importance: With ``pattern="channels"``, how channels and heads are ranked: ``"taylor"`` (the default,
+            ``None``, for channels): first-order Taylor, ``|w * dL/dw|`` summed over the group's slices and over the
+            optimizer steps since the masks were last computed; or ``"magnitude"``: summed squared weights of the
+            group's slices. A recompute before any step was taken ranks by magnitude. Chosen by measurement:
+            slimming the pretrained MiniLM's heads and FFN units with distillation kept a cosine of 0.905 with
+            Taylor against 0.850 with magnitude at 25%, 0.793 against 0.697 at 50% (``benchmarks/minilm``). Other
+            patterns rank by magnitude.
 
     Example:
         >>> from lightning import Trainer
@@ -115,7 +118,7 @@ class MagnitudePruning(Callback):
         exclude: list[str] | None = None,
         log_per_layer: bool = False,
         export_path: str | None = None,
-        importance: Literal["magnitude", "taylor"] = "magnitude",
+        importance: Literal["magnitude", "taylor"] | None = None,
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
@@ -139,13 +142,13 @@ class MagnitudePruning(Callback):
         log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
-        if importance not in IMPORTANCES:
-            raise ValueError(f"`importance` must be one of {list(IMPORTANCES)}, got {importance!r}")
+        if importance is not None and importance not in IMPORTANCES:
+            raise ValueError(f"`importance` must be one of {list(IMPORTANCES)} or None, got {importance!r}")
         if importance == "taylor" and self.pattern.kind != "channels":
             raise ValueError(
                 f"`importance='taylor'` ranks channel and head groups: it needs pattern='channels', got {pattern!r}"
             )
-        self.importance = importance
+        self.importance = importance or ("taylor" if self.pattern.kind == "channels" else "magnitude")
         self._taylor: TaylorImportance | None = None
         self._taylor_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_accel._graph import ATTENTION_CONSUMERS, run_example, trace_consumers
+from lightning_accel._graph import ATTENTION_CONSUMERS, eager_only, run_example, trace_consumers
 from lightning_accel._modules import is_transposed_linear, module_copy, select_weights
 from lightning_accel.pruning.heads import multihead_attention_heads, trace_attention
 
@@ -210,7 +210,7 @@ def find_channel_groups(
     traced_layers = {name: m for name, m in traced_model.named_modules() if isinstance(m, _LAYERS)}
     modes = {module: module.training for module in traced_model.modules()}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), eager_only():
             graph = tp.DependencyGraph().build_dependency(
                 traced_model,
                 example_inputs=_without_cache(model, example),
