@@ -390,6 +390,39 @@ def test_multihead_attention_heads_are_removed_and_the_slim_layer_exports(tmp_pa
     export_onnx(small.eval(), tmp_path / "mha.slim.onnx", example[:1], on_mismatch="raise")
 
 
+def _hf_vit():
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_channels=1,
+    )
+    return ViTModel(config).eval(), {"pixel_values": torch.randn(1, 1, 16, 16)}
+
+
+def _distilbert():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=64)).eval()
+    return model, {"input_ids": torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("build", [_hf_vit, _distilbert], ids=["hf-vit", "distilbert"])
+def test_hf_vit_and_distilbert_heads_and_ffn_units_slim_exactly(build):
+    torch.manual_seed(0)
+    model, example = build()
+    before = sum(p.numel() for p in model.parameters())
+    model, small, groups = _slim_half(model, example)
+    assert [g.channels for g in groups.groups if g.kind == "heads"] == [4]
+    assert any(g.kind == "channels" for g in groups.groups)
+    assert sum(p.numel() for p in small.parameters()) < before
+
+
 def test_t5_self_attention_keeps_its_heads_for_its_position_bias_and_cross_attention_heads_go():
     """T5 (encoder-decoder, tied embeddings, relative attention): `pattern="channels"` crashed at setup ("The size of
     tensor a (2) must match the size of tensor b (4)"); its groups are found and slim exactly."""
