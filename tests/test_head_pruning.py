@@ -144,3 +144,39 @@ def test_the_slim_check_of_a_dynamic_int8_model_checks_the_slicing_on_its_float_
     monkeypatch.setattr(slim_module, "slim", wrong_slim)
     with pytest.raises(RuntimeError, match=r"The slim model \(its float weights\) does not compute"):
         slim_module.slim_checked(module, example, groups)
+
+
+class _GroupedQueryAttention(torch.nn.Module):
+    """Four query heads sharing two key/value heads, repeated as Hugging Face's ``repeat_kv`` does."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, heads * self.head_dim)
+        self.k = torch.nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = torch.nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = torch.nn.Linear(heads * self.head_dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        batch, kv, tokens, width = x.shape
+        repeats = self.heads // kv
+        return x[:, :, None].expand(batch, kv, repeats, tokens, width).reshape(batch, kv * repeats, tokens, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.q(x)), self._repeat(self._split(self.k(x))), self._repeat(self._split(self.v(x)))
+        context = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.o(context.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+
+def test_grouped_query_attention_heads_are_not_removable_and_the_trace_says_why():
+    from lightning_accel._graph import run_example
+    from lightning_accel.pruning.heads import trace_attention
+
+    model = _GroupedQueryAttention()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    attentions, reasons = trace_attention(model, torch.randn(1, 5, 16), layers, run_example)
+    assert attentions == []  # a key/value head serves two query heads: no head can go alone
+    assert "grouped-query attention" in reasons["k"] and set(reasons) == {"q", "k", "v"}
