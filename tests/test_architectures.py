@@ -373,8 +373,7 @@ def test_gpt2_fused_c_attn_heads_and_conv1d_ffn_units_are_removed_and_slim_exact
 
 
 def test_multihead_attention_heads_are_removed_and_the_slim_layer_exports(tmp_path):
-    from lightning_accel import export_onnx
-    from lightning_accel.deploy.attention import HeadPrunedMultiheadAttention
+    from lightning_accel import HeadPrunedMultiheadAttention, export_onnx
     from tests.slim_models import TransformerClassifier
 
     torch.manual_seed(0)

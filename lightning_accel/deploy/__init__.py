@@ -5,6 +5,7 @@ trained model into files: fp32 and int8 ONNX, the slim model (ONNX or ``.pt2``),
 the compressed sparse file, each checked against the model that was evaluated.
 """
 
+from lightning_accel.deploy.attention import HeadPrunedMultiheadAttention
 from lightning_accel.deploy.check import ExportCheck, check_onnx
 from lightning_accel.deploy.half import save_half, state_dict_bytes
 from lightning_accel.deploy.int8 import as_evaluated, check_rewrite, to_deployable
@@ -26,6 +27,7 @@ __all__ = [
     "Contribution",
     "Deployment",
     "ExportCheck",
+    "HeadPrunedMultiheadAttention",
     "as_evaluated",
     "build_artifacts",
     "check_onnx",
