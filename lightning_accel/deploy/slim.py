@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_accel._modules import is_transposed_linear, module_copy
 from lightning_accel.deploy.attention import prune_heads
 from lightning_accel.deploy.check import dynamic_min_snr_db
-from lightning_accel.deploy.int8 import as_evaluated, check_rewrite
+from lightning_accel.deploy.int8 import MIN_REWRITE_SNR_DB, as_evaluated, check_rewrite
 from lightning_accel.deploy.onnx import export_onnx
 from lightning_accel.deploy.program import export_program
 from lightning_accel.pruning.groups import (
@@ -108,14 +108,16 @@ def _update_head_attributes(model: nn.Module, group: ChannelGroup, heads: int) -
     computing something else.
     """
     head_dim = group.members[0].indices.numel() // group.channels
-    owner = model.get_submodule(group.owner)
-    for module in owner.modules():
-        for attribute in HEAD_COUNT_ATTRIBUTES:
-            if getattr(module, attribute, None) == group.channels and isinstance(getattr(module, attribute), int):
-                setattr(module, attribute, heads)
-        for attribute in HEAD_WIDTH_ATTRIBUTES:
-            if getattr(module, attribute, None) == group.channels * head_dim:
-                setattr(module, attribute, heads * head_dim)
+    changes = [
+        (HEAD_COUNT_ATTRIBUTES, group.channels, heads),
+        (HEAD_WIDTH_ATTRIBUTES, group.channels * head_dim, heads * head_dim),
+    ]
+    for module in model.get_submodule(group.owner).modules():
+        for attributes, old, new in changes:
+            for attribute in attributes:
+                value = getattr(module, attribute, None)
+                if isinstance(value, int) and value == old:
+                    setattr(module, attribute, new)
 
 
 def _traceable(model: nn.Module) -> nn.Module:
@@ -196,14 +198,13 @@ def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | N
     strict threshold, and the quantized models at the export check's dynamic threshold.
     """
     small = slim(model, example_input, groups)
-    inputs = [example_input]
+    inputs, reference = [example_input], as_evaluated(model)
+    threshold = MIN_REWRITE_SNR_DB
     if is_prepared(model) and has_dynamic_layers(model):
         floats = float_copy(model).eval(), float_copy(small).eval()
         check_rewrite(*floats, inputs, "The slim model (its float weights)")
-        threshold = dynamic_min_snr_db(as_evaluated(model), inputs)
-        check_rewrite(as_evaluated(model), as_evaluated(small), inputs, "The slim model", min_snr_db=threshold)
-    else:
-        check_rewrite(as_evaluated(model), as_evaluated(small), inputs, "The slim model")
+        threshold = dynamic_min_snr_db(reference, inputs)
+    check_rewrite(reference, as_evaluated(small), inputs, "The slim model", min_snr_db=threshold)
     return small
 
 

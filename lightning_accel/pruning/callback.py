@@ -261,6 +261,8 @@ class MagnitudePruning(Callback):
 
     def _setup_channel_groups(self, trainer: Trainer, pl_module: LightningModule, stage: Any) -> None:
         """Trace the coupled channel groups; the masks then cover every parameter slice the groups own."""
+        from lightning_accel.deploy.slim import dry_run_slim_export, removable_groups  # deploy builds on techniques
+
         example = pl_module.example_input_array
         if example is None:
             raise ValueError(
@@ -270,8 +272,6 @@ class MagnitudePruning(Callback):
             )
         example = _example(pl_module)
         # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
-        from lightning_accel.deploy.slim import removable_groups  # deploy builds on the techniques
-
         self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
         # Proven before training: removing half of each group on a copy must compute what the masked copy computes.
         self._groups = removable_groups(pl_module, example, self._groups)
@@ -295,8 +295,6 @@ class MagnitudePruning(Callback):
         if self.export_path is not None:
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             if trainer.is_global_zero:
-                from lightning_accel.deploy.slim import dry_run_slim_export  # deploy builds on the techniques
-
                 dry_run_slim_export(pl_module, example, self._groups, self.export_path)
 
     @property
