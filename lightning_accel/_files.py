@@ -32,6 +32,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def probe_writable(owner: str, argument: str, path: str | os.PathLike, directory: bool = False) -> None:
+    """Fail now, not after training, unless a file can really be written at ``path`` (or inside it).
+
+    Creates the missing folders (where the artifact will go anyway), writes a small temporary file beside the
+    target and removes it. Permission bits are not enough: root may write everywhere by ``os.access``, yet
+    ``/proc`` or a read-only mount refuses the actual write. Safe on every DDP rank at once (per-process names).
+
+    Args:
+        owner: The callback whose option it is, named in the error.
+        argument: The option the path came from, named in the error.
+        path: The file that will be written, or with ``directory=True`` the folder files will be written in.
+        directory: Whether ``path`` is a folder rather than a file.
+
+    Raises:
+        ValueError: naming ``argument``, the path and the operating system's reason.
+    """
+    target = Path(path)
+    folder = target if directory else target.parent
+    probe = folder / f".{target.name if not directory else 'probe'}.probe-{os.getpid()}"
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a folder")
+        if not directory and target.is_dir():
+            raise IsADirectoryError(f"{target} is a folder; give a file name")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"lightning_accel write probe")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(f"{owner}: `{argument}` {str(path)!r} cannot be written: {reason} ({folder})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
 def resolve_artifact_path(trainer: Any, path: str | os.PathLike) -> Path:
     """An absolute path as given; a relative one under the run's log directory, so that runs never collide.
 

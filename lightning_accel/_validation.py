@@ -51,8 +51,14 @@ def validate_step(argument: str, value: object, allow_none: bool = False) -> int
     if value is None and allow_none:
         return None
     value = _plain_number(value)
-    if isinstance(value, float) and value > 1.0 and value.is_integer():
-        value = int(value)  # a whole step written as 220.0 (config parsers may turn int | float into float)
+    if isinstance(value, float) and value > 1.0:
+        # Never guessed: 2.0 may mean step 2 or 200% of the training, and neither reading is safe to assume.
+        whole = f"`{math.floor(value)}`"
+        raise ValueError(
+            f"`{argument}` got the float {value!r}: a float is a fraction of the fit's training steps and must be "
+            f"in (0, 1]; for an optimizer step write {whole} (an integer), for a fraction write a value such as "
+            f"`{min(value / 100, 1.0):g}`"
+        )
     valid_int = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     valid_fraction = isinstance(value, float) and 0.0 < value <= 1.0
     if not (valid_int or valid_fraction):

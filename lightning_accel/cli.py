@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import re
 import sys
 from typing import Any, Optional
@@ -251,15 +252,25 @@ class AccelCLI(LightningCLI):
 _SETUP_LEFTOVERS = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
 
 
+def _is_empty_tree(folder: str) -> bool:
+    """Whether ``folder`` holds no file at any depth (only empty folders)."""
+    return all(not files for _, _, files in os.walk(folder))
+
+
 def _remove_empty_log_dir(trainer: Any) -> None:
     """Remove the log directory of a run that failed before training, if it holds only set-up files."""
     log_dir = getattr(trainer, "log_dir", None) if trainer is not None and trainer.is_global_zero else None
     if not log_dir or not os.path.isdir(log_dir):
         return
     entries = os.listdir(log_dir)
-    if all(os.path.isfile(os.path.join(log_dir, e)) and e.startswith(_SETUP_LEFTOVERS) for e in entries):
+    # Artifact folders that setup's write probes made are empty; a folder holding anything is kept.
+    folders = [e for e in entries if os.path.isdir(os.path.join(log_dir, e))]
+    if all(_is_empty_tree(os.path.join(log_dir, e)) for e in folders) and all(
+        e.startswith(_SETUP_LEFTOVERS) for e in entries if e not in folders
+    ):
         for entry in entries:
-            os.remove(os.path.join(log_dir, entry))
+            path = os.path.join(log_dir, entry)
+            shutil.rmtree(path) if entry in folders else os.remove(path)
         os.rmdir(log_dir)
         parent = os.path.dirname(log_dir)
         if not os.listdir(parent):  # the run made ``lightning_logs`` itself

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._logging import add_hyperparameters
 from lightning_accel._validation import validate_bool, validate_int
 
@@ -149,6 +149,7 @@ class MixedPrecision(Callback):
         """Choose the precision and install Lightning's plugin for it (before the strategy sets up)."""
         if self.export_half is not None and stage == "fit":
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_half))
+            probe_writable("MixedPrecision", "export_half", self.resolved_export_path)
         current = trainer.strategy.precision_plugin
         already_set = current is self._installed_plugin or (
             self.resolved_precision == FULL_PRECISION and current.precision == FULL_PRECISION

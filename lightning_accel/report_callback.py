@@ -12,7 +12,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._validation import validate_bool, validate_int
 from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
@@ -96,6 +96,8 @@ class AccelerationReport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolve the directory on every rank (the log directory is agreed between ranks)."""
         self._resolved = resolve_artifact_path(trainer, self.directory)
+        if stage == "fit":
+            probe_writable("AccelerationReport", "directory", self._resolved, directory=True)
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What the report asks of the deploy stage: every artifact, those nobody else placed in its folder."""

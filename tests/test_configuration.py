@@ -20,6 +20,7 @@ from lightning_accel import (
     QuantizationAwareTraining,
     build_cli,
 )
+from lightning_accel._files import probe_writable
 from lightning_accel._modules import select_modules, select_weights
 from lightning_accel._validation import resolve_step, validate_step
 from lightning_accel.quantization import prepare_qat_
@@ -104,7 +105,6 @@ STEP_CASES = [
     (0.5, 0.5),
     (1.0, 1.0),
     (np.float32(0.25), 0.25),
-    (220.0, 220),  # a whole step that a config parser turned into a float
 ]
 
 
@@ -114,10 +114,19 @@ def test_steps_accept_ints_fractions_and_numpy_scalars(given, expected):
     assert value == expected and type(value) is type(expected)
 
 
-@pytest.mark.parametrize("given", [-1, 0.0, 1.5, "10", True, None])
+@pytest.mark.parametrize("given", [-1, 0.0, "10", True, None])
 def test_bad_steps_name_the_argument_and_the_two_units(given):
     with pytest.raises(ValueError, match=r"`start_step` must be an optimizer step .* or a fraction"):
         validate_step("start_step", given)
+
+
+@pytest.mark.parametrize(("given", "step_reading"), [(2.0, "`2`"), (220.0, "`220`"), (1.5, "`1`")])
+def test_a_float_step_above_one_is_refused_with_both_readings(given, step_reading):
+    # 2.0 could mean step 2 or 200% of the training: it is refused, never guessed.
+    with pytest.raises(ValueError, match=r"`start_step` got the float .*must be in \(0, 1\]") as raised:
+        validate_step("start_step", given)
+    assert f"for an optimizer step write {step_reading}" in str(raised.value)
+    assert "for a fraction write" in str(raised.value)
 
 
 def test_an_unknown_total_with_a_fraction_is_a_clear_error():
@@ -212,6 +221,7 @@ ERROR_CASES = [
     ("unquoted N:M", "pruning:\n  target_sparsity: 0.5\n  pattern: 2:4\n", "Quote it: pattern: '2:4'"),
     ("yes for a boolean", "precision:\n  channels_last: 'yes'\n", "`channels_last` must be true or false, got 'yes'"),
     ("out of range", "pruning:\n  target_sparsity: 1.5\n", "`target_sparsity` must be a number in [0, 1), got 1.5"),
+    ("a float step above 1", "qat:\n  start_step: 2.0\n", "for an optimizer step write `2`"),
 ]
 
 
@@ -252,6 +262,15 @@ BEFORE_TRAINING_CASES = [
         "example_input_array",
     ),
     ("a precision that does not exist", ["--precision.precision", "bf16"], "did you mean 'bf16-mixed'?"),
+    # Paths the operating system refuses although the permission bits allow them (root may "write" /proc).
+    ("an unwritable QAT export", ["--qat.export_path", "/proc/model.int8.onnx"], "QuantizationAwareTraining: `export_path`"),
+    ("an unwritable half export", ["--precision.export_half", "/proc/model.bf16.pt"], "MixedPrecision: `export_half`"),
+    (
+        "an unwritable slim export",
+        ["--pruning.target_sparsity", "0.3", "--pruning.pattern", "channels", "--pruning.export_path", "/proc/s.onnx"],
+        "MagnitudePruning: `export_path`",
+    ),
+    ("an unwritable report folder", ["--report.directory", "/proc/report"], "AccelerationReport: `directory`"),
 ]
 
 
@@ -268,6 +287,20 @@ def test_mistakes_found_at_setup_or_fit_start_end_in_at_most_three_lines_before_
     tail = err[err.index("error: ") :].strip().splitlines()
     assert len(tail) <= 3 and named in tail[0] and "lightning-accel fit --help" in tail[0], tail
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("version_*"))  # no training, no empty logs
+
+
+def test_the_write_probe_writes_for_real_and_leaves_nothing_behind(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    refused = [blocker / "model.onnx", tmp_path]  # a folder below a file; a folder given as the file
+    if Path("/proc").is_dir():
+        refused.append(Path("/proc/model.int8.onnx"))  # os.access says yes to root; the write says no
+    for path in refused:
+        with pytest.raises(ValueError, match=r"^QuantizationAwareTraining: `export_path` .* cannot be written: "):
+            probe_writable("QuantizationAwareTraining", "export_path", path)
+    probe_writable("QuantizationAwareTraining", "export_path", tmp_path / "new" / "deeper" / "model.onnx")
+    probe_writable("AccelerationReport", "directory", tmp_path / "report", directory=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "deeper", "new", "report"]
 
 
 def test_a_misspelt_section_gets_a_did_you_mean(in_root, tmp_path, capsys):

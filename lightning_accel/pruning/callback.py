@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
@@ -294,6 +294,7 @@ class MagnitudePruning(Callback):
             self._check_masks_fit(self._masks)
         if self.export_path is not None:
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+            probe_writable("MagnitudePruning", "export_path", self.resolved_export_path)
             if trainer.is_global_zero:
                 dry_run_slim_export(pl_module, example, self._groups, self.export_path)
 

@@ -10,7 +10,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._lightning import configure_model_early
 from lightning_accel._modules import module_copy
 from lightning_accel._validation import validate_int
@@ -26,7 +26,6 @@ from lightning_accel.quantization.qat import dry_run_combined_exports
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     check_export_path,
-    check_writable,
     dry_run_export,
     prepare_arguments,
     require_example_input,
@@ -99,7 +98,7 @@ class PostTrainingQuantization(Callback):
         if self.weight_bits == 8:
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
         self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
-        check_writable(self.resolved_export_path)
+        probe_writable("PostTrainingQuantization", "export_path", self.resolved_export_path)
         dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
         self._input_checked = False
 

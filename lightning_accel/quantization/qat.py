@@ -10,7 +10,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
@@ -41,7 +41,6 @@ from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     calibrated_probe,
     check_export_path,
-    check_writable,
     dry_run_export,
     prepare_arguments,
     require_example_input,
@@ -230,7 +229,7 @@ class QuantizationAwareTraining(Callback):
         if self.export_path is not None and fitting:
             require_example_input(pl_module, type(self).__name__)
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
-            check_writable(self.resolved_export_path)
+            probe_writable("QuantizationAwareTraining", "export_path", self.resolved_export_path)
         if self.weight_bits == 8:
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
         refuse_weight_averaging(trainer, "QuantizationAwareTraining", "the quantizer ranges and BatchNorm freeze")

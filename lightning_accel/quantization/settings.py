@@ -48,18 +48,6 @@ def check_export_path(export_path: Any) -> str | None:
     return path
 
 
-def check_writable(export_path: str) -> None:
-    """Fail at setup, not after training, when the export path cannot be written."""
-    directory = Path(export_path).resolve().parent
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"`export_path` {export_path!r} cannot be written: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"`export_path` {export_path!r} cannot be written: no write permission in {existing}")
-
-
 def _check_on_mismatch(on_mismatch: Any) -> None:
     if on_mismatch not in ON_MISMATCH_CHOICES:
         raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
