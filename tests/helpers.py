@@ -230,3 +230,51 @@ class TokenClassifier(TinyModule):
 
     def val_dataloader(self):
         return self._loader()
+
+
+class IdImages(RandomImages):
+    """RandomImages whose batches also carry each sample's index, loaded by worker processes that persist.
+
+    ``persistent_workers=True`` is what Lightning recommends for worker loaders; iterating such a loader a second
+    time resets the one iterator it keeps, so a callback that reads the training loader mid-epoch changes the
+    batches the fit loop trains on.
+    """
+
+    def __init__(self, n: int = 64, batch_size: int = 8, num_workers: int = 2) -> None:
+        super().__init__(n=n, batch_size=batch_size)
+        self.num_workers = num_workers
+
+    def _loader(self, num_workers: int = 0) -> DataLoader:
+        ids = torch.arange(len(self.x))
+        return DataLoader(
+            TensorDataset(self.x, self.y, ids),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.num_workers)  # only the training loader needs workers to show the reset
+
+
+class IdRecordingModule(TinyModule):
+    """TinyModule on (image, class, id) batches; writes the ids every training step saw to ``<directory>/ids<rank>``."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+        self.example_input_array = EXAMPLE
+        self.seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, ids = batch
+        self.seen.extend(ids.tolist())
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def on_train_end(self) -> None:
+        Path(self.directory, f"ids{self.global_rank}.txt").write_text(" ".join(map(str, self.seen)))

@@ -441,6 +441,26 @@ def test_t5_self_attention_keeps_its_heads_for_its_position_bias_and_cross_atten
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+def test_multi_block_t5_with_an_attention_mask_loses_cross_attention_heads():
+    """Two decoder blocks share one cross-attention bias sized by the first block's head count, so neither block's
+    heads could go alone and every group stayed dense, silently; with a padded mask as every real batch has."""
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4)
+    t5 = T5Model(config).eval()
+    example = {
+        "input_ids": torch.randint(1, 64, (1, 8), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]]),
+        "decoder_input_ids": torch.zeros(1, 4, dtype=torch.long),
+    }
+    model, small, groups = _slim_half(t5, example)  # slim_checked: the slim model computes the masked one
+    cross = [f"decoder.block.{i}.layer.1.EncDecAttention" for i in (0, 1)]
+    assert [g.owner for g in groups.groups if g.kind == "heads"] == cross
+    assert [small.get_submodule(name).n_heads for name in cross] == [2, 2]
+    assert small.get_submodule(cross[1]).q.out_features == 8
+
+
 def test_channel_pruning_says_plainly_before_training_when_it_cannot_group_a_model(monkeypatch):
     from lightning_accel import find_channel_groups
 

@@ -14,6 +14,8 @@ from onnx import numpy_helper
 from lightning_accel import MagnitudePruning, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_accel.quantization import activation_quantizers, is_prepared
 from tests.helpers import (
+    IdImages,
+    IdRecordingModule,
     CheckZerosAfterEveryStep,
     RandomImages,
     SaveRankState,
@@ -200,7 +202,7 @@ def test_qat_under_bf16_autocast_with_pruning(tmp_path):
 
 
 def test_logs_phase_and_activation_scales(tmp_path):
-    fit([QuantizationAwareTraining(start_step=3)], logger=CSVLogger(tmp_path), log_every_n_steps=1, epochs=1)
+    fit([QuantizationAwareTraining(start_step=1)], logger=CSVLogger(tmp_path), log_every_n_steps=1, epochs=1)
     with open(next(tmp_path.rglob("metrics.csv"))) as metrics:
         rows = list(csv.DictReader(metrics))
     phases = [float(r["qat/phase"]) for r in rows if r.get("qat/phase")]
@@ -315,3 +317,22 @@ def test_qat_that_ends_below_its_start_warns(monkeypatch):
     with pytest.warns(UserWarning, match=r"ended worse than it started: int8 accuracy: 0.9000 at QAT start"):
         fit_tiny([qat], module_with_example(), epochs=2)
     assert qat.int8_at_end["value"] == 0.5
+
+
+def _training_ids(directory, callbacks, num_workers, **trainer_kwargs) -> list[str]:
+    directory.mkdir()
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1, **trainer_kwargs), callbacks=callbacks)
+    trainer.fit(IdRecordingModule(str(directory)), datamodule=IdImages(num_workers=num_workers))
+    return [path.read_text() for path in sorted(directory.glob("ids*.txt"))]
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp_spawn"])
+def test_qat_start_never_moves_the_data_the_fit_trains_on(tmp_path, ddp):
+    # The start-of-QAT probe runs mid-epoch (step 1); it must not touch the training loader's iterator, which
+    # persistent workers share between every `iter()` of the loader (rank 0 alone would then skip batches).
+    # One worker per rank under ddp_spawn: each worker costs seconds to start and stop there, and one shows it.
+    kwargs = dict(strategy="ddp_spawn", devices=2, num_workers=1) if ddp else dict(num_workers=2)
+    plain = _training_ids(tmp_path / "plain", [], **kwargs)
+    with_qat = _training_ids(tmp_path / "qat", [QuantizationAwareTraining(start_step=1)], **kwargs)
+    assert len(plain) == (2 if ddp else 1) and all(plain)
+    assert with_qat == plain

@@ -8,6 +8,7 @@ accept. A model prepared for QAT stays prepared, its per-channel weight scales f
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -234,18 +235,35 @@ def removable_groups(model: nn.Module, example_input: Any, groups: ChannelGroups
 
     if not groups.groups or slims_exactly(groups.groups) is None:
         return groups
+    failures = {index: slims_exactly([group]) for index, group in enumerate(groups.groups)}
+    # Repeated blocks may share a tensor sized by the first block's head count (T5's cross-attention position bias):
+    # none of them slims alone, yet all slim together when each loses the same number of heads, which is what
+    # `group_masks` does (one fraction for every group). Such a family is proved together and kept together.
+    for family in _block_families(groups.groups).values():
+        if len(family) > 1 and any(failures[i] for i in family):
+            if slims_exactly([groups.groups[i] for i in family]) is None:
+                for index in family:
+                    failures[index] = None
     checked = ChannelGroups(left_dense=dict(groups.left_dense))
-    for group in groups.groups:
-        failure = slims_exactly([group])
-        if failure is None:
+    for index, group in enumerate(groups.groups):
+        if failures[index] is None:
             checked.groups.append(group)
         else:
             what = "its heads" if group.kind == "heads" else "its channels"
             checked.left_dense[", ".join(group.modules())] = (
-                f"the model does not compute the same without {what} (checked at setup: {failure}); its forward "
-                "reads a width, or holds a per-head tensor (a position bias), that slimming does not update"
+                f"the model does not compute the same without {what} (checked at setup: {failures[index]}); its "
+                "forward reads a width, or holds a per-head tensor (a position bias), that slimming does not update"
             )
     return checked
+
+
+def _block_families(groups: list[ChannelGroup]) -> dict[tuple[str, str, int], list[int]]:
+    """Group indices by the same layer in repeated blocks: the owner (or root) with block numbers as ``*``."""
+    families: dict[tuple[str, str, int], list[int]] = {}
+    for index, group in enumerate(groups):
+        pattern = re.sub(r"\.\d+(?=\.|$)", ".*", group.owner or group.root)
+        families.setdefault((group.kind, pattern, group.channels), []).append(index)
+    return families
 
 
 def write_slim(model: nn.Module, path: str | os.PathLike, example_input: Any, on_mismatch: str = "warn") -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_accel._validation import validate_int
@@ -297,6 +298,20 @@ def evaluation_loaders(trainer: Trainer) -> list[Iterable]:
         if loader is not None and isinstance(loader, Iterable):
             found.append(loader)
     return found
+
+
+def validation_loader(trainer: Trainer) -> Iterable | None:
+    """The first validation loader: the Trainer's once loaded, else a new one from the data module, else ``None``.
+
+    Safe to iterate during training (the validation loop holds no iterator between its runs); never the training
+    loader, whose iterator the fit loop is consuming.
+    """
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+    if loader is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
+        loader = trainer.datamodule.val_dataloader()
+        loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
+    return loader if isinstance(loader, Iterable) else None
 
 
 def first_batch(trainer: Trainer) -> Any:

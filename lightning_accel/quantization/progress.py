@@ -1,7 +1,7 @@
 """Whether QAT made the int8 model better: its quality when QAT starts (PTQ of those weights) and when fit ends.
 
 QAT should never end worse than post-training quantization of the model it started from. When fake quantization
-starts, a copy of the float model is calibrated on a few training batches (that is PTQ) and scored on a few
+starts, a copy of the float model is calibrated on the last few training batches (that is PTQ) and scored on a few
 validation batches; at the end of fit the QAT model is scored on the same batches. The score is accuracy where the
 batches carry class labels, otherwise the cosine of each sample's output to the float model's at QAT start (for an
 encoder distilled from its pretrained self, the figure that matters).
@@ -20,8 +20,8 @@ from lightning_accel.quantization.calibration import (
     batch_labels,
     batch_picker,
     calibrate_,
-    evaluation_loaders,
     run_model,
+    validation_loader,
 )
 from lightning_accel.quantization.prepare import float_copy
 
@@ -76,15 +76,25 @@ class QualityProbe:
 
 @torch.no_grad()
 def probe_at_start(
-    trainer: Trainer, pl_module: LightningModule, model_input: Any, prepare: dict[str, Any]
+    trainer: Trainer,
+    pl_module: LightningModule,
+    model_input: Any,
+    prepare: dict[str, Any],
+    training_batches: list[Any],
 ) -> QualityProbe | None:
-    """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on."""
-    loaders = evaluation_loaders(trainer)
-    if not loaders or trainer.train_dataloader is None:
+    """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on.
+
+    Runs mid-epoch, so it never iterates the training loader: with ``persistent_workers=True`` a second ``iter()``
+    resets the very iterator the fit loop is consuming (samples repeat or are skipped, on this rank only). PTQ
+    calibrates on ``training_batches`` instead, the batches the callback saw pass through training; the scored
+    batches come from the validation loader (not in use between validation runs), or those same batches.
+    """
+    if not training_batches:
         return None
     picker: Callable[[Any], Any] = batch_picker(model_input, pl_module)
     batches, labels = [], []
-    for batch in loaders[0]:
+    loader = validation_loader(trainer)
+    for batch in loader if loader is not None else training_batches:
         batches.append(picker(batch))
         labels.append(batch_labels(batch))
         if len(batches) >= QUALITY_BATCHES:
@@ -94,6 +104,6 @@ def probe_at_start(
     plain = float_copy(pl_module).eval()
     float_outputs = [_first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
     probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs)
-    ptq = calibrate_(plain, trainer.train_dataloader, CALIBRATION_BATCHES, model_input=model_input, **prepare)
+    ptq = calibrate_(plain, training_batches, CALIBRATION_BATCHES, model_input=model_input, **prepare)
     probe.start = probe.score(ptq.eval())
     return probe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from typing import Any, Literal
 
 from lightning import Callback, LightningModule, Trainer
@@ -14,6 +15,7 @@ from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
+from lightning_accel.quantization.progress import CALIBRATION_BATCHES, probe_at_start
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
 from lightning_accel.quantization.coverage import (
@@ -171,6 +173,7 @@ class QuantizationAwareTraining(Callback):
         self.int8_at_start: dict[str, Any] | None = None
         self.int8_at_end: dict[str, Any] | None = None
         self._probe: Any = None
+        self._recent_batches: deque[Any] = deque(maxlen=CALIBRATION_BATCHES)
         self._batch_norms: list[nn.Module] = []
         self._phase = PHASE_FLOAT
         self._training_steps = TrainingSteps()
@@ -286,9 +289,12 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
         step = self._training_steps.current(trainer, pl_module)
+        if self.int8_at_start is None:
+            self._recent_batches.append(batch)  # what PTQ at QAT start calibrates on (never the loader itself)
         if self.phase_at(step) != PHASE_FLOAT and self.int8_at_start is None:
             if trainer.is_global_zero:
                 self._probe_start(trainer, pl_module)
+            self._recent_batches.clear()
             # Every rank keeps rank 0's figures: the callback's state must not differ between ranks.
             self.int8_at_start = trainer.strategy.broadcast(self.int8_at_start, src=0)
         self._set_phase(self.phase_at(step), training=True)
@@ -370,12 +376,12 @@ class QuantizationAwareTraining(Callback):
         """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
         import torch
 
-        from lightning_accel.quantization.progress import probe_at_start
-
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
-                self._probe = probe_at_start(trainer, pl_module, self.model_input, prepare_arguments(self))
+                self._probe = probe_at_start(
+                    trainer, pl_module, self.model_input, prepare_arguments(self), list(self._recent_batches)
+                )
         except Exception as error:  # a score for the log; never a reason to stop training
             rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
             self._probe = None
