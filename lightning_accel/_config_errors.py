@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import pkgutil
 import re
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
@@ -36,6 +37,46 @@ def _options_of(class_path: str) -> list[str]:
     return [p for p in parameters if p != "self" and parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
 
 
+def _unimportable(class_path: str) -> str | None:
+    """Why ``class_path`` cannot be imported, with the closest name that exists; ``None`` if it imports.
+
+    The longest importable module prefix is imported, and the first part that fails is matched against what that
+    module holds (its attributes and, for a package, its submodules): ``examples.digits.DigitClassifier`` gives
+    "did you mean examples.digits.DigitsClassifier?".
+    """
+    parts = class_path.split(".")
+    found, module = 0, None
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        try:
+            module = importlib.import_module(prefix)
+        except ModuleNotFoundError as error:
+            if error.name is not None and prefix.startswith(error.name):
+                continue  # this prefix is not a module: try a shorter one
+            return f"cannot import {class_path}: importing {prefix} raised ModuleNotFoundError: {error}"
+        except Exception as error:  # the user's module exists but fails to import: say so, not "no such class"
+            return f"cannot import {class_path}: importing {prefix} raised {type(error).__name__}: {error}"
+        found = end
+        break
+    if module is None:
+        return (
+            f"cannot import {class_path}: no module {parts[0]!r} (class paths of your own modules resolve from "
+            "the working directory)"
+        )
+    target: object = module
+    for index in range(found, len(parts)):
+        if not hasattr(target, parts[index]):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            if hasattr(target, "__path__"):
+                names += [info.name for info in pkgutil.iter_modules(target.__path__)]
+            close = difflib.get_close_matches(parts[index], names, n=1, cutoff=0.6)
+            where = ".".join(parts[:index])
+            hint = f"; did you mean {where}.{close[0]}?" if close else f" ({where} has no {parts[index]!r})"
+            return f"cannot import {class_path}{hint}"
+        target = getattr(target, parts[index])
+    return None
+
+
 def _clean_type(text: str) -> str:
     return re.sub(r"<class '([^']+)'>", r"\1", text).replace("NoneType", "None").replace("typing.", "")
 
@@ -53,6 +94,9 @@ def summarize_config_error(message: str) -> str:
     if not keys:
         return message.strip().splitlines()[0] if message.strip() else message
     class_path = class_match.group(1) if class_match else None
+    missing = _unimportable(class_path) if class_path else None
+    if missing:
+        return f"{keys[0]}: {missing}"
     owner = f" ({class_path.rpartition('.')[2]})" if class_path else ""
     unknown = _NOT_ACCEPTED.search(message)
     if unknown:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import re
+import shutil
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -209,6 +210,10 @@ class AccelCLI(LightningCLI):
         user's own code, and errors after training started, keep their traceback; ``LIGHTNING_ACCEL_TRACEBACK=1``
         keeps it for ours too. The empty log directory that the failed run made is removed.
         """
+        problem = _missing_checkpoint(subcommand, self.config[subcommand].get("ckpt_path"), self.trainer)
+        if problem:
+            sys.stderr.write(f"error: {problem} (options: lightning-accel {subcommand} --help)\n")
+            sys.exit(2)
         try:
             super()._run_subcommand(subcommand)
         except (ValueError, TypeError, RuntimeError, ImportError) as error:
@@ -246,6 +251,29 @@ class AccelCLI(LightningCLI):
         if trainer.logger is not None and trainer.log_dir is not None:
             log_root = os.path.dirname(trainer.log_dir)
             rank_zero_info(f"Logs written to {trainer.log_dir}; view them with: tensorboard --logdir {log_root}")
+
+
+#: ``ckpt_path`` values that Lightning resolves itself rather than reading a file.
+_CHECKPOINT_ALIASES = ("last", "best", "hpc")
+
+
+def _missing_checkpoint(subcommand: str, ckpt_path: Any, trainer: Any) -> str | None:
+    """One line when ``--ckpt_path`` names a file that does not exist, before anything runs; else ``None``.
+
+    Lightning reads the file only after setting up the whole run and then ends in a 30-line traceback. For
+    ``export``, whose only input is a checkpoint, the line lists the newest checkpoints under the run's folder.
+    """
+    if ckpt_path is None or str(ckpt_path) in _CHECKPOINT_ALIASES or str(ckpt_path).startswith("registry:"):
+        return None
+    if os.path.isfile(ckpt_path):
+        return None
+    message = f"`ckpt_path` {str(ckpt_path)!r}: no such file"
+    if subcommand == "export":
+        root = Path(getattr(trainer, "default_root_dir", None) or os.getcwd())
+        found = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        listed = ", ".join(str(p) for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        message += f"; checkpoints under {root}: {listed}" if found else f"; there is no checkpoint under {root}"
+    return message
 
 
 #: What a run that failed before training leaves in its log directory; anything else is kept.

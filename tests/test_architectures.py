@@ -454,7 +454,7 @@ def test_multi_block_t5_with_an_attention_mask_loses_cross_attention_heads():
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]]),
         "decoder_input_ids": torch.zeros(1, 4, dtype=torch.long),
     }
-    model, small, groups = _slim_half(t5, example)  # slim_checked: the slim model computes the masked one
+    _, small, groups = _slim_half(t5, example)  # slim_checked: the slim model computes the masked one
     cross = [f"decoder.block.{i}.layer.1.EncDecAttention" for i in (0, 1)]
     assert [g.owner for g in groups.groups if g.kind == "heads"] == cross
     assert [small.get_submodule(name).n_heads for name in cross] == [2, 2]

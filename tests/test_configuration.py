@@ -263,7 +263,11 @@ BEFORE_TRAINING_CASES = [
     ),
     ("a precision that does not exist", ["--precision.precision", "bf16"], "did you mean 'bf16-mixed'?"),
     # Paths the operating system refuses although the permission bits allow them (root may "write" /proc).
-    ("an unwritable QAT export", ["--qat.export_path", "/proc/model.int8.onnx"], "QuantizationAwareTraining: `export_path`"),
+    (
+        "an unwritable QAT export",
+        ["--qat.export_path", "/proc/model.int8.onnx"],
+        "QuantizationAwareTraining: `export_path`",
+    ),
     ("an unwritable half export", ["--precision.export_half", "/proc/model.bf16.pt"], "MixedPrecision: `export_half`"),
     (
         "an unwritable slim export",
@@ -301,6 +305,41 @@ def test_the_write_probe_writes_for_real_and_leaves_nothing_behind(tmp_path):
     probe_writable("QuantizationAwareTraining", "export_path", tmp_path / "new" / "deeper" / "model.onnx")
     probe_writable("AccelerationReport", "directory", tmp_path / "report", directory=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "deeper", "new", "report"]
+
+
+@pytest.mark.parametrize(
+    ("key", "class_path", "hint"),
+    [
+        ("model", "examples.digits.DigitClassifier", "did you mean examples.digits.DigitsClassifier?"),
+        ("data", "examples.digitz.DigitsDataModule", "did you mean examples.digits?"),
+        ("trainer.callbacks+", "lightning_accel.MagnitudePrunin", "did you mean lightning_accel.MagnitudePruning?"),
+        ("model", "no_such_package.Model", "no module 'no_such_package'"),
+    ],
+)
+def test_a_misspelt_class_path_says_what_cannot_be_imported(in_root, capsys, key, class_path, hint):
+    # It was "expected LightningModule, None, got NestedArg(key='class_path', val=...)".
+    option = f"--{key}={class_path}" if key.endswith("+") else f"--{key}.class_path={class_path}"
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", "examples/digits/baseline.yaml", option])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and f"cannot import {class_path}" in err[0] and hint in err[0], err
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "export"])
+def test_a_missing_checkpoint_is_one_line_and_export_lists_the_ones_that_exist(in_root, tmp_path, capsys, subcommand):
+    saved = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=3.ckpt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")
+    args = [subcommand, "--config", "examples/digits/baseline.yaml", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli([*args, "--ckpt_path", "nope.ckpt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "`ckpt_path` 'nope.ckpt': no such file" in line
+    assert (str(saved) in line) == (subcommand == "export")
 
 
 def test_a_misspelt_section_gets_a_did_you_mean(in_root, tmp_path, capsys):

@@ -14,9 +14,9 @@ from onnx import numpy_helper
 from lightning_accel import MagnitudePruning, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_accel.quantization import activation_quantizers, is_prepared
 from tests.helpers import (
+    CheckZerosAfterEveryStep,
     IdImages,
     IdRecordingModule,
-    CheckZerosAfterEveryStep,
     RandomImages,
     SaveRankState,
     TinyModule,

@@ -240,10 +240,10 @@ def removable_groups(model: nn.Module, example_input: Any, groups: ChannelGroups
     # none of them slims alone, yet all slim together when each loses the same number of heads, which is what
     # `group_masks` does (one fraction for every group). Such a family is proved together and kept together.
     for family in _block_families(groups.groups).values():
-        if len(family) > 1 and any(failures[i] for i in family):
-            if slims_exactly([groups.groups[i] for i in family]) is None:
-                for index in family:
-                    failures[index] = None
+        retry = len(family) > 1 and any(failures[i] for i in family)
+        if retry and slims_exactly([groups.groups[i] for i in family]) is None:
+            for index in family:
+                failures[index] = None
     checked = ChannelGroups(left_dense=dict(groups.left_dense))
     for index, group in enumerate(groups.groups):
         if failures[index] is None:

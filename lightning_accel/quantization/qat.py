@@ -15,7 +15,6 @@ from lightning_accel._files import probe_writable, resolve_artifact_path
 from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._modules import summarize_selection
-from lightning_accel.quantization.progress import CALIBRATION_BATCHES, probe_at_start
 from lightning_accel._validation import resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
 from lightning_accel.quantization.coverage import (
@@ -32,6 +31,7 @@ from lightning_accel.quantization.prepare import (
     quantizable_base,
     set_qat_phase,
 )
+from lightning_accel.quantization.progress import CALIBRATION_BATCHES, probe_at_start
 from lightning_accel.quantization.ranges import (
     flag_nonfinite,
     load_quantizer_state_,
