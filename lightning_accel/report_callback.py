@@ -25,6 +25,7 @@ from lightning_accel.report import (
     describe_cpu,
     evaluate,
     headline,
+    latency_metrics,
     latency_spreads,
     ort_session,
     to_markdown,
@@ -430,7 +431,7 @@ def _log_to_loggers(
     metrics = headline(report)
     log_text(trainer, "acceleration_report", to_markdown(report))
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics({**metrics, **latency_metrics(report)}, step=trainer.global_step)
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             for name, figure in figures.items():

@@ -429,3 +429,34 @@ def test_the_report_of_an_encoder_decoder_uses_its_dict_example_and_says_what_th
     feed = {"input_ids": np.ones((2, 11), np.int64), "attention_mask": np.ones((2, 11), np.int64)}
     logits = session.run(None, {**feed, "decoder_input_ids": np.zeros((2, 3), np.int64)})[0]
     assert logits.shape == (2, 3, 64)  # other lengths, each axis on its own
+
+
+def _latency_report(int8_range):
+    return {
+        "model": {"sparsity": 0.0},
+        "latency_ms": {"batch 1": {"ORT fp32": 2.0, "ORT int8": 1.0}, "batch 64": {"ORT fp32": 8.0, "ORT int8": 4.0}},
+        "latency_range_ms": {
+            "batch 1": {"ORT fp32": [1.9, 2.1], "ORT int8": int8_range},
+            "batch 64": {"ORT fp32": [7.9, 8.1], "ORT int8": [3.9, 4.1]},
+        },
+    }
+
+
+def test_a_noisy_speedup_is_no_hparams_metric_and_every_latency_is_logged_with_its_spread():
+    from lightning_accel.report import headline, latency_metrics
+
+    # Two runs of one config gave 7.71x and 1.71x at batch 1: a ratio whose rounds allow both is noise.
+    noisy = _latency_report(int8_range=[0.3, 1.2])
+    figures = headline(noisy)
+    assert "report/int8_speedup_batch1" not in figures
+    assert figures["report/int8_speedup_validation_batch"] == pytest.approx(2.0)
+    metrics = latency_metrics(noisy)
+    assert metrics["report/latency_ms/int8_speedup_batch1/noisy"] == 1.0
+    assert metrics["report/latency_ms/int8_speedup_batch1/min"] == pytest.approx(1.9 / 1.2)
+    assert metrics["report/latency_ms/int8_speedup_batch1/max"] == pytest.approx(2.1 / 0.3)
+    assert metrics["report/latency_ms/int8_speedup_validation_batch/noisy"] == 0.0
+    assert metrics["report/latency_ms/batch 1/ORT int8/max"] == 1.2
+    assert metrics["report/latency_ms/batch 64/ORT fp32/median"] == 8.0
+    assert not set(metrics) & set(figures)  # their own tags: the HParams table reads only the headline ones
+    quiet = _latency_report(int8_range=[0.98, 1.02])
+    assert headline(quiet)["report/int8_speedup_batch1"] == pytest.approx(2.0)
