@@ -51,16 +51,17 @@ def probe_writable(owner: str, argument: str, path: str | os.PathLike, directory
     target = Path(path)
     folder = target if directory else target.parent
     probe = folder / f".{target.name if not directory else 'probe'}.probe-{os.getpid()}"
+    given = f"{owner}: `{argument}` {str(path)!r} cannot be written"
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{given}: {blocker} is a file, not a directory")
+    if not directory and target.is_dir():
+        raise ValueError(f"{given}: it is a directory; give a file name")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f"{folder} is a file, not a folder")
-        if not directory and target.is_dir():
-            raise IsADirectoryError(f"{target} is a folder; give a file name")
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"lightning_accel write probe")
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise ValueError(f"{owner}: `{argument}` {str(path)!r} cannot be written: {reason} ({folder})") from None
+        raise ValueError(f"{given}: {error.strerror or error} (in {folder})") from None
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
