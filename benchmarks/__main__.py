@@ -24,7 +24,18 @@ import torch
 from benchmarks.common import THREADS, Section
 from lightning_accel.report import cpu_description, describe_cpu
 
-ORDER = ("pruning", "scopes", "slimming", "quantization", "compile", "qat_step", "precision", "together", "scaling", "minilm")
+ORDER = (
+    "pruning",
+    "scopes",
+    "slimming",
+    "quantization",
+    "compile",
+    "qat_step",
+    "precision",
+    "together",
+    "scaling",
+    "minilm",
+)
 HERE = Path(__file__).parent
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_accel._files import atomic_target
+from lightning_accel._core.files import atomic_target
 
 
 def _pyplot() -> Any:

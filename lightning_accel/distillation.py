@@ -23,7 +23,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._lightning import configure_model_early
+from lightning_accel._core.lightning import configure_model_early
 
 LOSS_CHOICES = ("kl", "mse", "cosine")
 

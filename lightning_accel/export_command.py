@@ -9,7 +9,7 @@ import torch
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_accel._files import resolve_artifact_path
+from lightning_accel._core.files import resolve_artifact_path
 from lightning_accel.quantization.restore import load_quantized, quantization_state
 from lightning_accel.report import write_report
 from lightning_accel.report_callback import AccelerationReport, _print_table, build_report

@@ -17,9 +17,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import probe_writable, resolve_artifact_path
-from lightning_accel._logging import add_hyperparameters
-from lightning_accel._validation import validate_bool, validate_int
+from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.logging import add_hyperparameters
+from lightning_accel._core.validation import validate_bool, validate_int
 
 PrecisionChoice = Literal["auto", "bf16-mixed", "16-mixed", "fp8"]
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)

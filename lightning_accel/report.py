@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_accel._files import atomic_write_bytes
-from lightning_accel._modules import WEIGHT_MODULE_TYPES
+from lightning_accel._core.files import atomic_write_bytes
+from lightning_accel._core.modules import WEIGHT_MODULE_TYPES
 from lightning_accel.deploy.half import state_dict_bytes  # noqa: F401 - kept importable from here for one release
 
 #: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).

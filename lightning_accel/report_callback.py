@@ -12,8 +12,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._files import probe_writable, resolve_artifact_path
-from lightning_accel._validation import validate_bool, validate_int
+from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.validation import validate_bool, validate_int
 from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.quantization.settings import check_model_input
@@ -114,7 +114,7 @@ class AccelerationReport(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the model as training starts: the dense starting point that the report compares against."""
-        from lightning_accel._logging import add_hyperparameters
+        from lightning_accel._core.logging import add_hyperparameters
         from lightning_accel.deploy.stage import forget_deployment
 
         forget_deployment(trainer)
@@ -371,7 +371,7 @@ def _input_note(what: str, error: Exception) -> str:
 def _measure_latency(
     report: dict[str, Any], float_model: torch.nn.Module, sessions: dict[str, Any], example: Any, batch_input: Any
 ) -> None:
-    from lightning_accel.quantization.check import onnx_feed
+    from lightning_accel.deploy.check import onnx_feed
 
     batches = {"batch 1": example}
     predict = _predictor(float_model)
@@ -425,7 +425,7 @@ def _log_to_loggers(
     trainer: Trainer, pl_module: LightningModule, report: dict[str, Any], figures: dict[str, Any]
 ) -> None:
     """Text, scalars, images and HParams metrics for every logger that takes them."""
-    from lightning_accel._logging import add_hyperparameters, log_text
+    from lightning_accel._core.logging import add_hyperparameters, log_text
 
     figures_logged = False
     metrics = headline(report)

@@ -212,7 +212,7 @@ def test_hf_bert_layers_get_float_outputs_from_the_traced_graph_not_from_their_t
 def test_gpt2_conv1d_layers_are_pruned_by_default_and_named_as_left_in_float_by_qat():
     from transformers import GPT2Config, GPT2Model
 
-    from lightning_accel._modules import default_weight_names, select_weights, unpruned_weight_holders
+    from lightning_accel._core.modules import default_weight_names, select_weights, unpruned_weight_holders
     from lightning_accel.quantization import prepare_qat_
     from lightning_accel.quantization.coverage import left_in_float
 

@@ -20,9 +20,9 @@ from lightning_accel import (
     QuantizationAwareTraining,
     build_cli,
 )
-from lightning_accel._files import probe_writable
-from lightning_accel._modules import select_modules, select_weights
-from lightning_accel._validation import resolve_step, validate_step
+from lightning_accel._core.files import probe_writable
+from lightning_accel._core.modules import select_modules, select_weights
+from lightning_accel._core.validation import resolve_step, validate_step
 from lightning_accel.quantization import prepare_qat_
 from tests.helpers import RandomImages, TinyModule, fast_trainer_kwargs, fit_tiny
 

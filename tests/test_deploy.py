@@ -104,9 +104,9 @@ def test_building_stays_inside_the_deploy_stage_and_the_techniques_interfaces(tm
         sys.setprofile(None)
     ours = {name for name in entered if name.startswith("lightning_accel")}
     interfaces = {
-        "lightning_accel._files",
-        "lightning_accel._validation",
-        "lightning_accel._modules",  # module_copy: shared plumbing, not a technique
+        "lightning_accel._core.files",
+        "lightning_accel._core.validation",
+        "lightning_accel._core.modules",  # module_copy: shared plumbing, not a technique
         "lightning_accel.pruning.groups",  # the channel groups (plan data) and kept_channels
         "lightning_accel.quantization.prepare",  # float_copy, quantized_modules, set_qat_phase
         "lightning_accel.quantization.fake_quant",  # the quantizers' own forward and bias rounding
@@ -125,9 +125,3 @@ def test_a_contribution_without_a_report_writes_only_what_was_asked(tmp_path):
     assert list(build.artifacts) == ["bfloat16 state dict"] and [p.name for p in tmp_path.iterdir()] == ["w.bf16.pt"]
 
 
-def test_the_old_module_paths_still_work_for_one_release_with_a_warning():
-    import lightning_accel.quantization.export as old_export
-    from lightning_accel.deploy import export_onnx
-
-    with pytest.warns(DeprecationWarning, match=r"quantization.export moved to lightning_accel.deploy"):
-        assert old_export.export_onnx is export_onnx

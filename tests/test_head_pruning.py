@@ -172,7 +172,7 @@ class _GroupedQueryAttention(torch.nn.Module):
 
 
 def test_grouped_query_attention_heads_are_not_removable_and_the_trace_says_why():
-    from lightning_accel._graph import run_example
+    from lightning_accel._core.graph import run_example
     from lightning_accel.pruning.heads import trace_attention
 
     model = _GroupedQueryAttention()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_accel._files import atomic_target
+from lightning_accel._core.files import atomic_target
 
 
 def half_dtype(precision: str) -> torch.dtype:

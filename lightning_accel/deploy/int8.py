@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel._modules import module_copy
+from lightning_accel._core.modules import module_copy
 from lightning_accel.deploy.check import MIN_AGREEMENT, compare_outputs, torch_outputs
 from lightning_accel.quantization.dynamic import is_dynamic, store_dynamic_weights_
 from lightning_accel.quantization.embeddings import Int8Embedding, quantized_embeddings

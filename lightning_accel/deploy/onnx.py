@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._files import atomic_target
-from lightning_accel._modules import module_copy
-from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_int
+from lightning_accel._core.files import atomic_target
+from lightning_accel._core.modules import module_copy
+from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_int
 from lightning_accel.deploy.check import (
     MIN_AGREEMENT,
     MIN_SNR_DB,

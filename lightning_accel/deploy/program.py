@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel._files import atomic_target
-from lightning_accel._modules import module_copy
+from lightning_accel._core.files import atomic_target
+from lightning_accel._core.modules import module_copy
 from lightning_accel.deploy.check import split_example
 
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._modules import is_transposed_linear, module_copy
+from lightning_accel._core.modules import is_transposed_linear, module_copy
 from lightning_accel.deploy.attention import prune_heads
 from lightning_accel.deploy.check import dynamic_min_snr_db
 from lightning_accel.deploy.int8 import MIN_REWRITE_SNR_DB, as_evaluated, check_rewrite

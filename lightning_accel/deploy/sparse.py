@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_accel._files import atomic_write_bytes
+from lightning_accel._core.files import atomic_write_bytes
 
 FORMAT = "lightning_accel.sparse/1"
 #: Weights use the full symmetric int8 range here: the file is dequantized when loaded, no int8 kernel runs on it.

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_accel._files import atomic_write_bytes
+from lightning_accel._core.files import atomic_write_bytes
 from lightning_accel.deploy.check import ExportCheck
 from lightning_accel.deploy.half import half_dtype, save_half, state_dict_bytes
 from lightning_accel.deploy.int8 import as_evaluated

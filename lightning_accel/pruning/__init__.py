@@ -1,6 +1,5 @@
 """Magnitude pruning on a schedule: pure schedules and masks, and the MagnitudePruning callback."""
 
-from lightning_accel._deprecated import forward_module
 from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
 from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
 from lightning_accel.pruning.masks import (
@@ -32,6 +31,3 @@ __all__ = [
     "tensor_sparsity",
     "unstructured_masks",
 ]
-
-# ``slim``, ``export_slim`` and ``export_program`` moved to lightning_accel.deploy (the package exports them too).
-__getattr__ = forward_module(__name__, "lightning_accel.deploy.slim", {"export_program", "export_slim", "slim"})

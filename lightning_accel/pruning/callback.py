@@ -11,12 +11,17 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_accel._distributed import decide_on_rank_zero
-from lightning_accel._files import probe_writable, resolve_artifact_path
-from lightning_accel._lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
-from lightning_accel._logging import add_hyperparameters, log_text, selection_tag
-from lightning_accel._modules import default_weight_names, select_weights, summarize_selection, unpruned_weight_holders
-from lightning_accel._validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
+from lightning_accel._core.distributed import decide_on_rank_zero
+from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
+from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
+from lightning_accel._core.modules import (
+    default_weight_names,
+    select_weights,
+    summarize_selection,
+    unpruned_weight_holders,
+)
+from lightning_accel._core.validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
     ChannelGroups,

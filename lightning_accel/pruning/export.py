@@ -1,12 +1,10 @@
-"""Checking the slim export's path. Writing it moved to :mod:`lightning_accel.deploy` (``deploy.slim``)."""
+"""Checking the slim export's path (writing it is :func:`~lightning_accel.pruning.slim.export_slim`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
-
-from lightning_accel._deprecated import forward_module
 
 #: The file types a slim export writes, by suffix.
 SLIM_EXPORT_SUFFIXES = (".onnx", ".pt2")
@@ -27,8 +25,3 @@ def validate_slim_export_path(export_path: Any, pattern_kind: str) -> str | None
             f"{pattern_kind!r}; for unstructured or N:M sparsity use `save_sparse`, or the int8 exports"
         )
     return os.fspath(export_path)
-
-
-__getattr__ = forward_module(
-    __name__, "lightning_accel.deploy.slim", {"export_program", "export_slim", "dry_run_slim_export"}
-)

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_accel._graph import ATTENTION_CONSUMERS, eager_only, run_example, trace_consumers
-from lightning_accel._modules import is_transposed_linear, module_copy, select_weights
+from lightning_accel._core.graph import ATTENTION_CONSUMERS, eager_only, run_example, trace_consumers
+from lightning_accel._core.modules import is_transposed_linear, module_copy, select_weights
 from lightning_accel.pruning.heads import multihead_attention_heads, trace_attention
 
 Role = Literal["out", "in"]

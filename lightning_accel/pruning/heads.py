@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_accel._graph import IGNORED_CALLS, tensors_in
+from lightning_accel._core.graph import IGNORED_CALLS, tensors_in
 
 #: Ops that move values without mixing channels: the same call on the companion says where each channel went.
 _SHAPE_OPS = frozenset(

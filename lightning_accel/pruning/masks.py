@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_accel._validation import validate_fraction
+from lightning_accel._core.validation import validate_fraction
 
 Scope = Literal["global", "layer", "lamp"]
 SCOPES: tuple[str, ...] = ("global", "layer", "lamp")

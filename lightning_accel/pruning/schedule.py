@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from lightning_accel._validation import validate_fraction, validate_int, validate_step
+from lightning_accel._core.validation import validate_fraction, validate_int, validate_step
 
 Schedule = Literal["one_shot", "linear", "cubic"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)

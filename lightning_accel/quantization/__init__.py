@@ -3,7 +3,6 @@
 The int8 ONNX export and its check are built by the deploy stage (:mod:`lightning_accel.deploy`).
 """
 
-from lightning_accel._deprecated import forward_module
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import (
@@ -30,10 +29,3 @@ __all__ = [
     "quantized_modules",
     "set_qat_phase",
 ]
-
-# The export moved to lightning_accel.deploy; these names are forwarded from there for one release.
-__getattr__ = forward_module(
-    __name__,
-    "lightning_accel.deploy",
-    {"ExportCheck", "as_evaluated", "check_onnx", "export_onnx", "store_int8_weights", "to_deployable"},
-)

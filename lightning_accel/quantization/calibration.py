@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_accel._validation import validate_int
+from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, update_many

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._graph import trace_consumers
-from lightning_accel._modules import describe_selection, module_copy, select_modules
+from lightning_accel._core.graph import trace_consumers
+from lightning_accel._core.modules import describe_selection, module_copy, select_modules
 from lightning_accel.quantization.dynamic import (
     DEFAULT_ACTIVATIONS,
     DynamicActivationFakeQuant,

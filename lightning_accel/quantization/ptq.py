@@ -10,10 +10,10 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_accel._files import probe_writable, resolve_artifact_path
-from lightning_accel._lightning import configure_model_early
-from lightning_accel._modules import module_copy
-from lightning_accel._validation import validate_int
+from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.lightning import configure_model_early
+from lightning_accel._core.modules import module_copy
+from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.calibration import (
     batch_picker,
     calibrate_,

@@ -11,8 +11,8 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_accel._modules import module_copy
-from lightning_accel._validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
+from lightning_accel._core.modules import module_copy
+from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
 from lightning_accel.quantization.calibration import (
     batch_labels,
     batch_picker,
