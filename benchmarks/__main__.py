@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import THREADS, Section
-from lightning_accel.report import cpu_description, describe_cpu
+from lightning_accel.report.measure import cpu_description, describe_cpu
 
 ORDER = (
     "pruning",

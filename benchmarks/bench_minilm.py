@@ -21,8 +21,8 @@ from benchmarks.common import THREADS, Section, goal
 from examples.minilm import SentenceEncoder
 from examples.minilm.data import minilm_path, validation_texts
 from lightning_accel import calibrate_, export_onnx
-from lightning_accel.deploy import as_evaluated
-from lightning_accel.report import median_latencies, ort_session
+from lightning_accel.quantization import as_evaluated
+from lightning_accel.report.measure import median_latencies, ort_session
 
 SEQUENCE = 128
 STATIC_DEFAULT = "ours PTQ static, outputs='graph' (default), 7-bit"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import Section, interleaved_ratio
 from lightning_accel import MixedPrecision
-from lightning_accel.precision import choose_precision, cpu_has_native_bf16
+from lightning_accel.precision.callback import choose_precision, cpu_has_native_bf16
 
 D_MODEL, HEADS, FF, SEQ, BATCH = 256, 4, 1024, 64, 32
 

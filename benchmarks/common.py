@@ -10,8 +10,8 @@ from typing import Any
 from lightning import Callback, Trainer, seed_everything
 
 from examples.digits import DigitsClassifier, DigitsDataModule
-from lightning_accel.report import cpu_description as cpu_info
-from lightning_accel.report import describe_cpu
+from lightning_accel.report.measure import cpu_description as cpu_info
+from lightning_accel.report.measure import describe_cpu
 
 
 class TrainTimer(Callback):

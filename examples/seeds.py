@@ -15,7 +15,7 @@ import statistics
 import tempfile
 
 from lightning_accel import build_cli
-from lightning_accel.report import cpu_description, describe_cpu
+from lightning_accel.report.measure import cpu_description, describe_cpu
 
 
 def test_accuracy(config: str, seed: int, root: str) -> float:

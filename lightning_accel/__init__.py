@@ -1,44 +1,35 @@
 """lightning_accel: Lightning callbacks that make training faster and models smaller and faster."""
 
 from lightning_accel.cli import AccelCLI, build_cli
-from lightning_accel.deploy import (
-    Artifact,
-    Contribution,
-    Deployment,
-    ExportCheck,
-    HeadPrunedMultiheadAttention,
-    as_evaluated,
-    build_artifacts,
-    check_onnx,
-    export_onnx,
-    export_program,
-    export_slim,
-    load_sparse,
-    load_sparse_,
-    save_half,
-    save_sparse,
-    slim,
-)
+from lightning_accel.deploy import Artifact, Contribution, Deployment, build_artifacts
 from lightning_accel.distillation import Distillation
+from lightning_accel.export.check import ExportCheck, check_onnx
+from lightning_accel.export.half import save_half
+from lightning_accel.export.program import export_program
+from lightning_accel.export.sparse import load_sparse, load_sparse_, save_sparse
 from lightning_accel.precision import MixedPrecision, NonFiniteLossError, choose_precision
 from lightning_accel.pruning import (
     ChannelGroups,
+    HeadPrunedMultiheadAttention,
     MagnitudePruning,
     apply_masks_,
     compute_masks,
+    export_slim,
     find_channel_groups,
     mask_sparsity,
+    slim,
     sparsity_at,
     tensor_sparsity,
 )
 from lightning_accel.quantization import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
+    as_evaluated,
     calibrate_,
+    export_onnx,
     load_quantized,
 )
-from lightning_accel.report import count_macs
-from lightning_accel.report_callback import AccelerationReport, build_report
+from lightning_accel.report import AccelerationReport, build_report, count_macs
 
 __version__ = "0.1.0.dev0"
 

@@ -1,5 +1,5 @@
 """``python -m lightning_accel``: the same as the ``lightning-accel`` command."""
 
-from lightning_accel.cli import main
+from lightning_accel.cli.command import main
 
 main()

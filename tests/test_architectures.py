@@ -184,7 +184,7 @@ def _token_batch(vocab=100, batch=4, length=16):
 
 def test_hf_bert_layers_get_float_outputs_from_the_traced_graph_not_from_their_types(tmp_path):
     from lightning_accel import calibrate_, export_onnx
-    from lightning_accel.deploy import as_evaluated
+    from lightning_accel.quantization import as_evaluated
     from lightning_accel.quantization.coverage import left_in_float
 
     batch = _token_batch()
@@ -232,7 +232,7 @@ def test_token_models_export_with_a_dynamic_sequence_axis_and_run_at_two_lengths
     import onnxruntime as ort
 
     from lightning_accel import calibrate_, export_onnx
-    from lightning_accel.deploy import as_evaluated
+    from lightning_accel.quantization import as_evaluated
 
     model = _tiny_bert()
     if quantized:
@@ -310,8 +310,8 @@ def test_a_compiled_module_is_pruned_quantized_and_exported(tmp_path):
 def _slim_half(model, example):
     """Find and check the groups, zero half of each, slim: returns the masked model, the slim one and the groups."""
     from lightning_accel import find_channel_groups
-    from lightning_accel.deploy.slim import removable_groups, slim_checked
     from lightning_accel.pruning import group_masks
+    from lightning_accel.pruning.slim import removable_groups, slim_checked
 
     groups = removable_groups(model, example, find_channel_groups(model, example))
     parameters = dict(model.named_parameters())

@@ -126,7 +126,7 @@ def test_pruning_config_reaches_90_percent_within_2_points_of_the_dense_baseline
 
     from examples.digits import DigitsClassifier
     from lightning_accel import load_sparse_, save_sparse
-    from lightning_accel.deploy import state_dict_bytes
+    from lightning_accel.export.half import state_dict_bytes
 
     path = save_sparse(cli.model, tmp_path / "digits.sparse.npz.xz")
     assert len(state_dict_bytes(cli.model)) / path.stat().st_size >= 15

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_accel import Distillation, MagnitudePruning, QuantizationAwareTraining
-from lightning_accel.distillation import distillation_loss
+from lightning_accel.distillation.callback import distillation_loss
 from tests.helpers import RandomImages, SaveRankState, TinyModule, assert_states_equal, fast_trainer_kwargs
 
 

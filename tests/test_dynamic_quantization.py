@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lightning_accel import PostTrainingQuantization, QuantizationAwareTraining, calibrate_, export_onnx
-from lightning_accel.deploy import as_evaluated, to_deployable
+from lightning_accel.quantization import as_evaluated, to_deployable
 from lightning_accel.quantization.coverage import left_in_float
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant, dynamic_qparams
 from lightning_accel.quantization.prepare import float_copy

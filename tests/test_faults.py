@@ -92,7 +92,7 @@ def test_interrupted_half_export_keeps_the_previous_file_and_leaves_no_temporary
         Path(path).write_bytes(b"PK half")
         raise KeyboardInterrupt
 
-    import lightning_accel.deploy.half as half_module
+    import lightning_accel.export.half as half_module
 
     monkeypatch.setattr(half_module.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):

@@ -119,7 +119,7 @@ def test_the_slim_check_of_a_dynamic_int8_model_checks_the_slicing_on_its_float_
 
     from lightning_accel.quantization import prepare_qat_
 
-    slim_module = importlib.import_module("lightning_accel.deploy.slim")  # the package exports a function `slim`
+    slim_module = importlib.import_module("lightning_accel.deploy.compose")  # slimming a fake-quantized model
 
     module = TokenClassifier(heads=4)
     example = module.example_input_array
@@ -130,7 +130,7 @@ def test_the_slim_check_of_a_dynamic_int8_model_checks_the_slicing_on_its_float_
             parameters[name].mul_(mask)
     prepare_qat_(module, activations="dynamic")
     module(**example)  # the weight quantizers observe once
-    small = slim_module.slim_checked(module, example, groups)
+    small = slim_module.slim_evaluated(module, example, groups)
     assert small.bert.bert.encoder.layer[0].attention.self.num_attention_heads == 2
     original = slim_module.slim
 
@@ -143,7 +143,7 @@ def test_the_slim_check_of_a_dynamic_int8_model_checks_the_slicing_on_its_float_
 
     monkeypatch.setattr(slim_module, "slim", wrong_slim)
     with pytest.raises(RuntimeError, match=r"The slim model \(its float weights\) does not compute"):
-        slim_module.slim_checked(module, example, groups)
+        slim_module.slim_evaluated(module, example, groups)
 
 
 class _GroupedQueryAttention(torch.nn.Module):

@@ -12,8 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from lightning_accel import calibrate_, export_onnx
-from lightning_accel.deploy import to_deployable
-from lightning_accel.quantization import quantized_modules
+from lightning_accel.quantization import quantized_modules, to_deployable
 from tests.helpers import TinyNet
 from tests.int8_emulation import INT16_MAX, emulated, integer_weight, worst_pair_sum
 from tests.quant_models import ResidualNet, WideCNN, snr_db

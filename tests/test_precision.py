@@ -6,7 +6,7 @@ from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_accel.precision as precision_module
+import lightning_accel.precision.callback as precision_module
 from lightning_accel import MagnitudePruning, MixedPrecision, NonFiniteLossError, choose_precision
 from tests.helpers import (
     CheckZerosAfterEveryStep,

@@ -141,7 +141,7 @@ def test_ddp_ranks_share_quantization_parameters(tmp_path):
 
 
 def test_the_export_is_checked_on_at_least_1000_validation_samples(tmp_path, monkeypatch):
-    import lightning_accel.deploy.onnx as export_module
+    import lightning_accel.export.onnx as export_module
 
     checks = []
     original = export_module.check_onnx

@@ -24,8 +24,7 @@ from lightning_accel import (
     check_onnx,
     export_onnx,
 )
-from lightning_accel.deploy import to_deployable
-from lightning_accel.quantization import activation_quantizers
+from lightning_accel.quantization import activation_quantizers, to_deployable
 from tests.helpers import EXAMPLE, RandomImages, TinyModule, fast_trainer_kwargs, fit_tiny, module_with_example
 from tests.quant_models import snr_db
 
@@ -375,7 +374,7 @@ def test_weight_bits_are_validated_and_a_checkpoint_of_other_bits_is_refused():
 
 
 def test_predict_under_bf16_autocast_scores_the_quantized_layers_in_float32():
-    from lightning_accel.deploy import as_evaluated
+    from lightning_accel.quantization import as_evaluated
 
     qat = QuantizationAwareTraining(start_step=0)
     trainer, module = fit_tiny([MixedPrecision("bf16-mixed"), qat], module_with_example())

@@ -394,7 +394,7 @@ def test_an_activation_inside_the_norm_module_survives_the_int8_export(tmp_path)
 
 
 def test_the_export_refuses_a_deployable_copy_that_differs_from_the_evaluated_model(tmp_path, monkeypatch):
-    import lightning_accel.deploy.onnx as export_module
+    import lightning_accel.export.onnx as export_module
     import lightning_accel.quantization.prepare as prepare_module
 
     # The old rule folded every BatchNorm subclass and replaced it by nn.Identity, dropping the activation inside.
@@ -469,7 +469,7 @@ def test_consecutive_quantizers_of_one_tensor_share_one_scale(tmp_path):
 
 
 def test_resnet_int8_file_agrees_with_the_evaluated_model_on_1000_inputs(tmp_path, monkeypatch):
-    import lightning_accel.deploy.onnx as export_module
+    import lightning_accel.export.onnx as export_module
     from tests.slim_models import ResNet
 
     torch.manual_seed(0)
@@ -487,7 +487,7 @@ def test_resnet_int8_file_agrees_with_the_evaluated_model_on_1000_inputs(tmp_pat
 
 
 def test_the_check_reports_cosine_always_and_agreement_only_for_logits():
-    from lightning_accel.deploy.check import compare_outputs
+    from lightning_accel.export.check import compare_outputs
 
     reference = torch.tensor([[1.0, 0.0, 0.2], [0.0, 1.0, 0.1]])
     noisy = reference + 0.3 * torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

@@ -161,7 +161,7 @@ def test_slim_exports_onnx_and_pt2_that_match_the_masked_model(tmp_path):
 
 def test_slim_of_a_qat_model_keeps_it_quantized_with_scales_for_the_kept_channels():
     from lightning_accel import calibrate_
-    from lightning_accel.deploy import to_deployable
+    from lightning_accel.quantization import to_deployable
 
     model, example, groups = masked("plain-cnn")
     calibrate_(model, [torch.randn(8, 1, 8, 8) for _ in range(4)], model_input=lambda batch: batch)
@@ -268,7 +268,7 @@ def test_slim_export_works_with_qat_listed_first(tmp_path):
 
 
 def test_a_timm_style_vit_keeps_its_heads_when_its_forward_reads_the_width_and_slims_its_mlp():
-    from lightning_accel.deploy.slim import removable_groups
+    from lightning_accel.pruning.slim import removable_groups
 
     model, example, traced = masked("timm-vit")
     assert {g.owner for g in traced.groups if g.kind == "heads"} == {"blocks.0.attn", "blocks.1.attn"}

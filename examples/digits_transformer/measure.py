@@ -18,7 +18,7 @@ import torch
 from examples.digits_transformer import DigitsTransformerClassifier
 from lightning_accel import export_onnx, load_quantized
 from lightning_accel.quantization.prepare import float_copy
-from lightning_accel.report import cpu_description, describe_cpu, median_latencies, ort_session
+from lightning_accel.report.measure import cpu_description, describe_cpu, median_latencies, ort_session
 
 SEQUENCE = 128
 

@@ -6,14 +6,13 @@ on rank 0, whatever the callback order, and hands the records (:class:`Artifact`
 callbacks' logs, the :class:`~lightning_accel.AccelerationReport` and ``lightning-accel export``, which measure
 them and never build anything themselves.
 
-A callback takes part by having a method ``deploy_contribution(trainer, pl_module) -> Contribution | None``.
+A callback takes part by subclassing :class:`~lightning_accel._core.stage.DeployingCallback`, whose fit hooks run
+this stage (installed by :func:`install`) once per fit.
 """
 
 from __future__ import annotations
 
-import tempfile
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_accel._core.files import atomic_write_bytes
-from lightning_accel.deploy.check import ExportCheck
-from lightning_accel.deploy.half import half_dtype, save_half, state_dict_bytes
-from lightning_accel.deploy.int8 import as_evaluated
-from lightning_accel.deploy.onnx import export_onnx, export_onnx_checked
-from lightning_accel.deploy.slim import slim_checked, write_slim
-from lightning_accel.deploy.sparse import save_sparse
-from lightning_accel.pruning.groups import ChannelGroups, trainer_channel_groups
+from lightning_accel._core.stage import Contribution, DeployingCallback, register_stage
+from lightning_accel.deploy.compose import dry_run_combined_exports, slim_evaluated
+from lightning_accel.export.check import ExportCheck
+from lightning_accel.export.half import half_dtype, save_half, state_dict_bytes
+from lightning_accel.export.sparse import save_sparse
+from lightning_accel.pruning.groups import ChannelGroups
+from lightning_accel.pruning.slim import slim_checked, write_slim
+from lightning_accel.quantization.convert import as_evaluated
+from lightning_accel.quantization.export import export_onnx, export_onnx_checked
 from lightning_accel.quantization.prepare import float_copy
 
 
@@ -55,46 +56,6 @@ class Artifact:
     checked_against: str | None
     requested_by: tuple[str, ...]
     check: ExportCheck | None = None
-
-
-@dataclass
-class Contribution:
-    """What one callback hands to the deploy stage. Every field is optional; set what the technique knows.
-
-    Attributes:
-        owner: The callback's name (for logs and the artifact records).
-        channel_groups: The coupled channel groups that pruning zeroed (``pattern="channels"``): exports are slimmed.
-        slim_path: Where the slim fp32 model goes (``.onnx`` or ``.pt2``).
-        int8_model: Returns the prepared, calibrated int8 (fake-quant) model; called once, when the int8 export is
-            built (PTQ calibrates a copy there).
-        int8_path: Where the int8 ONNX model goes.
-        check_inputs: Model inputs to check the int8 export on (validation batches, picked by the technique).
-        on_mismatch: What an export that does not reproduce its model does: ``"warn"``, ``"raise"``, ``"ignore"``.
-        precision: The training precision (``"bf16-mixed"``...), which chooses the half-precision dtype.
-        half_path: Where the half-precision state dict goes.
-        report_directory: The report's folder: every artifact is wanted, those nobody else placed go here.
-        example: An example input to trace with when the module has no ``example_input_array`` (the report takes
-            one from the first validation batch).
-        pruned_parameters: The parameters pruning selected: the report's sparsity is over exactly these.
-        classification: Whether the model's output is logits (the check then measures argmax agreement), as the
-            technique's validation data shows; ``None``: judged from the output's shape.
-        notes: Lines for the report (e.g. QAT's int8 quality at its start and at the end).
-    """
-
-    owner: str
-    channel_groups: ChannelGroups | None = None
-    slim_path: str | Path | None = None
-    int8_model: Callable[[], nn.Module] | None = None
-    int8_path: str | Path | None = None
-    check_inputs: list[Any] = field(default_factory=list)
-    on_mismatch: str = "warn"
-    precision: str | None = None
-    half_path: str | Path | None = None
-    report_directory: str | Path | None = None
-    example: Any = None
-    pruned_parameters: tuple[str, ...] = ()
-    classification: bool | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -252,7 +213,7 @@ def build_artifacts(
             continue
         model = source.int8_model()
         if groups is not None:
-            model = slim_checked(model, example, groups)
+            model = slim_evaluated(model, example, groups)
         if index == 0:
             deployment.evaluated_int8 = as_evaluated(model)
         path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
@@ -282,64 +243,34 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # --- once per fit, for the callbacks in a Trainer ----------------------------------------------------------------
 
-_DEPLOYED: weakref.WeakKeyDictionary[Any, Deployment] = weakref.WeakKeyDictionary()
-
 
 def contributions_of(callbacks: Sequence[Any], trainer: Any, pl_module: nn.Module) -> list[Contribution]:
-    """Ask every callback that takes part (it has ``deploy_contribution``) what it contributes."""
+    """Ask every deploying callback what it contributes."""
     contributions = []
     for callback in callbacks:
-        ask = getattr(callback, "deploy_contribution", None)
-        contribution = ask(trainer, pl_module) if callable(ask) else None
-        if contribution is not None:
-            contributions.append(contribution)
+        if isinstance(callback, DeployingCallback):
+            contribution = callback.deploy_contribution(trainer, pl_module)
+            if contribution is not None:
+                contributions.append(contribution)
     return contributions
 
 
-def forget_deployment(trainer: Any) -> None:
-    """Start a new fit: the next :func:`deploy_for_trainer` builds afresh (the callbacks call it at fit start)."""
-    _DEPLOYED.pop(trainer, None)
-
-
 def deploy_for_trainer(trainer: Any, pl_module: nn.Module) -> Deployment | None:
-    """Build the artifacts of this fit once (rank 0), from every callback's contribution; later calls reuse them.
+    """Build the artifacts of this fit (rank 0), from every callback's contribution; other ranks get ``None``.
 
-    Every lightning_accel callback calls this at the end of fit, so the first one to get there builds, whatever
-    the list order, and the others (the report included) read the same records. Other ranks get ``None``.
+    Called once per fit by :func:`~lightning_accel._core.stage.deploy_once` (the deploying callbacks' fit end),
+    after every callback's ``before_deploy``, so no contribution depends on which callback got there first.
     """
     if not trainer.is_global_zero:
         return None
-    if trainer in _DEPLOYED:
-        return _DEPLOYED[trainer]
     contributions = contributions_of(trainer.callbacks, trainer, pl_module)  # each warns of what it skips
     if trainer.fast_dev_run:
-        deployment = Deployment(notes=["fast_dev_run: no artifact was built"])
-    else:
-        example = getattr(pl_module, "example_input_array", None)
-        example = tuple(example) if isinstance(example, list) else example
-        deployment = build_artifacts(pl_module, contributions, example, precision=str(trainer.precision))
-    _DEPLOYED[trainer] = deployment
-    return deployment
-
-
-def dry_run_for_trainer(trainer: Any, pl_module: nn.Module, probe: Contribution) -> None:
-    """Build the exports that combine techniques (slimmed int8) from a throwaway probe, before training.
-
-    Each callback dry-runs its own export at setup; only at fit start, once every setup has run, is it known
-    whether another technique changes that export (channel pruning slims the int8 model). ``probe`` is the
-    quantization callback's contribution with ``int8_model`` building a copy calibrated on the example input.
-    """
-    # Only the channel groups matter here; the contributions themselves describe the trained model, at fit end.
-    groups = trainer_channel_groups(trainer.callbacks)
+        return Deployment(notes=["fast_dev_run: no artifact was built"])
     example = getattr(pl_module, "example_input_array", None)
-    if groups is None or example is None or not trainer.is_global_zero:
-        return
-    try:
-        model = slim_checked(probe.int8_model(), example, groups)
-        with tempfile.TemporaryDirectory() as directory:
-            export_onnx(model, Path(directory) / "dry_run.onnx", example, on_mismatch="ignore")
-    except Exception as error:
-        raise RuntimeError(
-            f"{probe.owner}: the slimmed int8 export of {type(pl_module).__name__} fails on its example_input_array, "
-            f"so it would fail at the end of fit. Checked before training: {type(error).__name__}: {error}"
-        ) from error
+    example = tuple(example) if isinstance(example, list) else example
+    return build_artifacts(pl_module, contributions, example, precision=str(trainer.precision))
+
+
+def install() -> None:
+    """Make the deploying callbacks' fit hooks run this stage (done when ``lightning_accel.deploy`` is imported)."""
+    register_stage(deploy_for_trainer, dry_run_combined_exports)

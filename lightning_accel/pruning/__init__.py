@@ -1,5 +1,6 @@
 """Magnitude pruning on a schedule: pure schedules and masks, and the MagnitudePruning callback."""
 
+from lightning_accel.pruning.attention import HeadPrunedMultiheadAttention
 from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
 from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
 from lightning_accel.pruning.masks import (
@@ -13,20 +14,24 @@ from lightning_accel.pruning.masks import (
     unstructured_masks,
 )
 from lightning_accel.pruning.schedule import sparsity_at
+from lightning_accel.pruning.slim import export_slim, slim
 
 __all__ = [
     "DEFAULT_END_FRACTION",
     "ChannelGroups",
+    "HeadPrunedMultiheadAttention",
     "MagnitudePruning",
     "apply_masks_",
     "channel_mask",
     "channel_sparsity",
     "compute_masks",
+    "export_slim",
     "find_channel_groups",
     "group_masks",
     "mask_sparsity",
     "n_m_mask",
     "parse_pattern",
+    "slim",
     "sparsity_at",
     "tensor_sparsity",
     "unstructured_masks",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -21,6 +21,7 @@ from lightning_accel._core.modules import (
     summarize_selection,
     unpruned_weight_holders,
 )
+from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
@@ -42,6 +43,7 @@ from lightning_accel.pruning.masks import (
     tensor_sparsity,
 )
 from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
+from lightning_accel.pruning.slim import dry_run_slim_export, removable_groups
 
 #: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
 #: the rest for fine-tuning at the final sparsity.
@@ -50,7 +52,7 @@ DEFAULT_END_FRACTION = 0.75
 _STATE_VERSION = 1
 
 
-class MagnitudePruning(Callback):
+class MagnitudePruning(DeployingCallback):
     """Prune the smallest-magnitude weights on a schedule until an exact fraction of them is zero.
 
     The sparsity at each step is absolute (never compounding), masks are recomputed every ``every_n_steps``
@@ -78,7 +80,7 @@ class MagnitudePruning(Callback):
             layers' input channels, every branch of a residual add or concat, depthwise convs, the Linear after a
             flatten; attention heads (a head's Q/K/V rows and the output projection's columns) are groups too. Each
             group loses ``target_sparsity`` of its channels (at most all but one), the least important first, and
-            every tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.deploy.slim` can remove
+            every tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.pruning.slim` can remove
             them from an exported copy. The model's output layer and groups touching other layers (LayerNorm,
             embeddings) stay dense; the setup log names them and why.
         scope: For unstructured pruning, ``"lamp"`` (default) ranks all selected weights together by a
@@ -266,8 +268,6 @@ class MagnitudePruning(Callback):
 
     def _setup_channel_groups(self, trainer: Trainer, pl_module: LightningModule, stage: Any) -> None:
         """Trace the coupled channel groups; the masks then cover every parameter slice the groups own."""
-        from lightning_accel.deploy.slim import dry_run_slim_export, removable_groups  # deploy builds on techniques
-
         example = pl_module.example_input_array
         if example is None:
             raise ValueError(
@@ -310,9 +310,7 @@ class MagnitudePruning(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add the pruning settings to the logged hyperparameters, and the selection summary as text."""
-        from lightning_accel.deploy.stage import forget_deployment
-
-        forget_deployment(trainer)  # a new fit: its artifacts are built afresh at its end
+        super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit
         log_text(trainer, selection_tag("MagnitudePruning", self.include, self.exclude), self._selection_summary)
         add_hyperparameters(
             trainer,
@@ -412,9 +410,7 @@ class MagnitudePruning(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the artifacts (the deploy stage, once); warn when the "best" checkpoint is below the target."""
-        from lightning_accel.deploy.stage import deploy_for_trainer
-
-        deploy_for_trainer(trainer, pl_module)
+        super().on_fit_end(trainer, pl_module)
         self.best_checkpoint_below_target = None
         for checkpoint in trainer.checkpoint_callbacks:
             path = getattr(checkpoint, "best_model_path", "")
@@ -437,8 +433,6 @@ class MagnitudePruning(Callback):
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What pruning hands to the deploy stage: the channel groups (exports are slimmed) and the slim path."""
-        from lightning_accel.deploy.stage import Contribution
-
         path = self.resolved_export_path
         if path is not None and trainer.fast_dev_run:
             rank_zero_warn(f"MagnitudePruning: fast_dev_run, so the slim export to {path} is skipped")

@@ -1,9 +1,8 @@
-"""Int8 quantization: fake-quant preparation, calibration and the QAT/PTQ callbacks.
-
-The int8 ONNX export and its check are built by the deploy stage (:mod:`lightning_accel.deploy`).
-"""
+"""Int8 quantization: prepare (fake quantization), calibrate, convert (the deployable copy), export, callbacks."""
 
 from lightning_accel.quantization.calibration import calibrate_
+from lightning_accel.quantization.convert import as_evaluated, to_deployable
+from lightning_accel.quantization.export import export_onnx, export_onnx_checked
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
@@ -22,10 +21,14 @@ __all__ = [
     "QuantizationAwareTraining",
     "WeightFakeQuant",
     "activation_quantizers",
+    "as_evaluated",
     "calibrate_",
+    "export_onnx",
+    "export_onnx_checked",
     "is_prepared",
     "load_quantized",
     "prepare_qat_",
     "quantized_modules",
     "set_qat_phase",
+    "to_deployable",
 ]

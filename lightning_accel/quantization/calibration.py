@@ -314,6 +314,19 @@ def validation_loader(trainer: Trainer) -> Iterable | None:
     return loader if isinstance(loader, Iterable) else None
 
 
+def fresh_train_loader(trainer: Trainer) -> Iterable | None:
+    """A new training loader from the data module (its own iterator and workers), or ``None`` without one.
+
+    Never ``trainer.train_dataloader``: mid-fit, iterating that again resets the iterator the fit loop consumes.
+    """
+    datamodule = trainer.datamodule
+    if datamodule is None or not is_overridden("train_dataloader", datamodule):
+        return None
+    loader = datamodule.train_dataloader()
+    loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
+    return loader if isinstance(loader, Iterable) else None
+
+
 def first_batch(trainer: Trainer) -> Any:
     """The first batch of :func:`evaluation_loaders` that yields one, or ``None``."""
     for loader in evaluation_loaders(trainer):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_accel._core.graph import trace_consumers
 from lightning_accel._core.modules import describe_selection, module_copy, select_modules
+from lightning_accel._core.views import register_float_view
 from lightning_accel.quantization.dynamic import (
     DEFAULT_ACTIVATIONS,
     DynamicActivationFakeQuant,
@@ -593,3 +594,11 @@ def float_copy(model: nn.Module) -> nn.Module:
                 if hook in (_quantize_bn_output, _check_bn_input, _quantize_relu_output, _check_relu_input):
                     del hooks[key]
     return plain
+
+
+def _float_view(model: nn.Module) -> nn.Module | None:
+    """A fake-quantized model seen as its plain float copy (same names); ``None`` for any other model."""
+    return float_copy(model) if is_prepared(model) else None
+
+
+register_float_view(_float_view)  # tracing, slimming's proofs and distillation teachers see through fake quant

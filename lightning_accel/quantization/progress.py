@@ -16,10 +16,12 @@ import torch
 from lightning import LightningModule, Trainer
 from torch import nn
 
+from lightning_accel.export.check import output_tensors
 from lightning_accel.quantization.calibration import (
     batch_labels,
     batch_picker,
     calibrate_,
+    fresh_train_loader,
     run_model,
     validation_loader,
 )
@@ -31,8 +33,6 @@ CALIBRATION_BATCHES = 8
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    from lightning_accel.deploy.check import output_tensors  # the deploy helpers read every output kind
-
     return output_tensors(output)[0]
 
 
@@ -84,13 +84,15 @@ def probe_at_start(
 ) -> QualityProbe | None:
     """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on.
 
-    Runs mid-epoch, so it never iterates the training loader: with ``persistent_workers=True`` a second ``iter()``
-    resets the very iterator the fit loop is consuming (samples repeat or are skipped, on this rank only). PTQ
-    calibrates on ``training_batches`` instead, the batches the callback saw pass through training; the scored
-    batches come from the validation loader (not in use between validation runs), or those same batches.
+    Runs mid-epoch, so it never iterates the fit's training loader: with ``persistent_workers=True`` a second
+    ``iter()`` resets the very iterator the fit loop is consuming (samples repeat or are skipped, on this rank
+    only). PTQ calibrates on a new training loader from the data module (its first batches, the same in a resumed
+    run), else on ``training_batches``, the batches the callback saw pass through training; the scored batches
+    come from the validation loader (not in use between validation runs), or those training batches.
     """
     if not training_batches:
         return None
+    calibration = fresh_train_loader(trainer) or training_batches
     picker: Callable[[Any], Any] = batch_picker(model_input, pl_module)
     batches, labels = [], []
     loader = validation_loader(trainer)
@@ -104,6 +106,6 @@ def probe_at_start(
     plain = float_copy(pl_module).eval()
     float_outputs = [_first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
     probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs)
-    ptq = calibrate_(plain, training_batches, CALIBRATION_BATCHES, model_input=model_input, **prepare)
+    ptq = calibrate_(plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare)
     probe.start = probe.score(ptq.eval())
     return probe

@@ -6,13 +6,14 @@ import os
 from typing import Any, Literal
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.lightning import configure_model_early
 from lightning_accel._core.modules import module_copy
+from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.calibration import (
     batch_picker,
@@ -22,7 +23,7 @@ from lightning_accel.quantization.calibration import (
     run_model,
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
-from lightning_accel.quantization.qat import dry_run_combined_exports
+from lightning_accel.quantization.qat import int8_probe
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     check_export_path,
@@ -33,7 +34,7 @@ from lightning_accel.quantization.settings import (
 )
 
 
-class PostTrainingQuantization(Callback):
+class PostTrainingQuantization(DeployingCallback):
     """At the end of fit, calibrate an int8 copy of the trained model on training batches and export it to ONNX.
 
     The trained model is not changed. Use it without ``QuantizationAwareTraining`` when quantizing after the fact
@@ -102,12 +103,9 @@ class PostTrainingQuantization(Callback):
         dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
         self._input_checked = False
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """With channel pruning in the Trainer, dry-run the slimmed int8 export too (every setup has run by now)."""
-        from lightning_accel.deploy.stage import forget_deployment
-
-        forget_deployment(trainer)
-        dry_run_combined_exports(trainer, pl_module, self)
+    def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
+        """A copy calibrated on the example input, for the deploy stage to prove the combined exports at fit start."""
+        return int8_probe(trainer, pl_module, self)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """On the first batch, check that ``model_input`` picks an input the model runs on, as calibration will."""
@@ -129,16 +127,8 @@ class PostTrainingQuantization(Callback):
             ) from error
         self._input_checked = True
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The deploy stage calibrates a copy on training batches and exports it, once, on rank 0."""
-        from lightning_accel.deploy.stage import deploy_for_trainer
-
-        deploy_for_trainer(trainer, pl_module)
-
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What PTQ hands to the deploy stage: a copy calibrated on training batches, and where it goes."""
-        from lightning_accel.deploy.stage import Contribution
-
         if trainer.fast_dev_run:
             rank_zero_warn(
                 f"PostTrainingQuantization: fast_dev_run, so the int8 export to {self.resolved_export_path} is skipped"

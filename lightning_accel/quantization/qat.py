@@ -7,7 +7,7 @@ import os
 from collections import deque
 from typing import Any, Literal
 
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -15,8 +15,10 @@ from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.modules import summarize_selection
+from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
+from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.coverage import (
     left_in_float,
 )
@@ -55,20 +57,21 @@ _STATE_VERSION = 2
 PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
 
 
-def dry_run_combined_exports(trainer: Trainer, pl_module: LightningModule, callback: Any) -> None:
-    """At fit start (every setup has run), dry-run the int8 export as another technique changes it (slimming)."""
-    if callback.export_path is None or trainer.fast_dev_run:
-        return
-    from lightning_accel.deploy.stage import Contribution, dry_run_for_trainer
+def int8_probe(trainer: Trainer, pl_module: LightningModule, callback: Any) -> Contribution | None:
+    """A throwaway int8 contribution calibrated on the example input, for the deploy stage's dry run at fit start.
 
-    probe = Contribution(
+    Only at fit start (every setup has run) is it known whether another technique changes the int8 export
+    (channel pruning slims it); the stage builds that combination from this probe before training.
+    """
+    if callback.export_path is None or trainer.fast_dev_run:
+        return None
+    return Contribution(
         owner=type(callback).__name__,
         int8_model=lambda: calibrated_probe(pl_module, **prepare_arguments(callback)),
     )
-    dry_run_for_trainer(trainer, pl_module, probe)
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(DeployingCallback):
     """Train with int8 fake quantization, so that the deployed int8 model keeps the float model's accuracy.
 
     Static int8: weights symmetric per output channel (7-bit by default, exact in ONNX Runtime on every CPU),
@@ -273,11 +276,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
-        from lightning_accel.deploy.stage import forget_deployment
-
-        forget_deployment(trainer)
+        super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit, combined exports proved
         self._resolve_steps(trainer)
-        dry_run_combined_exports(trainer, pl_module, self)
         if self._selection_summary:
             log_text(trainer, selection_tag(type(self).__name__, self.include, self.exclude), self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
@@ -364,13 +364,14 @@ class QuantizationAwareTraining(Callback):
         )
         return PHASE_FLOAT
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Compare the int8 quality with QAT's start; the deploy stage builds every artifact once, on rank 0."""
-        from lightning_accel.deploy.stage import deploy_for_trainer
-
+    def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score the int8 model at the end of fit, against QAT's start (the stage calls this before any build)."""
         if trainer.is_global_zero:
             self._probe_end(pl_module)
-        deploy_for_trainer(trainer, pl_module)
+
+    def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
+        """A copy calibrated on the example input, for the deploy stage to prove the combined exports at fit start."""
+        return int8_probe(trainer, pl_module, self)
 
     def _probe_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
@@ -395,8 +396,6 @@ class QuantizationAwareTraining(Callback):
             self.int8_at_start = {}
 
     def _probe_end(self, pl_module: LightningModule) -> None:
-        from lightning_accel.deploy.int8 import as_evaluated
-
         probe = self._probe
         if probe is None or probe.end is not None or not all(q.calibrated for q in self._quantizers.values()):
             return  # scored already, QAT never started, or a range was never observed: no int8 model to score
@@ -416,8 +415,6 @@ class QuantizationAwareTraining(Callback):
         ``None`` when there is no int8 model (training stopped before ``start_step``: warned when an export was
         asked for).
         """
-        from lightning_accel.deploy.stage import Contribution
-
         path = self.resolved_export_path if self.export_path is not None else None
         if path is not None and trainer.fast_dev_run:
             rank_zero_warn(f"QuantizationAwareTraining: fast_dev_run, so the int8 export to {path} is skipped")
@@ -440,7 +437,6 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
                 f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
             )
-        self._probe_end(pl_module)  # the deploy stage may ask before this callback's own on_fit_end ran
         notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
         return Contribution(
             owner="QuantizationAwareTraining",

@@ -23,6 +23,7 @@ from lightning_accel.quantization.calibration import (
 )
 from lightning_accel.quantization.dynamic import validate_activations
 from lightning_accel.quantization.embeddings import validate_embeddings
+from lightning_accel.quantization.export import export_onnx
 from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
 
 FULL_RANGE_NOTE = (
@@ -136,8 +137,6 @@ def calibrated_probe(pl_module: LightningModule, **prepare: Any) -> Any:
 
 def dry_run_export(pl_module: LightningModule, owner: str, **prepare: Any) -> None:
     """Export a throwaway copy, calibrated on the example input, so that the end of fit cannot fail on it."""
-    from lightning_accel.deploy.onnx import export_onnx  # deploy builds on the techniques, not the reverse
-
     try:
         probe = calibrated_probe(pl_module, **prepare)
         with tempfile.TemporaryDirectory() as directory:

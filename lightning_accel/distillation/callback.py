@@ -24,6 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_accel._core.lightning import configure_model_early
+from lightning_accel._core.modules import module_copy
+from lightning_accel._core.views import float_view
 
 LOSS_CHOICES = ("kl", "mse", "cosine")
 
@@ -167,13 +169,12 @@ class Distillation(Callback):
     # --- the loss -----------------------------------------------------------------------------------------------
 
     def _build_teacher(self, pl_module: LightningModule) -> nn.Module:
-        from lightning_accel.quantization.prepare import float_copy  # fake-quant modules stripped, weights as they are
-
         source = self.teacher_source
         if isinstance(source, nn.Module):
             teacher = source
         else:
-            teacher = float_copy(pl_module)
+            teacher = float_view(pl_module)  # a copy with fake-quant modules stripped, weights as they are
+            teacher = module_copy(pl_module) if teacher is pl_module else teacher
             if source is not None:
                 state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
                 teacher.load_state_dict(state.get("state_dict", state))

@@ -10,9 +10,11 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_accel._core.files import resolve_artifact_path
+from lightning_accel._core.stage import Contribution
+from lightning_accel.quantization.prepare import activation_quantizers, is_prepared
 from lightning_accel.quantization.restore import load_quantized, quantization_state
-from lightning_accel.report import write_report
-from lightning_accel.report_callback import AccelerationReport, _print_table, build_report
+from lightning_accel.report.callback import AccelerationReport, _print_table, build_report
+from lightning_accel.report.measure import write_report
 
 
 class ArtifactTrainer(Trainer):
@@ -68,9 +70,6 @@ def _checkpoint_contributions(checkpoint: dict[str, Any], model: LightningModule
     The precision comes from ``MixedPrecision``'s saved state (it records the precision it trained in), the int8
     model from the restored QAT state; a checkpoint without them was trained in fp32 and not quantized.
     """
-    from lightning_accel.deploy.stage import Contribution
-    from lightning_accel.quantization.prepare import activation_quantizers, is_prepared
-
     contributions = []
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith("MixedPrecision") and isinstance(state, dict) and state.get("precision"):

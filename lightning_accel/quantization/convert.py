@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_accel._core.modules import module_copy
-from lightning_accel.deploy.check import MIN_AGREEMENT, compare_outputs, torch_outputs
+from lightning_accel.export.check import MIN_SNR_DB, snr_db, torch_outputs
 from lightning_accel.quantization.dynamic import is_dynamic, store_dynamic_weights_
 from lightning_accel.quantization.embeddings import Int8Embedding, quantized_embeddings
 from lightning_accel.quantization.fake_quant import (
@@ -25,6 +25,7 @@ from lightning_accel.quantization.fake_quant import (
 )
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
+    float_copy,
     is_prepared,
     quantized_modules,
     set_qat_phase,
@@ -34,12 +35,6 @@ from lightning_accel.quantization.prepare import (
 def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-
-
-#: A rewrite of the model (folding, Identity replacement, slimming) may move values across a rounding boundary
-#: of a quantizer now and then, never more: below this SNR against the model it rewrote, a rewrite changed what
-#: the model computes.
-MIN_REWRITE_SNR_DB = 40.0
 
 
 def _detach_fold_checks(model: nn.Module) -> None:
@@ -68,40 +63,6 @@ def as_evaluated(model: nn.Module) -> nn.Module:
             embedding.weight_quant.scale.copy_(embedding.weight_quant.compute_scale(embedding.weight))
     set_qat_phase(reference, fake_quant=True, observe=False)
     return reference
-
-
-def check_rewrite(
-    reference: nn.Module,
-    rewritten: nn.Module,
-    inputs: Sequence[Any],
-    what: str,
-    min_snr_db: float = MIN_REWRITE_SNR_DB,
-) -> None:
-    """Raise unless ``rewritten`` computes what ``reference`` computes on ``inputs`` (torch only, no runtime).
-
-    Args:
-        reference: The model as evaluated (see :func:`as_evaluated`).
-        rewritten: A copy made from it for export (folded, slimmed, ...).
-        inputs: Example inputs, as :func:`export_onnx` takes them.
-        what: Names the rewrite in the error.
-        min_snr_db: The SNR the rewrite must reach (``MIN_REWRITE_SNR_DB`` unless a caller knows better).
-
-    Raises:
-        RuntimeError: when argmax agreement (for logits) is below 99% or the SNR below ``min_snr_db``.
-    """
-    expected = [torch_outputs(reference, example) for example in inputs]
-    got = [torch_outputs(rewritten, example) for example in inputs]
-    result = compare_outputs(
-        [torch.cat(parts) for parts in zip(*expected, strict=True)],
-        [torch.cat(parts) for parts in zip(*got, strict=True)],
-    )
-    if not result.passed(min_snr_db=min_snr_db):
-        raise RuntimeError(
-            f"{what} does not compute what the evaluated model computes: {result} (wanted agreement >= "
-            f"{MIN_AGREEMENT:.0%} and SNR >= {min_snr_db:.0f} dB). Exporting it would deploy another model "
-            "than the one validated, so nothing was written. Please report this model's layer types; excluding "
-            "the affected layers from quantization (`exclude=[...]`) avoids it meanwhile."
-        )
 
 
 @torch.no_grad()
@@ -158,3 +119,22 @@ def to_deployable(model: nn.Module) -> nn.Module:
         if isinstance(quantizer, ActivationFakeQuant | WeightFakeQuant):
             quantizer.export_constants = True
     return deploy
+
+
+#: With dynamic activations the file cannot reproduce the PyTorch model bit for bit: each tensor's scale is its
+#: own maximum, so a last-bit difference between two runtimes' float ops (GELU, softmax, LayerNorm, summation
+#: order) moves a maximum now and then, and with it the rounding of every value after it. Measured on the
+#: pretrained MiniLM: two PyTorch runs 1e-7 apart agree to 42.7 dB, PyTorch and ONNX Runtime to 21.7-27.4 dB,
+#: while int8 itself is 18.4 dB from fp32. So the file must be at least as close to the evaluated model as that
+#: model is to its float weights (the quantization error), never less than this floor; argmax agreement keeps
+#: its threshold.
+MIN_DYNAMIC_SNR_DB = 10.0
+
+
+def dynamic_min_snr_db(reference: nn.Module, inputs: Sequence[Any]) -> float:
+    """The SNR a file of a model with dynamic activations must reach: its quantization SNR, within [10, 30] dB."""
+    plain = float_copy(reference).eval()
+    evaluated = [torch_outputs(reference, example)[0] for example in inputs]
+    floats = [torch_outputs(plain, example)[0] for example in inputs]
+    quantization_snr = snr_db(torch.cat(floats), torch.cat(evaluated))
+    return max(MIN_DYNAMIC_SNR_DB, min(MIN_SNR_DB, quantization_snr))

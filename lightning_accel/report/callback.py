@@ -9,15 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.logging import add_hyperparameters, log_text
+from lightning_accel._core.stage import Contribution, DeployingCallback, built_deployment
 from lightning_accel._core.validation import validate_bool, validate_int
+from lightning_accel.deploy.stage import build_artifacts, contributions_of
+from lightning_accel.export.check import onnx_feed, onnx_outputs
+from lightning_accel.export.sparse import load_sparse_
+from lightning_accel.pruning import MagnitudePruning, tensor_sparsity
 from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.quantization.settings import check_model_input
-from lightning_accel.report import (
+from lightning_accel.report.measure import (
     HEADLINE_METRICS,
     NOISY_SPREAD,
     count_macs,
@@ -32,9 +38,10 @@ from lightning_accel.report import (
     weight_sparsity,
     write_report,
 )
+from lightning_accel.report.plots import close, plot_report
 
 
-class AccelerationReport(Callback):
+class AccelerationReport(DeployingCallback):
     """Measure the trained model and its artifacts at the end of fit, and report size, speed and quality together.
 
     On rank 0 it writes, into ``directory``: the fp32 state dict, a half-precision state dict, the fp32 ONNX model,
@@ -102,8 +109,6 @@ class AccelerationReport(Callback):
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What the report asks of the deploy stage: every artifact, those nobody else placed in its folder."""
-        from lightning_accel.deploy.stage import Contribution
-
         picker = batch_picker(self.model_input, pl_module)
         example = (
             _example(pl_module, _validation_loader(trainer), picker)[0]
@@ -114,10 +119,7 @@ class AccelerationReport(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the model as training starts: the dense starting point that the report compares against."""
-        from lightning_accel._core.logging import add_hyperparameters
-        from lightning_accel.deploy.stage import forget_deployment
-
-        forget_deployment(trainer)
+        super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit
         add_hyperparameters(trainer, pl_module, {})  # names the report's metrics for TensorBoard's HParams tab
         self.history = {"steps": [], "sparsity_target": [], "sparsity_actual": [], "activation_scales": {}}
         if not trainer.is_global_zero or trainer.fast_dev_run:
@@ -136,8 +138,6 @@ class AccelerationReport(Callback):
         """Record the sparsity schedule, the measured sparsity and the activation ranges at the log interval."""
         if not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps:
             return
-        from lightning_accel.pruning import MagnitudePruning, tensor_sparsity
-
         pruning = next((c for c in trainer.callbacks if isinstance(c, MagnitudePruning)), None)
         if pruning is not None and pruning.masks:
             self.history["steps"].append(trainer.global_step)
@@ -151,16 +151,15 @@ class AccelerationReport(Callback):
                 self.history["activation_scales"].setdefault(name, []).append(float(quantizer.scale))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Build, write, print and log the report (rank 0)."""
+        """Build, write, print and log the report (rank 0), from the artifacts the deploy stage built."""
+        super().on_fit_end(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         if trainer.fast_dev_run:
             rank_zero_warn("AccelerationReport: fast_dev_run, so no report is written")
             return
         try:
-            from lightning_accel.deploy.stage import deploy_for_trainer
-
-            deployment = deploy_for_trainer(trainer, pl_module)
+            deployment = built_deployment(trainer)
             self.report = build_report(
                 trainer,
                 pl_module,
@@ -182,18 +181,11 @@ class AccelerationReport(Callback):
         figures = self._plot()
         _log_to_loggers(trainer, pl_module, self.report, figures)
         if figures:
-            from lightning_accel._plots import close
-
             close(figures)
         rank_zero_info(f"AccelerationReport: wrote {markdown_path} and {json_path.name}")
 
     def _plot(self) -> dict[str, Any]:
         if not self.plots:
-            return {}
-        try:
-            from lightning_accel._plots import plot_report
-        except ImportError:  # pragma: no cover - the extra is missing
-            self.report.setdefault("notes", []).append("No plots: matplotlib is not installed (extra `report`).")
             return {}
         try:
             return plot_report(self.report, self.history, self._resolved / "plots")
@@ -277,8 +269,6 @@ def build_report(
         deployment: Artifacts already built for this fit (``deploy_for_trainer``); then nothing is built here.
         model_input: Which part of a batch is the model's input (see :class:`AccelerationReport`).
     """
-    from lightning_accel.deploy.stage import Contribution, build_artifacts, contributions_of
-
     loader = loader if loader is not None else (_validation_loader(trainer) if trainer is not None else None)
     picker = batch_picker(model_input, pl_module)
     example, batch_input = _example(pl_module, loader, picker)
@@ -338,8 +328,6 @@ def measure(
     if loader is None:
         notes.append("No validation dataloader: quality not measured.")
     else:
-        from lightning_accel.deploy.check import onnx_outputs
-        from lightning_accel.deploy.sparse import load_sparse_
 
         predictors = {"float weights": _predictor(float_model)}
         if deployment.evaluated_int8 is not None:
@@ -371,7 +359,6 @@ def _input_note(what: str, error: Exception) -> str:
 def _measure_latency(
     report: dict[str, Any], float_model: torch.nn.Module, sessions: dict[str, Any], example: Any, batch_input: Any
 ) -> None:
-    from lightning_accel.deploy.check import onnx_feed
 
     batches = {"batch 1": example}
     predict = _predictor(float_model)
@@ -425,8 +412,6 @@ def _log_to_loggers(
     trainer: Trainer, pl_module: LightningModule, report: dict[str, Any], figures: dict[str, Any]
 ) -> None:
     """Text, scalars, images and HParams metrics for every logger that takes them."""
-    from lightning_accel._core.logging import add_hyperparameters, log_text
-
     figures_logged = False
     metrics = headline(report)
     log_text(trainer, "acceleration_report", to_markdown(report))

@@ -1,4 +1,4 @@
-"""Exporting a model to ONNX: int8 QDQ for fake-quantized models, plain fp32 otherwise.
+"""Writing ONNX files: tracing, the int8 QDQ graph passes, and the check of the file in ONNX Runtime.
 
 The fake-quant ops export (TorchScript exporter, ``dynamo=False``) as QuantizeLinear/DequantizeLinear pairs, which
 ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm) and TensorRT reads as explicit quantization. The weights
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,17 @@ from torch import nn
 from lightning_accel._core.files import atomic_target
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_int
-from lightning_accel.deploy.check import (
+from lightning_accel.export.check import (
     MIN_AGREEMENT,
     MIN_SNR_DB,
     ExportCheck,
     as_float32,
     check_onnx,
-    dynamic_min_snr_db,
     named_outputs,
     output_tensors,
     run_example,
     split_example,
 )
-from lightning_accel.deploy.int8 import as_evaluated, check_rewrite, to_deployable
-from lightning_accel.quantization.dynamic import has_dynamic_layers
-from lightning_accel.quantization.prepare import is_prepared
 
 ONNX_OPSET = 17
 
@@ -196,95 +192,98 @@ def store_int32_biases(onnx_model: Any) -> int:
     return converted
 
 
-def export_onnx(
+def validate_export_arguments(
+    example_input: Any, check_inputs: Sequence[Any] | None, opset_version: int, on_mismatch: str
+) -> int:
+    """Check the arguments every ONNX export takes before anything is converted; return the opset as an int."""
+    _check_example_input("example_input", example_input)
+    for index, extra in enumerate(check_inputs or ()):
+        _check_example_input(f"check_inputs[{index}]", extra)
+    if on_mismatch not in ON_MISMATCH_CHOICES:
+        raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
+    return validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
+
+
+def export_float_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
-    opset_version: int = ONNX_OPSET,
-    check_inputs: Sequence[Any] | None = None,
-    on_mismatch: str = "warn",
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-    classification: bool | None = None,
-) -> Path:
-    """Export ``model`` to ONNX and check it: see :func:`export_onnx_checked`, which also returns the figures.
-
-    Returns:
-        The path written.
-
-    Example:
-        >>> export_onnx(model, "model.int8.onnx", torch.zeros(1, 1, 8, 8))  # doctest: +SKIP
-    """
-    return export_onnx_checked(
-        model, path, example_input, opset_version, check_inputs, on_mismatch, dynamic_axes, classification
-    )[0]
-
-
-def export_onnx_checked(
-    model: nn.Module,
-    path: str | os.PathLike,
-    example_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
+    example_input: Any,
     opset_version: int = ONNX_OPSET,
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     classification: bool | None = None,
 ) -> tuple[Path, ExportCheck | None]:
-    """Export ``model`` to ONNX: an int8 QDQ model if it is fake-quantized, an ordinary fp32 model otherwise.
+    """Export a plain (float) model to fp32 ONNX, checked in ONNX Runtime against the model in eval mode.
 
-    The batch dimension of every input and output is dynamic, and so is the sequence dimension of token inputs
-    (see ``dynamic_axes``). The file is written under a temporary name and
-    renamed, so ``path`` never holds a half-written model. ``model`` itself is not changed.
-
-    The export checks itself against the model as it is evaluated (:func:`as_evaluated`: for a fake-quantized
-    model, fake quantization in eval mode), never against its own intermediate copy. First, before anything is
-    written, the deployable copy (BatchNorms folded, weights on their integer grid) must compute what the
-    evaluated model computes on ``example_input`` and ``check_inputs``, or a ``RuntimeError`` says so. Then the
-    written file runs in ONNX Runtime on the same inputs and is compared with the evaluated model (argmax
-    agreement for logits, SNR and max abs difference); the figures and the sample count are logged, with a
-    warning when agreement is below 99% or SNR below 30 dB. Without onnxruntime installed, that second check is
-    skipped with a note.
-
-    Args:
-        model: A plain model, or one prepared by ``QuantizationAwareTraining`` / ``calibrate_``.
-        path: Where to write the ``.onnx`` file.
-        example_input: One input tensor, a tuple of positional inputs, or a dict of keyword inputs (their names
-            become the ONNX input names).
-        opset_version: ONNX opset (QuantizeLinear with per-channel axis needs >= 13).
-        check_inputs: More example inputs (e.g. a calibration or validation batch) to check the file on.
-        on_mismatch: ``"warn"`` (default), ``"raise"`` (a ``RuntimeError``, and ``path`` is left as it was), or
-            ``"ignore"`` (no check).
-        dynamic_axes: The axes that vary, by input/output name: ``{"input_ids": {0: "batch", 1: "sequence"}}``.
-            By default the batch axis of everything, and the sequence axis (1) of integer token inputs and of the
-            outputs whose axis 1 has the example's sequence length, so one file takes any batch and length.
-        classification: Whether the output is logits, for the check: argmax agreement is measured only then
-            (``None``: a 2-D output with several columns is taken for logits); cosine is measured always.
+    The arguments are those of :func:`lightning_accel.export_onnx`, which also exports fake-quantized models.
 
     Returns:
         The path written, and the check's figures (``None`` when not checked in ONNX Runtime).
     """
-    _check_example_input("example_input", example_input)
-    for index, extra in enumerate(check_inputs or ()):
-        _check_example_input(f"check_inputs[{index}]", extra)
-    opset_version = validate_int("opset_version", opset_version, 13)  # per-channel QuantizeLinear needs opset 13
-    if on_mismatch not in ON_MISMATCH_CHOICES:
-        raise ValueError(f"`on_mismatch` must be one of {list(ON_MISMATCH_CHOICES)}, got {on_mismatch!r}")
-    onnx = _require_onnx()
-    quantized = is_prepared(model)
-    reference = as_evaluated(model)
+    opset_version = validate_export_arguments(example_input, check_inputs, opset_version, on_mismatch)
+    reference = module_copy(model).eval().float()
     # The tracer runs its own copy: tracing can change a model's later forwards (a Hugging Face BERT traced once
     # computed other outputs afterwards, cosine 0.95), and the reference must stay the model as evaluated.
-    deploy = to_deployable(model) if quantized else module_copy(reference)
+    return write_onnx(
+        reference,
+        module_copy(reference),
+        path,
+        example_input,
+        opset_version=opset_version,
+        check_inputs=check_inputs,
+        on_mismatch=on_mismatch,
+        dynamic_axes=dynamic_axes,
+        classification=classification,
+    )
+
+
+def write_onnx(
+    reference: nn.Module,
+    traced: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any,
+    opset_version: int = ONNX_OPSET,
+    check_inputs: Sequence[Any] | None = None,
+    on_mismatch: str = "warn",
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    classification: bool | None = None,
+    int8: bool = False,
+    min_snr_db: Callable[[], float] | None = None,
+    note: str = "",
+) -> tuple[Path, ExportCheck | None]:
+    """Trace ``traced`` to ONNX at ``path`` (atomically) and check the file against ``reference`` in ONNX Runtime.
+
+    The technique-agnostic half of every ONNX export: the caller has already made the copy the runtime will execute
+    (``traced``) and the model it must reproduce (``reference``). With ``int8`` the QDQ graph passes run: weights
+    stored as int8, biases as int32, identical scalars shared.
+
+    Args:
+        reference: What the file must compute (the model as evaluated).
+        traced: The copy to trace (never the reference itself).
+        path: Where the ``.onnx`` goes.
+        example_input: One tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        opset_version: The ONNX opset.
+        check_inputs: More inputs to check the file on.
+        on_mismatch: ``"warn"``, ``"raise"`` (``path`` is left as it was) or ``"ignore"`` (no check).
+        dynamic_axes: The axes that vary, by input/output name; by default batch and sequence axes.
+        classification: Whether the output is logits (argmax agreement is measured only then).
+        int8: Whether to run the int8 QDQ graph passes.
+        min_snr_db: The SNR the file must reach, computed when the check runs; ``None``: ``MIN_SNR_DB``.
+        note: Said in the log line beside the check's figures.
+
+    Returns:
+        The path written, and the check's figures (``None`` when not checked in ONNX Runtime).
+    """
+    onnx = _require_onnx()
     inputs = [example_input, *(check_inputs or ())]
-    if quantized:
-        check_rewrite(reference, deploy, inputs, "The deployable int8 copy (BatchNorms folded, weights on their grid)")
     args, kwargs, input_names = split_example(example_input)
-    raw_output = run_example(deploy, example_input)
+    raw_output = run_example(traced, example_input)
     output_names = _output_names(raw_output)
-    traced = deploy
     if not _is_plain_output(raw_output):
         # The tracer cannot map keyword inputs onto a ``**kwargs`` signature: the wrapper takes every input
         # positionally and hands the keyword ones back to the model by name.
-        traced = _TensorOutputs(deploy, len(args), list(kwargs))
+        traced = _TensorOutputs(traced, len(args), list(kwargs))
         args, kwargs = (*args, *kwargs.values()), {}
     if dynamic_axes is None:
         dynamic_axes = default_dynamic_axes(example_input, raw_output, input_names, output_names)
@@ -309,17 +308,15 @@ def export_onnx_checked(
                 dynamic_axes=dynamic_axes,
             )
         onnx_model = onnx.load(str(temporary))
-        if quantized:
+        if int8:
             store_int8_weights(onnx_model)
             store_int32_biases(onnx_model)
             share_identical_scalars(onnx_model)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(temporary))
-        check = (
-            _check_written(reference, temporary, target, inputs, on_mismatch, classification)
-            if on_mismatch != "ignore"
-            else None
-        )
+        check = None
+        if on_mismatch != "ignore":
+            check = _check_written(reference, temporary, target, inputs, on_mismatch, classification, min_snr_db, note)
     return target, check
 
 
@@ -409,7 +406,14 @@ def _describe(value: Any) -> str:
 
 
 def _check_written(
-    reference: nn.Module, written: Path, target: Path, inputs: list[Any], on_mismatch: str, classification: Any
+    reference: nn.Module,
+    written: Path,
+    target: Path,
+    inputs: list[Any],
+    on_mismatch: str,
+    classification: Any,
+    min_snr_db: Callable[[], float] | None,
+    note: str,
 ) -> ExportCheck | None:
     """Run the written file in ONNX Runtime and compare with the evaluated model; log, and warn or raise."""
     try:
@@ -418,20 +422,13 @@ def _check_written(
         rank_zero_info(f"Not checking {target.name} against PyTorch: onnxruntime is not installed (extra `onnx`)")
         return None
     result = check_onnx(reference, written, inputs, classification)
-    dynamic = has_dynamic_layers(reference)
-    min_snr_db = dynamic_min_snr_db(reference, inputs) if dynamic else MIN_SNR_DB
-    note = (
-        f" (dynamic activations: batch for batch, wanted SNR >= {min_snr_db:.1f} dB, the int8 model's own SNR to "
-        "its float weights)"
-        if dynamic
-        else ""
-    )
+    wanted_snr = min_snr_db() if min_snr_db is not None else MIN_SNR_DB
     rank_zero_info(f"Checked {target.name} in ONNX Runtime against the evaluated PyTorch model{note}: {result}")
-    if result.passed(min_snr_db=min_snr_db):
+    if result.passed(min_snr_db=wanted_snr):
         return result
     message = (
         f"The ONNX model {target} does not reproduce the PyTorch model: {result} (wanted agreement >= "
-        f"{MIN_AGREEMENT:.0%} and SNR >= {min_snr_db:.0f} dB). The runtime would compute something other than "
+        f"{MIN_AGREEMENT:.0%} and SNR >= {wanted_snr:.0f} dB). The runtime would compute something other than "
         "what was validated."
     )
     if on_mismatch == "raise":

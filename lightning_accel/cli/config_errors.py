@@ -13,6 +13,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+from collections.abc import Sequence
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
@@ -81,7 +82,7 @@ def _clean_type(text: str) -> str:
     return re.sub(r"<class '([^']+)'>", r"\1", text).replace("NoneType", "None").replace("typing.", "")
 
 
-def summarize_config_error(message: str) -> str:
+def summarize_config_error(message: str, sections: Sequence[str] = ()) -> str:
     """One line with the key, what is expected, the value given and, for a typo, a close match.
 
     Messages that are not jsonargparse validation reports come back as their first line.
@@ -90,7 +91,7 @@ def summarize_config_error(message: str) -> str:
     class_match = _CLASS_PATH.search(message)
     section = _UNKNOWN_SECTION.search(message)
     if section and not keys:
-        return _unknown_section(section.group(1), section.group(2), message)
+        return _unknown_section(section.group(1), section.group(2), sections)
     if not keys:
         return message.strip().splitlines()[0] if message.strip() else message
     class_path = class_match.group(1) if class_match else None
@@ -133,12 +134,10 @@ def summarize_config_error(message: str) -> str:
     return f"{where}: expected {expected or 'another value'}, got {value}"
 
 
-def _unknown_section(subcommand: str, key: str, message: str) -> str:
+def _unknown_section(subcommand: str, key: str, sections: Sequence[str]) -> str:
     """An option or config section the subcommand does not have, with the closest known one."""
-    from lightning_accel.cli import CALLBACK_SECTIONS  # the sections are defined with the command
-
-    known = [*CALLBACK_SECTIONS, *_TOP_LEVEL, "test_after_fit"]
+    known = [*sections, *_TOP_LEVEL, "test_after_fit"]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    sections = ", ".join(f"{name}:" for name in CALLBACK_SECTIONS)
-    return f"{subcommand}: unknown option or section {key!r}{hint} (callback sections: {sections})"
+    listed = ", ".join(f"{name}:" for name in sections)
+    return f"{subcommand}: unknown option or section {key!r}{hint} (callback sections: {listed})"

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_accel._core.files import atomic_target
 from lightning_accel._core.modules import module_copy
-from lightning_accel.deploy.check import split_example
+from lightning_accel.export.check import split_example
 
 
 def export_program(model: nn.Module, path: str | os.PathLike, example_input: Any) -> Path:

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixedPrecision
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.logging import add_hyperparameters
+from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_bool, validate_int
 
 PrecisionChoice = Literal["auto", "bf16-mixed", "16-mixed", "fp8"]
@@ -62,7 +63,7 @@ def choose_precision(
     )
 
 
-class MixedPrecision(Callback):
+class MixedPrecision(DeployingCallback):
     """Train under AMP (bf16 or fp16 autocast) chosen from a callback list, with loss-scale health and a half export.
 
     In ``setup`` the callback installs Lightning's own precision plugin on ``trainer.strategy`` (the strategy's own
@@ -216,9 +217,7 @@ class MixedPrecision(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Record the precision in use as a hyperparameter of every logger."""
-        from lightning_accel.deploy.stage import forget_deployment
-
-        forget_deployment(trainer)  # a new fit: its artifacts are built afresh at its end
+        super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit
         add_hyperparameters(
             trainer, pl_module, {"precision": self.resolved_precision, "precision_requested": self.precision}
         )
@@ -274,16 +273,8 @@ class MixedPrecision(Callback):
             raise NonFiniteLossError(message)
         rank_zero_warn(message)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Build the artifacts (the deploy stage, once, on rank 0): the half-precision state dict, if asked."""
-        from lightning_accel.deploy.stage import deploy_for_trainer
-
-        deploy_for_trainer(trainer, pl_module)
-
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What mixed precision hands to the deploy stage: the precision trained in, and the half export's path."""
-        from lightning_accel.deploy.stage import Contribution
-
         precision = self.resolved_precision or str(trainer.precision)
         return Contribution(owner="MixedPrecision", precision=precision, half_path=self.resolved_export_path)
 

@@ -1,6 +1,6 @@
 """Measuring what acceleration gained and what it cost: sizes, latency and quality side by side.
 
-Plain functions (usable without Lightning) that the :class:`~lightning_accel.report_callback.AccelerationReport`
+Plain functions (usable without Lightning) that the :class:`~lightning_accel.report.callback.AccelerationReport`
 callback calls at the end of fit and ``lightning-accel export`` calls on a checkpoint. Every number is measured on
 the spot: file sizes from the files, sparsity from the weights, latency as the median of interleaved timed runs
 after warm-up on this machine (named with its int8 instruction sets), quality on the validation data.
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_accel._core.files import atomic_write_bytes
 from lightning_accel._core.modules import WEIGHT_MODULE_TYPES
-from lightning_accel.deploy.half import state_dict_bytes  # noqa: F401 - kept importable from here for one release
+from lightning_accel.export.check import compare_outputs, run_example
 
 #: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -101,8 +101,6 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     size of ``example_input`` multiplies the count. Other layers (norms, activations, attention's matmuls) are not
     counted: in CNNs and MLPs they are a small share.
     """
-    from lightning_accel.deploy.check import run_example
-
     total = 0
 
     def count(module: nn.Module, args: Any, output: Any) -> None:
@@ -257,8 +255,6 @@ def evaluate(
     argmax means nothing). Always: SNR. ``pick_input`` takes the model input out of a batch (the callbacks'
     ``model_input`` picker); by default the first element of a pair, else the batch.
     """
-    from lightning_accel.deploy.check import compare_outputs
-
     outputs: dict[str, list[Tensor]] = {name: [] for name in predictors}
     labels: list[Tensor] = []
     for index, batch in enumerate(batches):

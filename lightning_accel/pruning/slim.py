@@ -2,7 +2,9 @@
 
 Pruning's channel groups are the plan (``lightning_accel.pruning.groups``); this is the action: the channels
 whose every tensor slice is zero are removed from a copy, with our own slicing of the layer types the groups
-accept. A model prepared for QAT stays prepared, its per-channel weight scales following the kept channels.
+accept. Per-output-channel state that instrumentation keeps in a layer's children (a QAT weight quantizer's scales)
+follows the kept channels, so a prepared model stays prepared; checking such a model as it is evaluated is
+``deploy.compose``'s (the one place two techniques meet).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_accel._core.modules import is_transposed_linear, module_copy
-from lightning_accel.deploy.attention import prune_heads
-from lightning_accel.deploy.check import dynamic_min_snr_db
-from lightning_accel.deploy.int8 import MIN_REWRITE_SNR_DB, as_evaluated, check_rewrite
-from lightning_accel.deploy.onnx import export_onnx
-from lightning_accel.deploy.program import export_program
+from lightning_accel._core.views import float_view
+from lightning_accel.export.check import check_rewrite
+from lightning_accel.export.onnx import export_float_onnx
+from lightning_accel.export.program import export_program
+from lightning_accel.pruning.attention import prune_heads
 from lightning_accel.pruning.groups import (
     ChannelGroup,
     ChannelGroups,
@@ -31,8 +33,6 @@ from lightning_accel.pruning.groups import (
     is_depthwise,
     kept_channels,
 )
-from lightning_accel.quantization.dynamic import has_dynamic_layers
-from lightning_accel.quantization.prepare import float_copy, is_prepared
 
 Role = Literal["out", "in"]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -58,7 +58,7 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
         >>> small = slim(model, torch.randn(1, 1, 8, 8))  # doctest: +SKIP
     """
     if groups is None:
-        groups = removable_groups(model, example_input, find_channel_groups(_traceable(model), example_input))
+        groups = removable_groups(model, example_input, find_channel_groups(float_view(model), example_input))
     parameters = dict(model.named_parameters())
     keep: dict[tuple[str, str], Tensor] = {}  # (module, "out"|"in") -> kept positions
     kept_heads: dict[str, tuple[ChannelGroup, Tensor]] = {}  # attention owner -> (its head group, heads kept)
@@ -121,11 +121,6 @@ def _update_head_attributes(model: nn.Module, group: ChannelGroup, heads: int) -
                     setattr(module, attribute, new)
 
 
-def _traceable(model: nn.Module) -> nn.Module:
-    """A float view of ``model`` for tracing: a QAT-prepared model is traced as its plain copy (same names)."""
-    return float_copy(model) if is_prepared(model) else model
-
-
 def _dimension_size(module: nn.Module, role: Role) -> int:
     if isinstance(module, _BATCH_NORMS):
         return module.num_features
@@ -169,12 +164,13 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
         module.num_features = count
         return
     if role == "out" or depthwise:
+        old_count = module.weight.shape[0]
         set_parameter("weight", 0)
         set_parameter("bias", 0)
-        quantizer = getattr(module, "weight_quant", None)
-        if quantizer is not None:  # per-channel weight scales follow the kept channels
-            quantizer.scale = take(quantizer.scale, 0)
-            quantizer.zero_point = take(quantizer.zero_point, 0)
+        for child in module.children():  # per-output-channel state (a QAT weight quantizer's scales) follows
+            for name, buffer in list(child.named_buffers(recurse=False)):
+                if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == old_count and buffer.numel() > 1:
+                    setattr(child, name, take(buffer, 0))
         if isinstance(module, nn.Linear):
             module.out_features = count
         else:
@@ -190,22 +186,15 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
 
 
 def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
-    """:func:`slim`, then raise unless the slim copy computes what ``model`` computes on ``example_input``.
+    """:func:`slim` a float model, then raise unless the slim copy computes what ``model`` computes.
 
     Slimming must never change what the masked model computes: the files are then checked against the slim model,
-    so a wrong slim would pass its own check. With dynamic activations, a last-bit difference in a sum (fewer
-    channels, another summation order) can move a tensor's maximum and so every rounding after it (measured on a
-    slimmed MiniLM: 32.7 dB between two correct models). There the slicing is checked on the float models at the
-    strict threshold, and the quantized models at the export check's dynamic threshold.
+    so a wrong slim would pass its own check. (A fake-quantized model is checked as it is evaluated by
+    ``deploy.compose.slim_evaluated``.)
     """
     small = slim(model, example_input, groups)
-    inputs, reference = [example_input], as_evaluated(model)
-    threshold = MIN_REWRITE_SNR_DB
-    if is_prepared(model) and has_dynamic_layers(model):
-        floats = float_copy(model).eval(), float_copy(small).eval()
-        check_rewrite(*floats, inputs, "The slim model (its float weights)")
-        threshold = dynamic_min_snr_db(reference, inputs)
-    check_rewrite(reference, as_evaluated(small), inputs, "The slim model", min_snr_db=threshold)
+    reference, rewritten = module_copy(model).eval().float(), module_copy(small).eval().float()
+    check_rewrite(reference, rewritten, [example_input], "The slim model")
     return small
 
 
@@ -219,7 +208,7 @@ def removable_groups(model: nn.Module, example_input: Any, groups: ChannelGroups
     Returns:
         ``groups`` without the groups that failed, each named in ``left_dense`` with the reason.
     """
-    plain = _traceable(model)
+    plain = float_view(model)
 
     def slims_exactly(candidates: list[ChannelGroup]) -> str | None:
         masked = module_copy(plain)
@@ -271,7 +260,7 @@ def write_slim(model: nn.Module, path: str | os.PathLike, example_input: Any, on
     path = Path(path)
     if path.suffix == ".pt2":
         return export_program(model, path, example_input)
-    return export_onnx(model, path, example_input, on_mismatch=on_mismatch)
+    return export_float_onnx(model, path, example_input, on_mismatch=on_mismatch)[0]
 
 
 def export_slim(
@@ -285,7 +274,7 @@ def export_slim(
     Returns:
         The path written.
     """
-    model = float_copy(model) if is_prepared(model) else model
+    model = float_view(model)
     small = slim_checked(model, example_input, groups)
     written = write_slim(small, path, example_input)
     before = sum(p.numel() for p in model.parameters())
@@ -301,7 +290,7 @@ def dry_run_slim_export(model: nn.Module, example_input: Any, groups: ChannelGro
     """Export a copy (unpruned: nothing is removed yet) to a temporary file, so that the end of fit cannot fail."""
     try:
         with tempfile.TemporaryDirectory() as directory:
-            plain = float_copy(model) if is_prepared(model) else model
+            plain = float_view(model)
             small = slim_checked(plain, example_input, groups)
             write_slim(small, Path(directory) / f"dry_run{Path(export_path).suffix}", example_input, "ignore")
     except Exception as error:

@@ -20,13 +20,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_accel._config_errors import summarize_config_error
-from lightning_accel.distillation import Distillation
-from lightning_accel.export_command import ArtifactTrainer
-from lightning_accel.precision import MixedPrecision
+from lightning_accel.cli.config_errors import summarize_config_error
+from lightning_accel.cli.export import ArtifactTrainer
+from lightning_accel.distillation.callback import Distillation
+from lightning_accel.precision.callback import MixedPrecision
 from lightning_accel.pruning import MagnitudePruning
 from lightning_accel.quantization import PostTrainingQuantization, QuantizationAwareTraining
-from lightning_accel.report_callback import AccelerationReport
+from lightning_accel.report.callback import AccelerationReport
 
 #: Top-level config sections, one per callback: ``--pruning.target_sparsity 0.5`` or ``pruning:`` in YAML adds
 #: that callback to the Trainer, so each callback's options can be set on the command line by name.
@@ -123,7 +123,8 @@ class _OneLineErrorParser(LightningArgumentParser):
         named = re.search(r"Subcommand '(\w+)'", message)
         if named and prog.split()[-1] != named.group(1):  # one hint everywhere: the subcommand's own help
             prog = f"{prog} {named.group(1)}"
-        sys.stderr.write(f"error: {summarize_config_error(message)} (options: {prog} --help)\n")
+        summary = summarize_config_error(message, list(CALLBACK_SECTIONS))
+        sys.stderr.write(f"error: {summary} (options: {prog} --help)\n")
         sys.exit(2)
 
 
