@@ -460,3 +460,32 @@ def test_a_noisy_speedup_is_no_hparams_metric_and_every_latency_is_logged_with_i
     assert not set(metrics) & set(figures)  # their own tags: the HParams table reads only the headline ones
     quiet = _latency_report(int8_range=[0.98, 1.02])
     assert headline(quiet)["report/int8_speedup_batch1"] == pytest.approx(2.0)
+
+
+def test_lightning_accel_export_of_a_channel_pruning_and_qat_run_writes_the_slim_model(tmp_path, monkeypatch):
+    # It rebuilt contributions from state-key prefixes and knew only MixedPrecision and QAT: no slim model.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["lightning-accel"])
+    common = [
+        "--config",
+        "examples/digits/channels.yaml",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=2",
+        "--pruning.every_n_steps=2",
+        "--qat.start_step=0.5",
+        "--report.plots=false",
+        "--report.latency=false",
+        "--report.max_batches=2",
+    ]
+    fit = build_cli(
+        ["fit", *common, "--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}"]
+    )
+    trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    exported_root = tmp_path / "export"
+    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={exported_root}"])
+    exported = json.loads(next(exported_root.rglob("report.json")).read_text())
+    assert {"slim fp32 ONNX", "int8 ONNX"} <= set(exported["sizes"])
+    assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]  # slimmed alike
+    assert exported["sizes"]["slim fp32 ONNX"]["bytes"] == trained["sizes"]["slim fp32 ONNX"]["bytes"]

@@ -11,7 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_accel._core.files import resolve_artifact_path
 from lightning_accel._core.stage import Contribution
-from lightning_accel.quantization.prepare import activation_quantizers, is_prepared
+from lightning_accel.deploy.stage import contributions_of
+from lightning_accel.quantization import QuantizationAwareTraining
+from lightning_accel.quantization.prepare import is_prepared
 from lightning_accel.quantization.restore import load_quantized, quantization_state
 from lightning_accel.report.callback import AccelerationReport, _print_table, build_report
 from lightning_accel.report.measure import write_report
@@ -28,9 +30,14 @@ class ArtifactTrainer(Trainer):
     ) -> dict[str, Any]:
         """Write every artifact of a trained model, and its acceleration report, from a checkpoint.
 
-        The checkpoint's weights are loaded, and when it holds QAT state the int8 model is rebuilt from it
-        (:func:`~lightning_accel.load_quantized`). Artifacts and ``report.md``/``report.json`` go to the
-        ``AccelerationReport`` section's directory, or ``export/`` under the log directory.
+        The run's callbacks (from its config) are restored from the checkpoint by Lightning itself, in a
+        validation run: weights and every callback's state, and each callback's setup (QAT prepares the model and
+        loads its quantizers, channel pruning traces its groups). Each callback then contributes what it would have
+        at the end of fit (pruning's channel groups: the slim model; QAT's int8 model; the precision trained in),
+        and the deploy stage builds every artifact. A checkpoint with QAT state whose config has no QAT section is
+        quantized from that state (:func:`~lightning_accel.load_quantized`). Artifacts and ``report.md``/
+        ``report.json`` go to the ``AccelerationReport`` section's directory, or ``export/`` under the log
+        directory.
 
         Args:
             model: The model (from the run's config).
@@ -43,11 +50,16 @@ class ArtifactTrainer(Trainer):
         if ckpt_path is None:
             raise ValueError("`ckpt_path` must name the checkpoint to export, e.g. --ckpt_path path/to/last.ckpt")
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if quantization_state(checkpoint) is not None:
+        has_qat = any(isinstance(c, QuantizationAwareTraining) for c in self.callbacks)
+        if quantization_state(checkpoint) is not None and not has_qat:
             load_quantized(model, ckpt_path)
-        else:
-            model.load_state_dict(checkpoint["state_dict"])
-        contributions = _checkpoint_contributions(checkpoint, model)
+        self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        contributions = [
+            *_trained_precision(checkpoint),  # first: what the run trained in, whatever this config says
+            *(c for c in contributions_of(self.callbacks, self, model) if c.report_directory is None),
+        ]
+        if not has_qat and is_prepared(model):
+            contributions.append(Contribution(owner="QuantizationAwareTraining", int8_model=lambda: model))
         report_callback = next((c for c in self.callbacks if isinstance(c, AccelerationReport)), None)
         directory = resolve_artifact_path(self, report_callback.directory if report_callback else "export")
         loader = None
@@ -64,16 +76,9 @@ class ArtifactTrainer(Trainer):
         return report
 
 
-def _checkpoint_contributions(checkpoint: dict[str, Any], model: LightningModule) -> list[Any]:
-    """What the finished run's callbacks would contribute, from their state in the checkpoint, not from defaults.
-
-    The precision comes from ``MixedPrecision``'s saved state (it records the precision it trained in), the int8
-    model from the restored QAT state; a checkpoint without them was trained in fp32 and not quantized.
-    """
-    contributions = []
+def _trained_precision(checkpoint: dict[str, Any]) -> list[Contribution]:
+    """The precision the run trained in, from ``MixedPrecision``'s saved state (it records the one it used)."""
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith("MixedPrecision") and isinstance(state, dict) and state.get("precision"):
-            contributions.append(Contribution(owner="MixedPrecision", precision=str(state["precision"])))
-    if is_prepared(model) and all(q.calibrated for q in activation_quantizers(model).values()):
-        contributions.append(Contribution(owner="QuantizationAwareTraining", int8_model=lambda: model))
-    return contributions
+            return [Contribution(owner="MixedPrecision", precision=str(state["precision"]))]
+    return []

@@ -422,9 +422,13 @@ class QuantizationAwareTraining(DeployingCallback):
         if self._model is None:
             return None
         uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
-        start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
-        # With dynamic activations only there is no range to tell; the step count does.
-        never_started = steps <= start and (uncalibrated or not self._quantizers)
+        if self._steps is None:  # outside fit (`lightning-accel export`): the restored state tells
+            restored = bool(self._quantizers) or (self._state_restored and self._saved_quantized)
+            start, steps, never_started = 0, 0, not restored or bool(uncalibrated)
+        else:
+            start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
+            # With dynamic activations only there is no range to tell; the step count does.
+            never_started = steps <= start and (uncalibrated or not self._quantizers)
         if never_started or (uncalibrated and path is None):
             if never_started and path is not None:
                 rank_zero_warn(
