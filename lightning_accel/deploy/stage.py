@@ -120,6 +120,139 @@ class _Builder:
         )
 
 
+@dataclass
+class _Request:
+    """Everything the contributions ask for, merged: what each artifact builder reads."""
+
+    contributions: Sequence[Contribution]
+    deployment: Deployment
+    builder: _Builder
+    float_model: nn.Module
+    example: Any
+    report: Contribution | None
+    report_dir: Path | None
+    groups: ChannelGroups | None
+    have_ort: bool
+
+    def owners(self, requesting: Sequence[Contribution], for_report: bool = True) -> list[str]:
+        """The callbacks an artifact is for: those that asked by path, and the report when it wants it too."""
+        return [c.owner for c in requesting] + ([self.report.owner] if for_report and self.report else [])
+
+
+def _build_half(request: _Request) -> None:
+    """Half precision: where MixedPrecision asked for it, else in the report's folder."""
+    dtype = half_dtype(request.deployment.precision)
+    half = [c for c in request.contributions if c.half_path is not None]
+    if not half and request.report_dir is None:
+        return
+    short = "fp16" if dtype is torch.float16 else "bf16"
+    path = Path(half[0].half_path) if half else request.report_dir / f"model.{short}.pt"
+    path = save_half(request.float_model, path, dtype)
+    kind = f"{_dtype_name(dtype)} state dict"
+    request.builder.record(kind, path, "model.load_state_dict(torch.load(path))", request.owners(half))
+    if half:
+        rank_zero_info(f"{half[0].owner}: wrote the {dtype} state dict to {path} ({path.stat().st_size:,} bytes)")
+
+
+def _build_report_state_dicts(request: _Request) -> None:
+    """The report's fp32 state dict and compressed sparse file (its baseline and its sparse artifact)."""
+    if request.report_dir is None:
+        return
+    owners = request.owners([])
+    path = atomic_write_bytes(request.report_dir / "model.fp32.pt", state_dict_bytes(request.float_model))
+    request.builder.record("fp32 state dict", path, "model.load_state_dict(torch.load(path))", owners)
+    path = save_sparse(request.float_model, request.report_dir / "model.sparse.npz.xz")
+    request.builder.record("sparse int8", path, "lightning_accel.load_sparse_(model, path)", owners)
+
+
+def _build_float_onnx(request: _Request) -> None:
+    """The report's fp32 ONNX file (its latency baseline)."""
+    if request.report_dir is None or request.example is None or not request.have_ort:
+        return
+    path = export_onnx(request.float_model, request.report_dir / "model.fp32.onnx", request.example, on_mismatch="warn")
+    request.builder.record(
+        "fp32 ONNX", path, "onnxruntime.InferenceSession(path)", request.owners([]), "the float model"
+    )
+
+
+def _build_slim(request: _Request) -> None:
+    """Channel pruning removes the zeroed channels for real; the slim model must compute the masked one."""
+    wanted = [c for c in request.contributions if c.slim_path is not None]
+    report_dir = request.report_dir if request.have_ort else None
+    if request.groups is None or request.example is None or not (wanted or report_dir is not None):
+        return
+    small = slim_checked(request.float_model, request.example, request.groups)
+    request.deployment.slim_model = small
+    paths = [Path(c.slim_path) for c in wanted]
+    if report_dir is not None and not any(p.suffix == ".onnx" for p in paths):
+        paths.append(report_dir / "model.slim.onnx")
+    owners = request.owners(wanted)
+    for path in paths:
+        write_slim(small, path, request.example)
+        if path.suffix == ".pt2":
+            request.builder.record("slim .pt2", path, "torch.export.load(path).module()", owners, "the slim model")
+        else:
+            runs_with = "onnxruntime.InferenceSession(path)"
+            request.builder.record("slim fp32 ONNX", path, runs_with, owners, "the slim model")
+    before = sum(p.numel() for p in request.float_model.parameters())
+    after = sum(p.numel() for p in small.parameters())
+    rank_zero_info(f"Deploy: the slim model has {after:,} parameters, {after / before:.1%} of {before:,}")
+
+
+def _build_int8(request: _Request) -> None:
+    """The model QAT trained or PTQ calibrated, slimmed like the float exports, checked against itself evaluated."""
+    if request.example is None:
+        return
+    report_dir = request.report_dir if request.have_ort else None
+    quantizers = [c for c in request.contributions if c.int8_model is not None]
+    for index, source in enumerate(quantizers):
+        for_report = index == 0 and report_dir is not None  # the report measures the first int8 model
+        if source.int8_path is None and not for_report:
+            continue
+        model = source.int8_model()
+        if request.groups is not None:
+            model = slim_evaluated(model, request.example, request.groups)
+        if index == 0:
+            request.deployment.evaluated_int8 = as_evaluated(model)
+        path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
+        written, check = export_onnx_checked(
+            model,
+            path,
+            request.example,
+            check_inputs=source.check_inputs,
+            on_mismatch=source.on_mismatch,
+            classification=source.classification,
+        )
+        kind = "int8 ONNX" if index == 0 else f"int8 ONNX ({source.owner})"
+        runs_with = "onnxruntime.InferenceSession(path)"
+        request.builder.record(kind, written, runs_with, request.owners([source], for_report), check)
+        slimmed = ", slimmed" if request.groups is not None else ""
+        rank_zero_info(
+            f"{source.owner}: wrote the int8 ONNX model{slimmed} to {written} ({written.stat().st_size:,} bytes)"
+        )
+
+
+#: One builder per artifact kind, in the order the files are written (and listed).
+BUILDERS = (_build_half, _build_report_state_dicts, _build_float_onnx, _build_slim, _build_int8)
+
+
+def _report_notes(request: _Request) -> list[str]:
+    """What the report cannot show, and why."""
+    if request.report is None:
+        return []
+    if request.example is None:
+        return [
+            "No example input (set `example_input_array` on the module, or give validation data): no ONNX export "
+            "and no latency."
+        ]
+    notes = []
+    if not request.have_ort:
+        notes.append("onnxruntime is not installed (extra `onnx`): no ONNX files, ONNX Runtime latency or quality.")
+    if not any(c.int8_model is not None for c in request.contributions):
+        notes.append("The model is not quantized (no QAT/PTQ state): no int8 rows.")
+    return notes
+
+
 def build_artifacts(
     pl_module: nn.Module,
     contributions: Sequence[Contribution],
@@ -131,6 +264,7 @@ def build_artifacts(
     The artifacts a callback asked for by path are written there; a report (``report_directory``) wants every
     artifact, and those nobody else placed go into its folder. Errors in what a callback asked for propagate (its
     ``on_mismatch`` decides for a failed check); the report's own extras never fail the run: they become notes.
+    Each kind of artifact has its builder (:data:`BUILDERS`); this only merges the requests and runs them.
 
     Args:
         pl_module: The trained model (plain, or prepared by QAT).
@@ -144,96 +278,23 @@ def build_artifacts(
     pruned = tuple(name for c in contributions for name in c.pruned_parameters)
     deployment = Deployment(example=example, precision=precision, pruned_parameters=pruned)
     deployment.notes.extend(note for c in contributions for note in c.notes)
-    builder = _Builder(deployment)
     report = next((c for c in contributions if c.report_directory is not None), None)
-    report_dir = Path(report.report_directory) if report is not None else None
-    groups = _merged_groups(contributions)
-    float_model = float_copy(pl_module).eval().cpu().float()  # every artifact starts from fp32 (bf16-true too)
-    deployment.float_model = float_model
-
-    # Half precision: where MixedPrecision asked for it, else in the report's folder.
-    dtype = half_dtype(precision)
-    half = [c for c in contributions if c.half_path is not None]
-    if half or report_dir is not None:
-        short = "fp16" if dtype is torch.float16 else "bf16"
-        path = save_half(float_model, Path(half[0].half_path) if half else report_dir / f"model.{short}.pt", dtype)
-        owners = [c.owner for c in half] + ([report.owner] if report else [])
-        builder.record(f"{_dtype_name(dtype)} state dict", path, "model.load_state_dict(torch.load(path))", owners)
-        if half:
-            rank_zero_info(f"{half[0].owner}: wrote the {dtype} state dict to {path} ({path.stat().st_size:,} bytes)")
-
-    if report_dir is not None:
-        path = atomic_write_bytes(report_dir / "model.fp32.pt", state_dict_bytes(float_model))
-        builder.record("fp32 state dict", path, "model.load_state_dict(torch.load(path))", [report.owner])
-        path = save_sparse(float_model, report_dir / "model.sparse.npz.xz")
-        builder.record("sparse int8", path, "lightning_accel.load_sparse_(model, path)", [report.owner])
-
-    have_ort = _have_onnxruntime()
-    if report_dir is not None and not have_ort:  # the report's own ONNX files would go unchecked and unmeasured
-        report_dir = None
-    if example is None:
-        if report is not None:
-            deployment.notes.append(
-                "No example input (set `example_input_array` on the module, or give validation data): no ONNX "
-                "export and no latency."
-            )
-        return deployment
-    if report is not None and not have_ort:
-        deployment.notes.append(
-            "onnxruntime is not installed (extra `onnx`): no ONNX files, ONNX Runtime latency or quality."
-        )
-    if report_dir is not None:
-        path = export_onnx(float_model, report_dir / "model.fp32.onnx", example, on_mismatch="warn")
-        builder.record("fp32 ONNX", path, "onnxruntime.InferenceSession(path)", [report.owner], "the float model")
-
-    # Slim: channel pruning removes the zeroed channels for real; the slim model must compute the masked one.
-    slim_wanted = [c for c in contributions if c.slim_path is not None]
-    if groups is not None and (slim_wanted or report_dir is not None):
-        small = slim_checked(float_model, example, groups)
-        deployment.slim_model = small
-        paths = [Path(c.slim_path) for c in slim_wanted]
-        if report_dir is not None and not any(p.suffix == ".onnx" for p in paths):
-            paths.append(report_dir / "model.slim.onnx")
-        owners = [c.owner for c in slim_wanted] + ([report.owner] if report else [])
-        for path in paths:
-            write_slim(small, path, example)
-            if path.suffix == ".pt2":
-                builder.record("slim .pt2", path, "torch.export.load(path).module()", owners, "the slim model")
-            else:
-                builder.record("slim fp32 ONNX", path, "onnxruntime.InferenceSession(path)", owners, "the slim model")
-        before = sum(p.numel() for p in float_model.parameters())
-        after = sum(p.numel() for p in small.parameters())
-        rank_zero_info(f"Deploy: the slim model has {after:,} parameters, {after / before:.1%} of {before:,}")
-
-    # Int8: the model QAT trained or PTQ calibrated, slimmed like the float exports, checked against itself evaluated.
-    quantizers = [c for c in contributions if c.int8_model is not None]
-    for index, source in enumerate(quantizers):
-        for_report = index == 0 and report_dir is not None  # the report measures the first int8 model
-        if source.int8_path is None and not for_report:
-            continue
-        model = source.int8_model()
-        if groups is not None:
-            model = slim_evaluated(model, example, groups)
-        if index == 0:
-            deployment.evaluated_int8 = as_evaluated(model)
-        path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
-        written, check = export_onnx_checked(
-            model,
-            path,
-            example,
-            check_inputs=source.check_inputs,
-            on_mismatch=source.on_mismatch,
-            classification=source.classification,
-        )
-        owners = [source.owner] + ([report.owner] if for_report else [])
-        kind = "int8 ONNX" if index == 0 else f"int8 ONNX ({source.owner})"
-        builder.record(kind, written, "onnxruntime.InferenceSession(path)", owners, check)
-        slimmed = ", slimmed" if groups is not None else ""
-        rank_zero_info(
-            f"{source.owner}: wrote the int8 ONNX model{slimmed} to {written} ({written.stat().st_size:,} bytes)"
-        )
-    if report is not None and not quantizers:
-        deployment.notes.append("The model is not quantized (no QAT/PTQ state): no int8 rows.")
+    # Every artifact starts from fp32 (bf16-true too).
+    deployment.float_model = float_copy(pl_module).eval().cpu().float()
+    request = _Request(
+        contributions=contributions,
+        deployment=deployment,
+        builder=_Builder(deployment),
+        float_model=deployment.float_model,
+        example=example,
+        report=report,
+        report_dir=Path(report.report_directory) if report is not None else None,
+        groups=_merged_groups(contributions),
+        have_ort=_have_onnxruntime(),
+    )
+    for build in BUILDERS:
+        build(request)
+    deployment.notes.extend(_report_notes(request))
     return deployment
 
 
