@@ -50,7 +50,7 @@ def _raised_in_this_package(error: BaseException) -> bool:
     return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # lightning_accel/
 
 
 def _options(callback_class: type) -> list[str]:
