@@ -336,3 +336,33 @@ def test_qat_start_never_moves_the_data_the_fit_trains_on(tmp_path, ddp):
     with_qat = _training_ids(tmp_path / "qat", [QuantizationAwareTraining(start_step=1)], **kwargs)
     assert len(plain) == (2 if ddp else 1) and all(plain)
     assert with_qat == plain
+
+
+def test_int8_settings_are_validated_once_and_saved_whole_in_the_state():
+    from lightning_accel.quantization.settings import Int8Settings
+
+    with pytest.raises(ValueError, match="weight_bits"):
+        Int8Settings(weight_bits=4)
+    with pytest.raises(TypeError, match="include"):
+        Int8Settings(include="net.fc1")
+    qat = QuantizationAwareTraining(include=["net.fc*"], weight_bits=8, activations="dynamic")
+    state = qat.state_dict()["settings"]
+    assert state == {
+        "include": ["net.fc*"],
+        "exclude": None,
+        "fold_bn": True,
+        "weight_bits": 8,
+        "outputs": "graph",
+        "activations": "dynamic",
+        "embeddings": "float",
+    }
+    assert Int8Settings.from_state(state) == qat.settings
+    other = QuantizationAwareTraining(include=["net.fc*"], weight_bits=7, activations="dynamic")
+    assert other.settings.differences(qat.settings) == ["weight_bits=8"]
+
+
+def test_a_state_from_an_earlier_pre_release_is_refused_in_one_line():
+    qat = QuantizationAwareTraining()
+    old = {"version": 2, "quantizers": {}, "weight_bits": 7}  # before the settings were saved whole
+    with pytest.raises(ValueError, match=r"format version 2, written by an earlier pre-release.*reads version 3"):
+        qat.load_state_dict(old)

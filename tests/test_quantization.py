@@ -394,7 +394,7 @@ def test_an_activation_inside_the_norm_module_survives_the_int8_export(tmp_path)
 
 
 def test_the_export_refuses_a_deployable_copy_that_differs_from_the_evaluated_model(tmp_path, monkeypatch):
-    import lightning_accel.export.onnx as export_module
+    import lightning_accel.quantization.export as export_module
     import lightning_accel.quantization.prepare as prepare_module
 
     # The old rule folded every BatchNorm subclass and replaced it by nn.Identity, dropping the activation inside.

@@ -111,3 +111,18 @@ def validate_bool(argument: str, value: object) -> bool:
 
 #: What an export does when the written file does not reproduce the evaluated model.
 ON_MISMATCH_CHOICES = ("warn", "raise", "ignore")
+
+
+def check_state_version(owner: str, state: dict[str, Any], version: int) -> None:
+    """Refuse, in one line, a callback state written in another format (an earlier pre-release's checkpoint).
+
+    Raises:
+        ValueError: naming the callback, the version found and the one this release reads.
+    """
+    saved = state.get("version")
+    if saved != version:
+        raise ValueError(
+            f"{owner}: the checkpoint holds this callback's state in format version {saved}, written by an earlier "
+            f"pre-release of lightning_accel; this release reads version {version}. Train again, or load only the "
+            "weights (`model.load_state_dict(torch.load(path)['state_dict'])`)"
+        )

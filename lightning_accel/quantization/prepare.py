@@ -358,9 +358,6 @@ def attention_kernel_children(model: nn.Module) -> set[str]:
 #: layer's output (the behaviour before the choice existed).
 OUTPUT_CHOICES = ("graph", "auto", "all")
 DEFAULT_OUTPUTS = "graph"
-#: The settings of checkpoints written before ``outputs`` and ``weight_bits`` existed.
-LEGACY_OUTPUTS = "all"
-LEGACY_WEIGHT_BITS = 8
 _TRANSFORMER_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 

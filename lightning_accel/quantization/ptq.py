@@ -26,11 +26,12 @@ from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.qat import int8_probe
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
+    Int8Settings,
     check_export_path,
+    check_model_input,
+    check_on_mismatch,
     dry_run_export,
-    prepare_arguments,
     require_example_input,
-    set_preparation_settings,
 )
 
 
@@ -82,9 +83,11 @@ class PostTrainingQuantization(DeployingCallback):
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
         self.export_path = check_export_path(export_path)
         calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
-        set_preparation_settings(
-            self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch, activations, embeddings
-        )
+        #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
+        self.settings = Int8Settings(include, exclude, fold_bn, weight_bits, outputs, activations, embeddings)
+        check_model_input(model_input)
+        self.model_input = model_input
+        self.on_mismatch = check_on_mismatch(on_mismatch)
         self.calibration_batches = calibration_batches
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
@@ -96,11 +99,11 @@ class PostTrainingQuantization(DeployingCallback):
         if stage != "fit":
             return
         configure_model_early(trainer, pl_module)  # the dry run copies the model: build lazy layers first
-        if self.weight_bits == 8:
+        if self.settings.weight_bits == 8:
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
         self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
         probe_writable("PostTrainingQuantization", "export_path", self.resolved_export_path)
-        dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
+        dry_run_export(pl_module, type(self).__name__, **self.settings.prepare_arguments())
         self._input_checked = False
 
     def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
@@ -141,7 +144,7 @@ class PostTrainingQuantization(DeployingCallback):
                 trainer.train_dataloader,
                 self.calibration_batches,
                 model_input=self.model_input,
-                **prepare_arguments(self),
+                **self.settings.prepare_arguments(),
             )
 
         return Contribution(

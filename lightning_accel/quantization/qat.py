@@ -16,7 +16,7 @@ from lightning_accel._core.lightning import TrainingSteps, configure_model_early
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.modules import summarize_selection
 from lightning_accel._core.stage import Contribution, DeployingCallback
-from lightning_accel._core.validation import resolve_step, validate_bool, validate_step
+from lightning_accel._core.validation import check_state_version, resolve_step, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.coverage import (
@@ -24,8 +24,6 @@ from lightning_accel.quantization.coverage import (
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.prepare import (
-    LEGACY_OUTPUTS,
-    LEGACY_WEIGHT_BITS,
     activation_quantizers,
     attention_kernel_children,
     iter_batch_norms,
@@ -43,16 +41,17 @@ from lightning_accel.quantization.ranges import (
 )
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
+    QAT_STATE_VERSION,
+    Int8Settings,
     calibrated_probe,
     check_export_path,
+    check_model_input,
+    check_on_mismatch,
     dry_run_export,
-    prepare_arguments,
     require_example_input,
-    set_preparation_settings,
     warn_when_starting_from_chance,
 )
 
-_STATE_VERSION = 2
 #: Phases logged as ``qat/phase``.
 PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
 
@@ -67,7 +66,7 @@ def int8_probe(trainer: Trainer, pl_module: LightningModule, callback: Any) -> C
         return None
     return Contribution(
         owner=type(callback).__name__,
-        int8_model=lambda: calibrated_probe(pl_module, **prepare_arguments(callback)),
+        int8_model=lambda: calibrated_probe(pl_module, **callback.settings.prepare_arguments()),
     )
 
 
@@ -154,9 +153,11 @@ class QuantizationAwareTraining(DeployingCallback):
                 f"they are frozen, or None; got {freeze_observers_step!r}"
             )
         log_ranges = validate_bool("log_ranges", log_ranges)
-        set_preparation_settings(
-            self, include, exclude, fold_bn, weight_bits, outputs, model_input, on_mismatch, activations, embeddings
-        )
+        #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
+        self.settings = Int8Settings(include, exclude, fold_bn, weight_bits, outputs, activations, embeddings)
+        check_model_input(model_input)
+        self.model_input = model_input
+        self.on_mismatch = check_on_mismatch(on_mismatch)
         self.export_path = check_export_path(export_path)
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step
@@ -190,7 +191,8 @@ class QuantizationAwareTraining(DeployingCallback):
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints."""
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
+        settings = self.settings.as_state()
+        return self._generate_state_key(include=settings["include"], exclude=settings["exclude"])
 
     def phase_at(self, step: int) -> int:
         """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen.
@@ -236,21 +238,11 @@ class QuantizationAwareTraining(DeployingCallback):
             require_example_input(pl_module, type(self).__name__)
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             probe_writable("QuantizationAwareTraining", "export_path", self.resolved_export_path)
-        if self.weight_bits == 8:
+        if self.settings.weight_bits == 8:
             rank_zero_warn(f"QuantizationAwareTraining: {FULL_RANGE_NOTE}")
         refuse_weight_averaging(trainer, "QuantizationAwareTraining", "the quantizer ranges and BatchNorm freeze")
         configure_model_early(trainer, pl_module)  # layers built in configure_model are quantized too
-        prepare_qat_(
-            pl_module,
-            self.include,
-            self.exclude,
-            self.fold_bn,
-            self.weight_bits,
-            self.outputs,
-            example_input=example_input(pl_module),
-            activations=self.activations,
-            embeddings=self.embeddings,
-        )
+        prepare_qat_(pl_module, **self.settings.prepare_arguments(), example_input=example_input(pl_module))
         self._model = pl_module
         self._batch_norms = list(iter_batch_norms(pl_module))
         self._applied = None
@@ -258,7 +250,7 @@ class QuantizationAwareTraining(DeployingCallback):
         if self._pending_state is not None:
             self._load_into_model(self._pending_state)
         if self.export_path is not None and fitting:
-            dry_run_export(pl_module, type(self).__name__, **prepare_arguments(self))
+            dry_run_export(pl_module, type(self).__name__, **self.settings.prepare_arguments())
         step = self._training_steps.current(trainer, pl_module)
         self._set_phase(self.phase_at(step) if self._steps else PHASE_FLOAT, training=False)
         if self._log_selection:
@@ -279,9 +271,12 @@ class QuantizationAwareTraining(DeployingCallback):
         super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit, combined exports proved
         self._resolve_steps(trainer)
         if self._selection_summary:
-            log_text(trainer, selection_tag(type(self).__name__, self.include, self.exclude), self._selection_summary)
+            tag = selection_tag(type(self).__name__, self.settings.include, self.settings.exclude)
+            log_text(trainer, tag, self._selection_summary)
         self._set_phase(self.phase_at(self._training_steps.current(trainer, pl_module)), training=False)
-        add_hyperparameters(trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.weight_bits})
+        add_hyperparameters(
+            trainer, pl_module, {"qat/start_step": self._steps[0], "qat/weight_bits": self.settings.weight_bits}
+        )
         current = self._training_steps.current(trainer, pl_module)
         if self._steps[0] <= current and trainer.is_global_zero:
             warn_when_starting_from_chance(trainer, pl_module, self.model_input)
@@ -381,7 +376,7 @@ class QuantizationAwareTraining(DeployingCallback):
         try:
             with torch.random.fork_rng(devices=devices):
                 self._probe = probe_at_start(
-                    trainer, pl_module, self.model_input, prepare_arguments(self), list(self._recent_batches)
+                    trainer, pl_module, self.model_input, self.settings.prepare_arguments(), list(self._recent_batches)
                 )
         except Exception as error:  # a score for the log; never a reason to stop training
             rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
@@ -458,12 +453,9 @@ class QuantizationAwareTraining(DeployingCallback):
         """Every quantizer's buffers (tensors on CPU), the weight width and the count of skipped batches."""
         quantizers = quantizer_state(self._model) if self._model is not None else {}
         return {
-            "version": _STATE_VERSION,
+            "version": QAT_STATE_VERSION,
             "quantizers": quantizers,
-            "weight_bits": self.weight_bits,
-            "outputs": self.outputs,
-            "activations": self.activations,
-            "embeddings": self.embeddings,
+            "settings": self.settings.as_state(),  # how the quantizers were prepared, whole (load_quantized)
             "skipped_ranges": self.skipped_ranges,
             "quantized": self._phase != PHASE_FLOAT,  # what tells a dynamic-only model's state from a float one
             # A resumed fit keeps the start's score instead of scoring its own later weights as the start.
@@ -473,26 +465,15 @@ class QuantizationAwareTraining(DeployingCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the quantizers (now if the model is prepared, else at ``setup``)."""
-        saved_bits = state_dict.get("weight_bits", LEGACY_WEIGHT_BITS)
+        check_state_version("QuantizationAwareTraining", state_dict, QAT_STATE_VERSION)
         state = state_dict.get("quantizers") or None
-        if state is not None and saved_bits != self.weight_bits:
+        saved = Int8Settings.from_state(state_dict["settings"])
+        differences = self.settings.differences(saved)
+        if state is not None and differences:
             raise ValueError(
-                f"The checkpoint's quantizers were trained with weight_bits={saved_bits}, this callback has "
-                f"`weight_bits`={self.weight_bits}: set weight_bits={saved_bits} to continue from it"
+                f"The checkpoint's quantizers were prepared with {', '.join(differences)}, which this callback sets "
+                f"otherwise: set {', '.join(differences)} to continue from it"
             )
-        saved_outputs = state_dict.get("outputs", LEGACY_OUTPUTS)
-        if state is not None and saved_outputs != self.outputs:
-            raise ValueError(
-                f"The checkpoint's quantizers were trained with outputs={saved_outputs!r}, this callback has "
-                f"`outputs`={self.outputs!r}: set outputs={saved_outputs!r} to continue from it"
-            )
-        for setting, legacy in (("activations", "static"), ("embeddings", "float")):
-            saved = state_dict.get(setting, legacy)
-            if state is not None and saved != getattr(self, setting):
-                raise ValueError(
-                    f"The checkpoint's quantizers were trained with {setting}={saved!r}, this callback has "
-                    f"`{setting}`={getattr(self, setting)!r}: set {setting}={saved!r} to continue from it"
-                )
         self._saved_quantized = bool(state_dict.get("quantized", True))
         if state_dict.get("int8_at_start") is not None:
             self.int8_at_start = state_dict["int8_at_start"]

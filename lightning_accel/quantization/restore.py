@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import ast
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_accel.quantization.prepare import (
-    _BATCH_NORMS,
-    LEGACY_OUTPUTS,
-    LEGACY_WEIGHT_BITS,
-    prepare_qat_,
-    quantized_modules,
-    set_qat_phase,
-)
-from lightning_accel.quantization.ranges import (
-    load_quantizer_state_,
-)
+from lightning_accel._core.validation import check_state_version
+from lightning_accel.quantization.prepare import prepare_qat_, quantized_modules, set_qat_phase
+from lightning_accel.quantization.ranges import load_quantizer_state_
+from lightning_accel.quantization.settings import QAT_STATE_VERSION, Int8Settings
 
 _STATE_PREFIX = "QuantizationAwareTraining"
 
 
-def quantization_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The QAT callback's settings (include/exclude) and state in a loaded checkpoint, or ``None``."""
+def quantization_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The QAT callback's state in a loaded checkpoint (when it holds quantizers), or ``None``."""
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith(_STATE_PREFIX) and isinstance(state, dict) and state.get("quantizers"):
-            settings = ast.literal_eval(key[len(_STATE_PREFIX) :] or "{}")
-            return settings, state
+            return state
     return None
 
 
@@ -59,22 +50,16 @@ def load_quantized(module: nn.Module, ckpt_path: str | os.PathLike) -> nn.Module
             f"{ckpt_path} holds no QuantizationAwareTraining state with observed ranges: it was written without the "
             "callback or before its start_step. Load it with `load_state_dict` for the float model instead."
         )
-    settings, state = found
+    state = found
+    check_state_version("QuantizationAwareTraining", state, QAT_STATE_VERSION)
+    settings = Int8Settings.from_state(state["settings"])
     quantizer_names = set(state["quantizers"])
-    batch_norms = {name for name, m in module.named_modules() if isinstance(m, _BATCH_NORMS)}
-    fold_bn = any(f"{name}.output_quant" in quantizer_names for name in batch_norms)
-    prepare_qat_(
-        module,
-        settings.get("include"),
-        settings.get("exclude"),
-        fold_bn=fold_bn,
-        weight_bits=state.get("weight_bits", LEGACY_WEIGHT_BITS),
-        outputs="all" if state.get("outputs") == "graph" else state.get("outputs", LEGACY_OUTPUTS),
-        activations=state.get("activations", "static"),
-        embeddings=state.get("embeddings", "float"),
-    )
-    if state.get("outputs") == "graph":
-        # The placement traced in training is in the state itself: an output quantizer it lacks was a float output.
+    arguments = settings.prepare_arguments()
+    # The placement traced in training is in the state itself: every output quantizer first, then those it lacks
+    # (float outputs) removed below, so no trace of this module is needed.
+    arguments["outputs"] = "all" if settings.outputs == "graph" else settings.outputs
+    prepare_qat_(module, **arguments)
+    if settings.outputs == "graph":
         for name, layer in quantized_modules(module).items():
             if layer.output_quant is not None and f"{name}.output_quant" not in quantizer_names:
                 layer.output_quant = None

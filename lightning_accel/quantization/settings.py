@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,15 @@ from lightning_accel.quantization.calibration import (
     first_batch,
     run_model,
 )
-from lightning_accel.quantization.dynamic import validate_activations
-from lightning_accel.quantization.embeddings import validate_embeddings
+from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS, validate_activations
+from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS, validate_embeddings
 from lightning_accel.quantization.export import export_onnx
-from lightning_accel.quantization.prepare import validate_outputs, validate_weight_bits
+from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
+from lightning_accel.quantization.prepare import DEFAULT_OUTPUTS, validate_outputs, validate_weight_bits
+
+#: The format of ``QuantizationAwareTraining``'s state; 3: the preparation settings saved whole. Older
+#: pre-release states are refused in one line rather than guessed.
+QAT_STATE_VERSION = 3
 
 FULL_RANGE_NOTE = (
     "weight_bits=8 uses the full int8 range. ONNX Runtime computes it exactly only where int8 dot products "
@@ -69,47 +76,67 @@ def check_model_input(model_input: Any) -> None:
         )
 
 
-def set_preparation_settings(
-    callback: Any,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    fold_bn: bool,
-    weight_bits: int,
-    outputs: str,
-    model_input: str | int | list[str] | None,
-    on_mismatch: str,
-    activations: str,
-    embeddings: str,
-) -> None:
-    """Validate and store the settings QAT and PTQ share (those :func:`prepare_arguments` passes on, and the check)."""
-    callback.include = validate_patterns("include", include)
-    callback.exclude = validate_patterns("exclude", exclude)
-    callback.fold_bn = validate_bool("fold_bn", fold_bn)
-    validate_weight_bits(weight_bits)
-    callback.weight_bits = weight_bits
-    validate_outputs(outputs)
-    callback.outputs = outputs
-    validate_activations(activations)
-    callback.activations = activations
-    validate_embeddings(embeddings)
-    callback.embeddings = embeddings
-    check_model_input(model_input)
-    callback.model_input = model_input
+@dataclass(frozen=True)
+class Int8Settings:
+    """How a model is prepared for int8, validated once: what ``prepare_qat_``/``calibrate_`` and the dry runs take.
+
+    QAT and PTQ build one from their flat (YAML-friendly) constructor arguments; QAT saves it whole in its state, so
+    a checkpoint says how its quantizers were prepared (``load_quantized`` reads it back).
+
+    Attributes:
+        include: Module patterns to quantize (``None``: every Linear/Conv).
+        exclude: Module patterns to keep in float.
+        fold_bn: Fold a BatchNorm that follows a conv into the conv's quantized weight.
+        weight_bits: 7 (exact on every CPU) or 8.
+        outputs: Where layer outputs are quantized: ``"graph"``, ``"auto"`` or ``"all"``.
+        activations: ``"static"`` or ``"dynamic"``.
+        embeddings: ``"float"`` or ``"int8"``.
+    """
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    fold_bn: bool = True
+    weight_bits: int = DEFAULT_WEIGHT_BITS
+    outputs: str = DEFAULT_OUTPUTS
+    activations: str = DEFAULT_ACTIVATIONS
+    embeddings: str = DEFAULT_EMBEDDINGS
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            patterns = validate_patterns(name, getattr(self, name))
+            object.__setattr__(self, name, tuple(patterns) if patterns is not None else None)
+        object.__setattr__(self, "fold_bn", validate_bool("fold_bn", self.fold_bn))
+        validate_weight_bits(self.weight_bits)
+        validate_outputs(self.outputs)
+        validate_activations(self.activations)
+        validate_embeddings(self.embeddings)
+
+    def prepare_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``prepare_qat_``/``calibrate_``."""
+        return self.as_state()
+
+    def as_state(self) -> dict[str, Any]:
+        """Plain values (lists for the patterns), for a checkpoint that loads with ``weights_only=True``."""
+        state = dataclasses.asdict(self)
+        for name in ("include", "exclude"):
+            state[name] = list(state[name]) if state[name] is not None else None
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Int8Settings:
+        """The settings :meth:`as_state` saved."""
+        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls) if field.name in state})
+
+    def differences(self, other: Int8Settings) -> list[str]:
+        """``name=value`` of every setting ``other`` has differently (for "set X to continue" errors)."""
+        mine, theirs = self.as_state(), other.as_state()
+        return [f"{name}={theirs[name]!r}" for name in mine if mine[name] != theirs[name]]
+
+
+def check_on_mismatch(on_mismatch: Any) -> str:
+    """Return ``on_mismatch`` if it is one of the allowed values; else raise ``ValueError`` naming it."""
     _check_on_mismatch(on_mismatch)
-    callback.on_mismatch = on_mismatch
-
-
-def prepare_arguments(callback: Any) -> dict[str, Any]:
-    """The preparation settings a QAT or PTQ callback passes to ``prepare_qat_``/``calibrate_``."""
-    return {
-        "include": callback.include,
-        "exclude": callback.exclude,
-        "fold_bn": callback.fold_bn,
-        "weight_bits": callback.weight_bits,
-        "outputs": callback.outputs,
-        "activations": callback.activations,
-        "embeddings": callback.embeddings,
-    }
+    return on_mismatch
 
 
 def require_example_input(pl_module: LightningModule, owner: str) -> None:
