@@ -159,8 +159,9 @@ def test_outputs_setting_is_validated_and_a_checkpoint_of_another_setting_is_ref
     with pytest.raises(ValueError, match=r"`outputs` must be one of \['graph', 'auto', 'all'\].*'some'"):
         QuantizationAwareTraining(outputs="some")
     callback = QuantizationAwareTraining()
-    state = {"quantizers": {"x": {}}, "weight_bits": 7}  # written before `outputs` existed: every output quantized
-    with pytest.raises(ValueError, match=r"outputs='all'.*`outputs`='graph'"):
+    settings = {**callback.settings.as_state(), "outputs": "all"}  # trained with every output quantized
+    state = {"version": 3, "quantizers": {"x": {}}, "settings": settings}
+    with pytest.raises(ValueError, match=r"prepared with outputs='all', which this callback sets otherwise"):
         callback.load_state_dict(state)
 
 

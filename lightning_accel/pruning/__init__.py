@@ -2,7 +2,7 @@
 
 from lightning_accel.pruning.attention import HeadPrunedMultiheadAttention
 from lightning_accel.pruning.callback import DEFAULT_END_FRACTION, MagnitudePruning
-from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, find_channel_groups, group_masks
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, group_masks
 from lightning_accel.pruning.masks import (
     apply_masks_,
     channel_mask,
@@ -15,6 +15,7 @@ from lightning_accel.pruning.masks import (
 )
 from lightning_accel.pruning.schedule import sparsity_at
 from lightning_accel.pruning.slim import export_slim, slim
+from lightning_accel.pruning.trace import find_channel_groups
 
 __all__ = [
     "DEFAULT_END_FRACTION",

@@ -27,7 +27,6 @@ from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
     ChannelGroups,
     channel_sparsity,
-    find_channel_groups,
     group_masks,
     is_depthwise,
 )
@@ -44,6 +43,7 @@ from lightning_accel.pruning.masks import (
 )
 from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
 from lightning_accel.pruning.slim import dry_run_slim_export, removable_groups
+from lightning_accel.pruning.trace import find_channel_groups
 
 #: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
 #: the rest for fine-tuning at the final sparsity.

@@ -28,11 +28,11 @@ from lightning_accel.pruning.attention import prune_heads
 from lightning_accel.pruning.groups import (
     ChannelGroup,
     ChannelGroups,
-    find_channel_groups,
     group_masks,
     is_depthwise,
     kept_channels,
 )
+from lightning_accel.pruning.trace import find_channel_groups
 
 Role = Literal["out", "in"]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
