@@ -15,12 +15,6 @@ from lightning_accel._core.distributed import decide_on_rank_zero
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
-from lightning_accel._core.modules import (
-    default_weight_names,
-    select_weights,
-    summarize_selection,
-    unpruned_weight_holders,
-)
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
 from lightning_accel.pruning.export import validate_slim_export_path
@@ -28,7 +22,6 @@ from lightning_accel.pruning.groups import (
     ChannelGroups,
     channel_sparsity,
     group_masks,
-    is_depthwise,
 )
 from lightning_accel.pruning.importance import IMPORTANCES, TaylorImportance
 from lightning_accel.pruning.masks import (
@@ -42,6 +35,12 @@ from lightning_accel.pruning.masks import (
     tensor_sparsity,
 )
 from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
+from lightning_accel.pruning.selection import (
+    check_n_m_fits,
+    example_of,
+    select_weight_parameters,
+    warn_about_emptied_layers,
+)
 from lightning_accel.pruning.slim import dry_run_slim_export, removable_groups
 from lightning_accel.pruning.trace import find_channel_groups
 
@@ -221,48 +220,13 @@ class MagnitudePruning(DeployingCallback):
         if self.pattern.kind == "channels":
             self._setup_channel_groups(trainer, pl_module, stage)
             return
-        _refuse_lora_adapters(pl_module, self.include)
-        self._params = select_weights(pl_module, self.include, self.exclude)
-        depthwise = []
-        if self.pattern.kind == "unstructured" and self.include is None:
-            # A depthwise kernel holds 9 weights per channel: unstructured targets empty whole channels (MobileNetV3
-            # at 90% layer scope: validation loss 270). Pruned only when a pattern names them.
-            modules = dict(pl_module.named_modules())
-            depthwise = [n for n in self._params if is_depthwise(modules.get(n.rpartition(".")[0], pl_module))]
-            self._params = {n: p for n, p in self._params.items() if n not in depthwise}
-        if not self._params:
-            raise ValueError(
-                f"MagnitudePruning selected no parameter of {type(pl_module).__name__}: include={self.include!r} "
-                f"and exclude={self.exclude!r} leave no Linear/Conv weight (name parameters such as "
-                "'*.in_proj_weight' explicitly to prune others)"
-            )
-        default = default_weight_names(pl_module)
-        candidates = [name for name, _ in pl_module.named_parameters() if name in default]
-        frozen = [n for n, p in pl_module.named_parameters() if n in candidates and not p.requires_grad]
-        summary = summarize_selection(self._params, [c for c in candidates if c not in frozen and c not in depthwise])
-        if frozen and self.include is None:
-            summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
-        if self.include is None:
-            summary += unpruned_weight_holders(pl_module, default)
-        if depthwise:
-            summary += (
-                "; left dense by default, depthwise convs (a few weights per channel, so unstructured pruning would "
-                f"empty whole channels, name them to prune): {', '.join(depthwise[:6])}"
-            )
-        self._selection_summary = summary
-        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {summary}")
+        unstructured = self.pattern.kind == "unstructured"
+        self._params, self._selection_summary = select_weight_parameters(
+            pl_module, unstructured, self.include, self.exclude
+        )
+        rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self.pattern.kind == "N:M":
-            misfits = [
-                f"{name} {tuple(p.shape)}"
-                for name, p in self._params.items()
-                if p.dim() < 2 or p.shape[1] % self.pattern.m
-            ]
-            if misfits:
-                raise ValueError(
-                    f"`pattern` '{self.pattern.n}:{self.pattern.m}' groups input channels, so it needs an input "
-                    f"dimension (shape[1]) that is a multiple of {self.pattern.m}; these selected parameters have "
-                    f"other shapes: {', '.join(misfits)}. Leave them dense with `exclude`."
-                )
+            check_n_m_fits(self._params, self.pattern.n, self.pattern.m)
         if self._masks is not None:
             self._check_masks_fit(self._masks)
 
@@ -275,7 +239,7 @@ class MagnitudePruning(DeployingCallback):
                 f"together, and needs an example input: set `self.example_input_array` in "
                 f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
             )
-        example = _example(pl_module)
+        example = example_of(pl_module)
         # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
         self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
         # Proven before training: removing half of each group on a copy must compute what the masked copy computes.
@@ -368,7 +332,7 @@ class MagnitudePruning(DeployingCallback):
                 masks = group_masks(weights, self._groups, target, previous=self._masks, scores=scores)
             else:
                 masks = compute_masks(weights, target, self.pattern_string, self.scope, previous=self._masks)
-            _warn_about_emptied_layers(masks, target)
+            warn_about_emptied_layers(masks, target)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -532,51 +496,3 @@ class MagnitudePruning(DeployingCallback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
-
-
-def _example(pl_module: LightningModule) -> Any:
-    """``example_input_array``, with a list taken as positional inputs (Lightning's convention)."""
-    example = pl_module.example_input_array
-    return tuple(example) if isinstance(example, list) else example
-
-
-#: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
-EMPTIED_LAYER = 0.99
-
-
-def _warn_about_emptied_layers(masks: dict[str, Tensor], target: float) -> None:
-    """Name every selected weight above :data:`EMPTIED_LAYER` zeros, at each recompute.
-
-    A global threshold empties the layers whose weights are small by initialisation or scale first (T5 lost whole
-    attention projections at 50% global sparsity), and nothing else would say so.
-    """
-    emptied = {name: float((~mask).float().mean()) for name, mask in masks.items()}
-    emptied = {name: zeros for name, zeros in emptied.items() if zeros > EMPTIED_LAYER}
-    if emptied:
-        listed = ", ".join(f"{name} {zeros:.1%}" for name, zeros in list(emptied.items())[:8])
-        more = f" and {len(emptied) - 8} more" if len(emptied) > 8 else ""
-        rank_zero_warn(
-            f"MagnitudePruning: at sparsity {target:.2%}, {len(emptied)} layer(s) are above {EMPTIED_LAYER:.0%} zeros: "
-            f"{listed}{more}. A global magnitude threshold prunes layers with small weights (large fan-in, unscaled "
-            "attention) first; scope='lamp' (the default) ranks each weight within its own layer, scope='layer' "
-            "prunes each alike, or exclude these layers."
-        )
-
-
-def _refuse_lora_adapters(pl_module: LightningModule, include: Any) -> None:
-    """Refuse a default selection that would prune LoRA adapters (PEFT's ``lora_A``/``lora_B``) instead of weights.
-
-    Pruning an adapter leaves the merged weight (base + B @ A) dense: after ``merge_and_unload`` nothing is sparse,
-    while the log said 50%. Measured: ``lora_B`` ended 86% zero and the merged weight dense.
-    """
-    if include is not None:
-        return
-    adapters = [name for name, _ in pl_module.named_modules() if name.rpartition(".")[2] in ("lora_A", "lora_B")]
-    if adapters:
-        raise ValueError(
-            f"MagnitudePruning: the model holds LoRA adapters ({', '.join(adapters[:4])}"
-            f"{' ...' if len(adapters) > 4 else ''}). Pruning them by default would leave the merged weight "
-            "(base + B @ A) dense, so nothing deployed would be sparse. Prune the frozen base weights by name, "
-            "include=['*.base_layer'], and merge the adapters after training; or merge first and prune the merged "
-            "model."
-        )

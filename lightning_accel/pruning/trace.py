@@ -209,9 +209,7 @@ def _layer_reason(name: str, module: nn.Module, role: Role, context: _GroupConte
     return reason
 
 
-def _group_or_reason(
-    tp_group: Any, context: _GroupContext
-) -> tuple[list[str], ChannelGroup | None, str | None] | None:
+def _group_or_reason(tp_group: Any, context: _GroupContext) -> tuple[list[str], ChannelGroup | None, str | None] | None:
     """One traced group: its output layers, and the removable group or the reason it stays dense.
 
     ``None`` when the group has no output layer; ``(layers, None, None)`` for attention projections, whose channels

@@ -1,0 +1,121 @@
+"""What ``MagnitudePruning`` prunes: the selection as pure functions (testable without a Trainer), and its checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_accel._core.modules import (
+    default_weight_names,
+    select_weights,
+    summarize_selection,
+    unpruned_weight_holders,
+)
+from lightning_accel.pruning.groups import is_depthwise
+
+
+def example_of(pl_module: LightningModule) -> Any:
+    """``example_input_array``, with a list taken as positional inputs (Lightning's convention)."""
+    example = pl_module.example_input_array
+    return tuple(example) if isinstance(example, list) else example
+
+
+#: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
+EMPTIED_LAYER = 0.99
+
+
+def warn_about_emptied_layers(masks: dict[str, Tensor], target: float) -> None:
+    """Name every selected weight above :data:`EMPTIED_LAYER` zeros, at each recompute.
+
+    A global threshold empties the layers whose weights are small by initialisation or scale first (T5 lost whole
+    attention projections at 50% global sparsity), and nothing else would say so.
+    """
+    emptied = {name: float((~mask).float().mean()) for name, mask in masks.items()}
+    emptied = {name: zeros for name, zeros in emptied.items() if zeros > EMPTIED_LAYER}
+    if emptied:
+        listed = ", ".join(f"{name} {zeros:.1%}" for name, zeros in list(emptied.items())[:8])
+        more = f" and {len(emptied) - 8} more" if len(emptied) > 8 else ""
+        rank_zero_warn(
+            f"MagnitudePruning: at sparsity {target:.2%}, {len(emptied)} layer(s) are above {EMPTIED_LAYER:.0%} zeros: "
+            f"{listed}{more}. A global magnitude threshold prunes layers with small weights (large fan-in, unscaled "
+            "attention) first; scope='lamp' (the default) ranks each weight within its own layer, scope='layer' "
+            "prunes each alike, or exclude these layers."
+        )
+
+
+def refuse_lora_adapters(pl_module: LightningModule, include: Any) -> None:
+    """Refuse a default selection that would prune LoRA adapters (PEFT's ``lora_A``/``lora_B``) instead of weights.
+
+    Pruning an adapter leaves the merged weight (base + B @ A) dense: after ``merge_and_unload`` nothing is sparse,
+    while the log said 50%. Measured: ``lora_B`` ended 86% zero and the merged weight dense.
+    """
+    if include is not None:
+        return
+    adapters = [name for name, _ in pl_module.named_modules() if name.rpartition(".")[2] in ("lora_A", "lora_B")]
+    if adapters:
+        raise ValueError(
+            f"MagnitudePruning: the model holds LoRA adapters ({', '.join(adapters[:4])}"
+            f"{' ...' if len(adapters) > 4 else ''}). Pruning them by default would leave the merged weight "
+            "(base + B @ A) dense, so nothing deployed would be sparse. Prune the frozen base weights by name, "
+            "include=['*.base_layer'], and merge the adapters after training; or merge first and prune the merged "
+            "model."
+        )
+
+
+def select_weight_parameters(
+    pl_module: LightningModule, unstructured: bool, include: Any, exclude: Any
+) -> tuple[dict[str, Tensor], str]:
+    """The weights unstructured or N:M pruning takes, and the one-line summary of what was selected and left out.
+
+    Raises:
+        ValueError: when LoRA adapters would be pruned by default, or nothing is selected.
+    """
+    refuse_lora_adapters(pl_module, include)
+    params = select_weights(pl_module, include, exclude)
+    depthwise = []
+    if unstructured and include is None:
+        # A depthwise kernel holds 9 weights per channel: unstructured targets empty whole channels (MobileNetV3
+        # at 90% layer scope: validation loss 270). Pruned only when a pattern names them.
+        modules = dict(pl_module.named_modules())
+        depthwise = [n for n in params if is_depthwise(modules.get(n.rpartition(".")[0], pl_module))]
+        params = {n: p for n, p in params.items() if n not in depthwise}
+    if not params:
+        raise ValueError(
+            f"MagnitudePruning selected no parameter of {type(pl_module).__name__}: include={include!r} "
+            f"and exclude={exclude!r} leave no Linear/Conv weight (name parameters such as "
+            "'*.in_proj_weight' explicitly to prune others)"
+        )
+    return params, _selection_summary(pl_module, params, include, depthwise)
+
+
+def _selection_summary(
+    pl_module: LightningModule, params: dict[str, Tensor], include: Any, depthwise: list[str]
+) -> str:
+    default = default_weight_names(pl_module)
+    candidates = [name for name, _ in pl_module.named_parameters() if name in default]
+    frozen = [n for n, p in pl_module.named_parameters() if n in candidates and not p.requires_grad]
+    summary = summarize_selection(params, [c for c in candidates if c not in frozen and c not in depthwise])
+    if frozen and include is None:
+        summary += f"; left dense because frozen (requires_grad=False): {', '.join(frozen[:6])}"
+    if include is None:
+        summary += unpruned_weight_holders(pl_module, default)
+    if depthwise:
+        summary += (
+            "; left dense by default, depthwise convs (a few weights per channel, so unstructured pruning would "
+            f"empty whole channels, name them to prune): {', '.join(depthwise[:6])}"
+        )
+    return summary
+
+
+def check_n_m_fits(params: dict[str, Tensor], n: int, m: int) -> None:
+    """Raise unless every selected weight's input dimension is a multiple of ``m`` (N:M groups input channels)."""
+    misfits = [f"{name} {tuple(p.shape)}" for name, p in params.items() if p.dim() < 2 or p.shape[1] % m]
+    if misfits:
+        raise ValueError(
+            f"`pattern` '{n}:{m}' groups input channels, so it needs an input dimension (shape[1]) that is a "
+            f"multiple of {m}; these selected parameters have other shapes: {', '.join(misfits)}. Leave them dense "
+            "with `exclude`."
+        )
