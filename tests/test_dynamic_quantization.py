@@ -160,8 +160,8 @@ def test_qat_with_dynamic_activations_trains_exports_and_records_the_setting(tmp
     ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node)
     assert ops["DynamicQuantizeLinear"] == 2 and ops["MatMulInteger"] == 2, ops
     state = callback.state_dict()
-    assert state["activations"] == "dynamic"
-    with pytest.raises(ValueError, match=r"activations='dynamic'.*`activations`='static'"):
+    assert state["settings"]["activations"] == "dynamic"
+    with pytest.raises(ValueError, match=r"prepared with activations='dynamic', which this callback sets otherwise"):
         QuantizationAwareTraining().load_state_dict(state)
 
 

@@ -16,7 +16,14 @@ from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.stage import Contribution, DeployingCallback
-from lightning_accel._core.validation import resolve_step, validate_bool, validate_int, validate_patterns, validate_step
+from lightning_accel._core.validation import (
+    check_state_version,
+    resolve_step,
+    validate_bool,
+    validate_int,
+    validate_patterns,
+    validate_step,
+)
 from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
     ChannelGroups,
@@ -424,7 +431,8 @@ class MagnitudePruning(DeployingCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the masks and schedule position; refuse masks from another pattern or model."""
+        """Restore the masks and schedule position; refuse masks from another pattern, model or format."""
+        check_state_version("MagnitudePruning", state_dict, _STATE_VERSION)
         pattern = state_dict.get("pattern", self.pattern_string)
         if pattern != self.pattern_string:
             raise ValueError(
