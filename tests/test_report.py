@@ -325,7 +325,7 @@ def test_the_report_sparsity_is_the_pruning_callbacks_own_with_other_weights_apa
 
 
 def test_sizes_say_larger_for_larger_files_and_the_snr_column_names_its_reference():
-    from lightning_accel.report.measure import size_ratio, to_markdown
+    from lightning_accel.report.markdown import size_ratio, to_markdown
 
     assert size_ratio(1000, 700) == "1.4x smaller" and size_ratio(700, 1000) == "1.4x larger"
     text = to_markdown(
@@ -443,7 +443,7 @@ def _latency_report(int8_range):
 
 
 def test_a_noisy_speedup_is_no_hparams_metric_and_every_latency_is_logged_with_its_spread():
-    from lightning_accel.report.measure import headline, latency_metrics
+    from lightning_accel.report.markdown import headline, latency_metrics
 
     # Two runs of one config gave 7.71x and 1.71x at batch 1: a ratio whose rounds allow both is noise.
     noisy = _latency_report(int8_range=[0.3, 1.2])

@@ -78,27 +78,43 @@ def _loose_boolean(args: Any) -> str | None:
     configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
     configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     for path in configs:
-        try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # the parser reports unreadable configs itself
-        sections = []
-        if isinstance(loaded, dict):
-            trainer = loaded.get("trainer") or {}
-            listed = trainer.get("callbacks") or [] if isinstance(trainer, dict) else []
-            sections += [entry for entry in listed if isinstance(entry, dict)]
-            for key, callback_class in CALLBACK_SECTIONS.items():
-                section = loaded.get(key)
-                if isinstance(section, dict):
-                    sections.append(
-                        {"class_path": callback_class.__name__, "init_args": section.get("init_args", section)}
-                    )
-        for entry in sections:
-            name = str(entry.get("class_path", "")).rpartition(".")[2]
-            for option, value in (entry.get("init_args") or {}).items():
-                if option in options.get(name, ()) and not isinstance(value, bool) and value is not None:
-                    return f"{name}: `{option}` must be true or false, got {value!r} (in {path})"
+        problem = _loose_boolean_in_config(path, options)
+        if problem:
+            return problem
+    return _loose_boolean_in_arguments(args, options)
+
+
+def _callback_entries(loaded: Any) -> list[dict[str, Any]]:
+    """The callback entries of a loaded config: ``trainer.callbacks`` items and our callback sections."""
+    if not isinstance(loaded, dict):
+        return []
+    trainer = loaded.get("trainer") or {}
+    listed = trainer.get("callbacks") or [] if isinstance(trainer, dict) else []
+    entries = [entry for entry in listed if isinstance(entry, dict)]
+    for key, callback_class in CALLBACK_SECTIONS.items():
+        section = loaded.get(key)
+        if isinstance(section, dict):
+            entries.append({"class_path": callback_class.__name__, "init_args": section.get("init_args", section)})
+    return entries
+
+
+def _loose_boolean_in_config(path: str, options: dict[str, set[str]]) -> str | None:
+    """The first true/false option of ours that a YAML config gives as something else."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # the parser reports unreadable configs itself
+    for entry in _callback_entries(loaded):
+        name = str(entry.get("class_path", "")).rpartition(".")[2]
+        for option, value in (entry.get("init_args") or {}).items():
+            if option in options.get(name, ()) and not isinstance(value, bool) and value is not None:
+                return f"{name}: `{option}` must be true or false, got {value!r} (in {path})"
+    return None
+
+
+def _loose_boolean_in_arguments(args: list[str], options: dict[str, set[str]]) -> str | None:
+    """The first true/false option of ours that the command line gives as something other than true/false."""
     for index, arg in enumerate(args):
         key, _, value = arg.partition("=")
         section, _, option = key.lstrip("-").partition(".")

@@ -101,16 +101,24 @@ def summarize_config_error(message: str, sections: Sequence[str] = ()) -> str:
     owner = f" ({class_path.rpartition('.')[2]})" if class_path else ""
     unknown = _NOT_ACCEPTED.search(message)
     if unknown:
-        option = unknown.group(1)
-        options = _options_of(class_path) if class_path else []
-        close = difflib.get_close_matches(option, options, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        listed = f" Valid options: {', '.join(options)}." if options else ""
-        return f"{keys[0]}{owner}: unknown option {option!r}{hint}{listed}"
+        return _unknown_option(keys[0] + owner, unknown.group(1), class_path)
     # The innermost key holds the real problem; the outer ones name where it sits.
-    inner_at = message.rfind(f'Parser key "{keys[-1]}"')
-    detail = message[inner_at:]
+    detail = message[message.rfind(f'Parser key "{keys[-1]}"') :]
     where = keys[0] + owner + (f".{keys[-1]}" if len(keys) > 1 else "")
+    return _wrong_value(where, keys[-1], detail)
+
+
+def _unknown_option(where: str, option: str, class_path: str | None) -> str:
+    """An option the class does not take, with the closest one and the valid ones."""
+    options = _options_of(class_path) if class_path else []
+    close = difflib.get_close_matches(option, options, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = f" Valid options: {', '.join(options)}." if options else ""
+    return f"{where}: unknown option {option!r}{hint}{listed}"
+
+
+def _wrong_value(where: str, key: str, detail: str) -> str:
+    """A value of the wrong type or outside the allowed ones, with what is expected."""
     literal = _LITERAL.search(detail)
     if literal:
         allowed = [v.strip().strip("'\"") for v in literal.group(1).split(",")]
@@ -124,7 +132,7 @@ def summarize_config_error(message: str, sections: Sequence[str] = ()) -> str:
     )
     value_match = _GOT_VALUE.search(detail)
     value = value_match.group(1).strip() if value_match else "?"
-    if keys[-1] == "pattern" and re.fullmatch(r"\d+", value):
+    if key == "pattern" and re.fullmatch(r"\d+", value):
         return (
             f"{where}: got the number {value}: YAML reads an unquoted N:M such as 2:4 as a base-60 number. "
             "Quote it: pattern: '2:4'"

@@ -15,8 +15,9 @@ from lightning_accel.deploy.stage import contributions_of
 from lightning_accel.quantization import QuantizationAwareTraining
 from lightning_accel.quantization.prepare import is_prepared
 from lightning_accel.quantization.restore import load_quantized, quantization_state
-from lightning_accel.report.callback import AccelerationReport, _print_table, build_report
-from lightning_accel.report.measure import write_report
+from lightning_accel.report.build import build_report, print_table
+from lightning_accel.report.callback import AccelerationReport
+from lightning_accel.report.markdown import write_report
 
 
 class ArtifactTrainer(Trainer):
@@ -71,7 +72,7 @@ class ArtifactTrainer(Trainer):
             self, model, directory, latency=True, max_batches=max_batches, loader=loader, contributions=contributions
         )
         markdown_path = write_report(report, directory)[1]
-        _print_table(report)
+        print_table(report)
         rank_zero_info(f"lightning-accel export: wrote the artifacts and {markdown_path} from {Path(ckpt_path).name}")
         return report
 

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 #: Below these, ``export_onnx`` warns (or raises with ``on_mismatch="raise"``).
 MIN_AGREEMENT = 0.99
 MIN_SNR_DB = 30.0
+
+
 @dataclass(frozen=True)
 class ExportCheck:
     """How closely an ONNX file reproduces its PyTorch model.
