@@ -5,13 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_accel.quantization.embeddings import QuantizedEmbedding, quantized_embeddings
-from lightning_accel.quantization.prepare import (
-    _BATCH_NORMS,
-    QUANTIZED_CLASSES,
-    _Quantized,
-    attention_kernel_children,
-    is_plain_batch_norm,
-)
+from lightning_accel.quantization.layers import _BATCH_NORMS, QUANTIZED_CLASSES, _Quantized
+from lightning_accel.quantization.prepare import attention_kernel_children, is_plain_batch_norm
 
 
 def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:

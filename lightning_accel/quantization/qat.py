@@ -23,12 +23,12 @@ from lightning_accel.quantization.coverage import (
     left_in_float,
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
+from lightning_accel.quantization.layers import quantizable_base
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
     attention_kernel_children,
     iter_batch_norms,
     prepare_qat_,
-    quantizable_base,
     set_qat_phase,
 )
 from lightning_accel.quantization.progress import CALIBRATION_BATCHES, probe_at_start
