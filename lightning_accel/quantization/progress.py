@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel.export.check import output_tensors
@@ -109,3 +110,39 @@ def probe_at_start(
     ptq = calibrate_(plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare)
     probe.start = probe.score(ptq.eval())
     return probe
+
+
+def start_probe(
+    trainer: Trainer, pl_module: LightningModule, model_input: Any, prepare: dict[str, Any], batches: list[Any]
+) -> QualityProbe | None:
+    """:func:`probe_at_start`, leaving every RNG as it was, logged; ``None`` (and a note) when it cannot run.
+
+    A score for the log is never a reason to stop training: any error becomes an info line.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            probe = probe_at_start(trainer, pl_module, model_input, prepare, batches)
+    except Exception as error:
+        rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
+        return None
+    if probe is not None:
+        rank_zero_info(
+            f"QuantizationAwareTraining: int8 {probe.metric} when QAT starts (PTQ of these weights): {probe.start:.4f}"
+        )
+    return probe
+
+
+def end_probe(probe: QualityProbe, evaluated: nn.Module) -> dict[str, Any] | None:
+    """Score the int8 model as evaluated at the end of fit (once), log it, and warn if QAT ended below PTQ."""
+    if probe.end is not None:
+        return None
+    probe.end = probe.score(evaluated)
+    rank_zero_info(f"QuantizationAwareTraining: {probe.describe()}")
+    if probe.ended_worse():
+        rank_zero_warn(
+            f"QuantizationAwareTraining ended worse than it started: {probe.describe()}. Post-training "
+            "quantization of the starting weights would have been better; try a lower learning rate, a later "
+            "`freeze_observers_step`, or PostTrainingQuantization."
+        )
+    return {"metric": probe.metric, "value": probe.end}

@@ -23,7 +23,6 @@ from lightning_accel.quantization.calibration import (
     run_model,
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
-from lightning_accel.quantization.qat import int8_probe
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     Int8Settings,
@@ -31,6 +30,7 @@ from lightning_accel.quantization.settings import (
     check_model_input,
     check_on_mismatch,
     dry_run_export,
+    int8_probe,
     require_example_input,
 )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from typing import Any, Literal
@@ -16,7 +15,7 @@ from lightning_accel._core.lightning import TrainingSteps, configure_model_early
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.modules import summarize_selection
 from lightning_accel._core.stage import Contribution, DeployingCallback
-from lightning_accel._core.validation import check_state_version, resolve_step, validate_bool, validate_step
+from lightning_accel._core.validation import check_state_version, validate_bool, validate_step
 from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches, example_input
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.coverage import (
@@ -24,6 +23,7 @@ from lightning_accel.quantization.coverage import (
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.layers import quantizable_base
+from lightning_accel.quantization.phases import PHASE_FLOAT, PHASE_FROZEN, PHASE_OBSERVING, phase_at, resolve_qat_steps
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
     attention_kernel_children,
@@ -31,7 +31,7 @@ from lightning_accel.quantization.prepare import (
     prepare_qat_,
     set_qat_phase,
 )
-from lightning_accel.quantization.progress import CALIBRATION_BATCHES, probe_at_start
+from lightning_accel.quantization.progress import CALIBRATION_BATCHES, end_probe, start_probe
 from lightning_accel.quantization.ranges import (
     flag_nonfinite,
     load_quantizer_state_,
@@ -43,31 +43,14 @@ from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     QAT_STATE_VERSION,
     Int8Settings,
-    calibrated_probe,
     check_export_path,
     check_model_input,
     check_on_mismatch,
     dry_run_export,
+    int8_probe,
     require_example_input,
     warn_when_starting_from_chance,
 )
-
-#: Phases logged as ``qat/phase``.
-PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
-
-
-def int8_probe(trainer: Trainer, pl_module: LightningModule, callback: Any) -> Contribution | None:
-    """A throwaway int8 contribution calibrated on the example input, for the deploy stage's dry run at fit start.
-
-    Only at fit start (every setup has run) is it known whether another technique changes the int8 export
-    (channel pruning slims it); the stage builds that combination from this probe before training.
-    """
-    if callback.export_path is None or trainer.fast_dev_run:
-        return None
-    return Contribution(
-        owner=type(callback).__name__,
-        int8_model=lambda: calibrated_probe(pl_module, **callback.settings.prepare_arguments()),
-    )
 
 
 class QuantizationAwareTraining(DeployingCallback):
@@ -201,33 +184,13 @@ class QuantizationAwareTraining(DeployingCallback):
         """
         if self._steps is None:
             raise RuntimeError("QuantizationAwareTraining: fractional steps are resolved when fit starts")
-        start, freeze_observers, _ = self._steps
-        if step < start:
-            return PHASE_FLOAT
-        if freeze_observers is not None and step >= freeze_observers:
-            return PHASE_FROZEN
-        return PHASE_OBSERVING
+        return phase_at(self._steps, step)
 
     def _resolve_steps(self, trainer: Trainer) -> None:
         """Turn fractional steps into optimizer steps of this fit, and check their order."""
-        total = trainer.estimated_stepping_batches
-        start = resolve_step("start_step", self.start_step, total)
-        freeze_observers = resolve_step("freeze_observers_step", self.freeze_observers_step, total)
-        freeze_bn = resolve_step("freeze_bn_step", self.freeze_bn_step, total)
-        if freeze_observers is not None and freeze_observers <= start:
-            raise ValueError(
-                f"`freeze_observers_step` ({self.freeze_observers_step!r} = step {freeze_observers}) must come after "
-                f"`start_step` ({self.start_step!r} = step {start}) in this fit of {total} steps"
-            )
-        if isinstance(total, int | float) and math.isfinite(total) and total > 0 and start >= total:
-            # Known before the first step: training the whole fit in float and only then finding no int8 model
-            # cost a user 446 s.
-            raise ValueError(
-                f"QuantizationAwareTraining: `start_step` {self.start_step!r} (step {start}) is never reached in "
-                f"this fit of {int(total)} training steps, so there would be no int8 model. Set `start_step` below "
-                f"{int(total)}, or as a fraction of training such as 0.67"
-            )
-        self._steps = (start, freeze_observers, freeze_bn)
+        self._steps = resolve_qat_steps(
+            trainer.estimated_stepping_batches, self.start_step, self.freeze_observers_step, self.freeze_bn_step
+        )
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
@@ -370,39 +333,14 @@ class QuantizationAwareTraining(DeployingCallback):
 
     def _probe_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
-        import torch
-
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                self._probe = probe_at_start(
-                    trainer, pl_module, self.model_input, self.settings.prepare_arguments(), list(self._recent_batches)
-                )
-        except Exception as error:  # a score for the log; never a reason to stop training
-            rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
-            self._probe = None
-        if self._probe is not None:
-            self.int8_at_start = {"metric": self._probe.metric, "value": self._probe.start}
-            rank_zero_info(
-                f"QuantizationAwareTraining: int8 {self._probe.metric} when QAT starts (PTQ of these weights): "
-                f"{self._probe.start:.4f}"
-            )
-        else:
-            self.int8_at_start = {}
+        prepare = self.settings.prepare_arguments()
+        self._probe = start_probe(trainer, pl_module, self.model_input, prepare, list(self._recent_batches))
+        self.int8_at_start = {"metric": self._probe.metric, "value": self._probe.start} if self._probe else {}
 
     def _probe_end(self, pl_module: LightningModule) -> None:
-        probe = self._probe
-        if probe is None or probe.end is not None or not all(q.calibrated for q in self._quantizers.values()):
-            return  # scored already, QAT never started, or a range was never observed: no int8 model to score
-        probe.end = probe.score(as_evaluated(pl_module))
-        self.int8_at_end = {"metric": probe.metric, "value": probe.end}
-        rank_zero_info(f"QuantizationAwareTraining: {probe.describe()}")
-        if probe.ended_worse():
-            rank_zero_warn(
-                f"QuantizationAwareTraining ended worse than it started: {probe.describe()}. Post-training "
-                "quantization of the starting weights would have been better; try a lower learning rate, a later "
-                "`freeze_observers_step`, or PostTrainingQuantization."
-            )
+        if self._probe is not None and all(q.calibrated for q in self._quantizers.values()):
+            # (A range never observed, or QAT never started: there is no int8 model to score.)
+            self.int8_at_end = end_probe(self._probe, as_evaluated(pl_module)) or self.int8_at_end
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What QAT hands to the deploy stage: the trained int8 model, where to write it, and what to check it on.
@@ -416,6 +354,21 @@ class QuantizationAwareTraining(DeployingCallback):
             path = None
         if self._model is None:
             return None
+        if not self._has_int8_model(trainer, pl_module, path):
+            return None
+        notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
+        return Contribution(
+            owner="QuantizationAwareTraining",
+            notes=notes,
+            int8_model=lambda: pl_module,
+            int8_path=path,
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
+            classification=classification_batches(trainer),
+            on_mismatch=self.on_mismatch,
+        )
+
+    def _has_int8_model(self, trainer: Trainer, pl_module: LightningModule, path: str | None) -> bool:
+        """Whether training produced an int8 model (warned when an export was asked for and there is none)."""
         uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
         if self._steps is None:  # outside fit (`lightning-accel export`): the restored state tells
             restored = bool(self._quantizers) or (self._state_restored and self._saved_quantized)
@@ -430,22 +383,13 @@ class QuantizationAwareTraining(DeployingCallback):
                     f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
                     f"{start}, so there is no int8 model: nothing was written to {path}"
                 )
-            return None
+            return False
         if uncalibrated:
             raise RuntimeError(
                 f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
                 f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
             )
-        notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
-        return Contribution(
-            owner="QuantizationAwareTraining",
-            notes=notes,
-            int8_model=lambda: pl_module,
-            int8_path=path,
-            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
-            classification=classification_batches(trainer),
-            on_mismatch=self.on_mismatch,
-        )
+        return True
 
     # --- state --------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accel._core.modules import module_copy
+from lightning_accel._core.stage import Contribution
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
 from lightning_accel.quantization.calibration import (
     batch_labels,
@@ -205,3 +206,17 @@ def warn_when_starting_from_chance(trainer: Trainer, pl_module: LightningModule,
             "weights it learns far worse (measured: ResNet-18 0.81 against 0.95). Train in float first "
             "(start_step=0.667), or start from a checkpoint."
         )
+
+
+def int8_probe(trainer: Trainer, pl_module: LightningModule, callback: Any) -> Contribution | None:
+    """A throwaway int8 contribution calibrated on the example input, for the deploy stage's dry run at fit start.
+
+    Only at fit start (every setup has run) is it known whether another technique changes the int8 export
+    (channel pruning slims it); the stage builds that combination from this probe before training.
+    """
+    if callback.export_path is None or trainer.fast_dev_run:
+        return None
+    return Contribution(
+        owner=type(callback).__name__,
+        int8_model=lambda: calibrated_probe(pl_module, **callback.settings.prepare_arguments()),
+    )

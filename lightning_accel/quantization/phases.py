@@ -1,0 +1,49 @@
+"""QAT's schedule: which phase each optimizer step is in, from the step options resolved against the fit."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning_accel._core.validation import resolve_step
+
+#: Phases logged as ``qat/phase``.
+PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
+
+#: (start, freeze observers, freeze BatchNorm) as optimizer steps.
+Steps = tuple[int, int | None, int | None]
+
+
+def phase_at(steps: Steps, step: int) -> int:
+    """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen."""
+    start, freeze_observers, _ = steps
+    if step < start:
+        return PHASE_FLOAT
+    if freeze_observers is not None and step >= freeze_observers:
+        return PHASE_FROZEN
+    return PHASE_OBSERVING
+
+
+def resolve_qat_steps(total: Any, start_step: Any, freeze_observers_step: Any, freeze_bn_step: Any) -> Steps:
+    """Turn fractional step options into optimizer steps of a fit of ``total`` steps, and check their order.
+
+    Raises:
+        ValueError: when the observers would freeze before QAT starts, or QAT would never start in this fit.
+    """
+    start = resolve_step("start_step", start_step, total)
+    freeze_observers = resolve_step("freeze_observers_step", freeze_observers_step, total)
+    freeze_bn = resolve_step("freeze_bn_step", freeze_bn_step, total)
+    if freeze_observers is not None and freeze_observers <= start:
+        raise ValueError(
+            f"`freeze_observers_step` ({freeze_observers_step!r} = step {freeze_observers}) must come after "
+            f"`start_step` ({start_step!r} = step {start}) in this fit of {total} steps"
+        )
+    if isinstance(total, int | float) and math.isfinite(total) and total > 0 and start >= total:
+        # Known before the first step: training the whole fit in float and only then finding no int8 model
+        # cost a user 446 s.
+        raise ValueError(
+            f"QuantizationAwareTraining: `start_step` {start_step!r} (step {start}) is never reached in "
+            f"this fit of {int(total)} training steps, so there would be no int8 model. Set `start_step` below "
+            f"{int(total)}, or as a fraction of training such as 0.67"
+        )
+    return start, freeze_observers, freeze_bn
