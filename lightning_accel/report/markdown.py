@@ -16,78 +16,85 @@ from lightning_accel.report.measure import LatencySpread, describe_cpu
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables (the same content as report.json)."""
     lines = ["# Acceleration report", "", f"Measured on {describe_cpu(report['cpu'])}.", ""]
+    for table in (_model_table, _size_table, _latency_table, _quality_table):
+        lines += table(report)
+    lines += [f"- {note}" for note in report.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _model_table(report: Mapping[str, Any]) -> list[str]:
     model = report["model"]
-    lines += [
+    rows = [
         "| model | value |",
         "| --- | --- |",
         f"| parameters | {model['parameters']:,} |",
         f"| {model.get('sparsity_of', 'Linear/Conv weights')} | {model['prunable_weights']:,} |",
         f"| sparsity of those weights | {model['sparsity']:.2%} |",
-        *(
-            [
-                f"| other weights (not pruned) | {model['other_weights']:,}, "
-                f"{model['other_weights_sparsity']:.2%} zeros |"
-            ]
-            if model.get("other_weights")
-            else []
-        ),
-        *([f"| MACs per example (Linear/Conv) | {model['macs']:,} |"] if "macs" in model else []),
-        *(
-            [
-                f"| after slimming: parameters | {model['slim_parameters']:,} |",
-                f"| after slimming: MACs per example | {model['slim_macs']:,} "
-                f"({model['macs'] / max(model['slim_macs'], 1):.2f}x fewer) |",
-            ]
-            if "slim_macs" in model
-            else []
-        ),
-        f"| training precision | {report.get('precision', 'fp32')} |",
-        "",
     ]
-    sizes = report.get("sizes", {})
-    if sizes:
-        base = sizes.get("fp32 state dict", {}).get("bytes")
-        lines += ["| artifact | bytes | vs fp32 state dict |", "| --- | --- | --- |"]
-        for name, entry in sizes.items():
-            ratio = size_ratio(base, entry["bytes"]) if name != "fp32 state dict" else "1x"
-            lines.append(f"| {name} (`{Path(entry['path']).name}`) | {entry['bytes']:,} | {ratio} |")
-        lines.append("")
-    latency = report.get("latency_ms", {})
-    if latency:
-        columns = sorted({c for row in latency.values() for c in row}, key=list(next(iter(latency.values()))).index)
-        lines += ["| latency (median ms) | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
-        for batch, row in latency.items():
-            cells = []
-            noisy = set(report.get("latency_noisy", {}).get(batch, ()))
-            for column in columns:
-                value, base = row.get(column), row.get(columns[0])
-                cell = f"{value:.3f} ({base / value:.2f}x)" if value and base else "n/a"
-                cells.append(cell + (" noisy" if column in noisy or columns[0] in noisy else ""))
-            lines.append(f"| {batch} | " + " | ".join(cells) + " |")
-        lines.append("")
-    quality = report.get("quality", {})
-    if quality:
-        reference = report.get("quality_reference", "float weights")
-        lines += [
-            f"| quality on validation data | accuracy | agreement with {reference} | SNR vs {reference} (dB) |",
-            "| --- | --- | --- | --- |",
+    if model.get("other_weights"):
+        rows.append(
+            f"| other weights (not pruned) | {model['other_weights']:,}, {model['other_weights_sparsity']:.2%} zeros |"
+        )
+    if "macs" in model:
+        rows.append(f"| MACs per example (Linear/Conv) | {model['macs']:,} |")
+    if "slim_macs" in model:
+        rows += [
+            f"| after slimming: parameters | {model['slim_parameters']:,} |",
+            f"| after slimming: MACs per example | {model['slim_macs']:,} "
+            f"({model['macs'] / max(model['slim_macs'], 1):.2f}x fewer) |",
         ]
-        for name, entry in quality.items():
-            accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a"
-            is_reference = name == report.get("quality_reference")
-            agreement = (
-                f"{entry['agreement']:.2%}"
-                if "agreement" in entry
-                else f"cosine {entry['cosine']:.4f}"
-                if "cosine" in entry
-                else ("(reference)" if is_reference else "")
-            )
-            snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
-            lines.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
-        lines.append("")
-    for note in report.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines).rstrip() + "\n"
+    return [*rows, f"| training precision | {report.get('precision', 'fp32')} |", ""]
+
+
+def _size_table(report: Mapping[str, Any]) -> list[str]:
+    sizes = report.get("sizes", {})
+    if not sizes:
+        return []
+    base = sizes.get("fp32 state dict", {}).get("bytes")
+    rows = ["| artifact | bytes | vs fp32 state dict |", "| --- | --- | --- |"]
+    for name, entry in sizes.items():
+        ratio = size_ratio(base, entry["bytes"]) if name != "fp32 state dict" else "1x"
+        rows.append(f"| {name} (`{Path(entry['path']).name}`) | {entry['bytes']:,} | {ratio} |")
+    return [*rows, ""]
+
+
+def _latency_table(report: Mapping[str, Any]) -> list[str]:
+    latency = report.get("latency_ms", {})
+    if not latency:
+        return []
+    columns = sorted({c for row in latency.values() for c in row}, key=list(next(iter(latency.values()))).index)
+    rows = ["| latency (median ms) | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for batch, row in latency.items():
+        cells = []
+        noisy = set(report.get("latency_noisy", {}).get(batch, ()))
+        for column in columns:
+            value, base = row.get(column), row.get(columns[0])
+            cell = f"{value:.3f} ({base / value:.2f}x)" if value and base else "n/a"
+            cells.append(cell + (" noisy" if column in noisy or columns[0] in noisy else ""))
+        rows.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return [*rows, ""]
+
+
+def _quality_table(report: Mapping[str, Any]) -> list[str]:
+    quality = report.get("quality", {})
+    if not quality:
+        return []
+    reference = report.get("quality_reference", "float weights")
+    rows = [
+        f"| quality on validation data | accuracy | agreement with {reference} | SNR vs {reference} (dB) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, entry in quality.items():
+        accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a"
+        if "agreement" in entry:
+            agreement = f"{entry['agreement']:.2%}"
+        elif "cosine" in entry:
+            agreement = f"cosine {entry['cosine']:.4f}"
+        else:
+            agreement = "(reference)" if name == report.get("quality_reference") else ""
+        snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
+        rows.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
+    return [*rows, ""]
 
 
 def size_ratio(base: int | None, size: int) -> str:

@@ -253,6 +253,18 @@ def evaluate(
     argmax means nothing). Always: SNR. ``pick_input`` takes the model input out of a batch (the callbacks'
     ``model_input`` picker); by default the first element of a pair, else the batch.
     """
+    outputs, labels = _run_predictors(predictors, batches, max_batches, pick_input)
+    stacked = {name: torch.cat(values) for name, values in outputs.items() if values}
+    return {name: _scores(name, output, stacked, labels, reference) for name, output in stacked.items()}
+
+
+def _run_predictors(
+    predictors: Mapping[str, Callable[[Tensor], Tensor]],
+    batches: Iterable[Any],
+    max_batches: int,
+    pick_input: Callable[[Any], Any] | None,
+) -> tuple[dict[str, list[Tensor]], list[Tensor]]:
+    """Every predictor's outputs on the first ``max_batches`` batches, and the batches' class labels if any."""
     outputs: dict[str, list[Tensor]] = {name: [] for name in predictors}
     labels: list[Tensor] = []
     for index, batch in enumerate(batches):
@@ -267,19 +279,22 @@ def evaluate(
             labels.append(pair[1].cpu())
         for name, predict in predictors.items():
             outputs[name].append(predict(inputs).detach().float().cpu())
-    results: dict[str, dict[str, float]] = {}
-    stacked = {name: torch.cat(values) for name, values in outputs.items() if values}
-    for name, output in stacked.items():
-        entry: dict[str, float] = {}
-        if labels and output.dim() == 2 and len(labels) and output.shape[0] == sum(len(t) for t in labels):
-            entry["accuracy"] = (output.argmax(1) == torch.cat(labels)).float().mean().item()
-        if name != reference and reference in stacked:
-            # Argmax agreement only where the batches say the output is logits; an embedding gets its cosine.
-            check = compare_outputs([stacked[reference]], [output], classification=bool(labels))
-            if check.agreement is not None:
-                entry["agreement"] = check.agreement
-            elif check.cosine is not None:
-                entry["cosine"] = check.cosine
-            entry["snr_db"] = check.snr_db
-        results[name] = entry
-    return results
+    return outputs, labels
+
+
+def _scores(
+    name: str, output: Tensor, stacked: Mapping[str, Tensor], labels: list[Tensor], reference: str
+) -> dict[str, float]:
+    """Accuracy against the labels, and agreement (or cosine) and SNR against the reference predictor."""
+    entry: dict[str, float] = {}
+    if labels and output.dim() == 2 and output.shape[0] == sum(len(t) for t in labels):
+        entry["accuracy"] = (output.argmax(1) == torch.cat(labels)).float().mean().item()
+    if name != reference and reference in stacked:
+        # Argmax agreement only where the batches say the output is logits; an embedding gets its cosine.
+        check = compare_outputs([stacked[reference]], [output], classification=bool(labels))
+        if check.agreement is not None:
+            entry["agreement"] = check.agreement
+        elif check.cosine is not None:
+            entry["cosine"] = check.cosine
+        entry["snr_db"] = check.snr_db
+    return entry
