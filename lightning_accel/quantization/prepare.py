@@ -225,20 +225,7 @@ def prepare_qat_(
     validate_activations(activations)
     validate_embeddings(embeddings)
     if is_prepared(model):
-        prepared = quantized_modules(model)
-        bits = {m.weight_quant.qmax for m in prepared.values()}
-        if bits != {weight_qmax(weight_bits)}:
-            raise ValueError(
-                f"`weight_bits`: the model is already prepared with weights in +-{sorted(bits)}, which "
-                f"weight_bits={weight_bits} (+-{weight_qmax(weight_bits)}) contradicts; prepare a fresh copy"
-            )
-        schemes = {"dynamic" if is_dynamic(m) else "static" for m in prepared.values() if isinstance(m, nn.Linear)}
-        if schemes and schemes != {activations}:
-            raise ValueError(
-                f"`activations`: the model is already prepared with {sorted(schemes)} activations, which "
-                f"activations={activations!r} contradicts; prepare a fresh copy"
-            )
-        return prepared
+        return _already_prepared(model, weight_bits, activations)
     pairs = _conv_bn_pairs(model) if fold_bn else {}
     relus = _relu_followers(model)
     read_by_attention = attention_kernel_children(model)
@@ -259,35 +246,7 @@ def prepare_qat_(
     else:
         float_outputs = _float_outputs(model, selected, relus, outputs, example_input)
     for name, module in selected.items():
-        module.__class__ = _quantized_class(type(module))
-        if dynamic and isinstance(module, nn.Linear):
-            module.input_quant = DynamicActivationFakeQuant()
-        else:
-            module.input_quant = ActivationFakeQuant()
-            module.input_quant.is_input = True
-        module.weight_quant = WeightFakeQuant(module.weight.shape[0], weight_qmax(weight_bits))
-        module.folded_name = name
-        module._fold_check = None
-        bn_name, bn = pairs.get(name, (None, None))
-        if bn is None:
-            object.__setattr__(module, "folded_bn", None)
-            if name in float_outputs:
-                module.output_quant = None  # the runtime's int8 kernel gives a float output here
-                module.float_output_reason = float_outputs[name]
-                continue
-            module.output_quant = ActivationFakeQuant()
-            if name in relus:
-                _quantize_after_relu(module, relus[name])
-            continue
-        module.output_quant = None
-        object.__setattr__(module, "folded_bn", bn)
-        bn.output_quant = ActivationFakeQuant()
-        if bn_name in relus:
-            _quantize_after_relu(bn, relus[bn_name])
-        bn.folded_name = bn_name
-        object.__setattr__(bn, "folded_into", module)
-        bn.register_forward_pre_hook(_check_bn_input)
-        bn.register_forward_hook(_quantize_bn_output)
+        _prepare_layer_(module, name, weight_bits, dynamic, float_outputs.get(name), pairs.get(name), relus)
     if embeddings == "int8":
         for embedding in select_modules(model, None, exclude, types=(nn.Embedding,)).values():
             if is_quantizable_embedding(embedding):
@@ -296,6 +255,65 @@ def prepare_qat_(
     device = next(model.parameters()).device
     model.to(device)  # the new buffers follow the parameters
     return selected
+
+
+def _already_prepared(model: nn.Module, weight_bits: int, activations: str) -> dict[str, nn.Module]:
+    """The prepared modules of a model prepared before, if that preparation agrees with these settings."""
+    prepared = quantized_modules(model)
+    bits = {m.weight_quant.qmax for m in prepared.values()}
+    if bits != {weight_qmax(weight_bits)}:
+        raise ValueError(
+            f"`weight_bits`: the model is already prepared with weights in +-{sorted(bits)}, which "
+            f"weight_bits={weight_bits} (+-{weight_qmax(weight_bits)}) contradicts; prepare a fresh copy"
+        )
+    schemes = {"dynamic" if is_dynamic(m) else "static" for m in prepared.values() if isinstance(m, nn.Linear)}
+    if schemes and schemes != {activations}:
+        raise ValueError(
+            f"`activations`: the model is already prepared with {sorted(schemes)} activations, which "
+            f"activations={activations!r} contradicts; prepare a fresh copy"
+        )
+    return prepared
+
+
+def _prepare_layer_(
+    module: nn.Module,
+    name: str,
+    weight_bits: int,
+    dynamic: bool,
+    float_output_reason: str | None,
+    folded: tuple[str, nn.Module] | None,
+    relus: dict[str, nn.Module],
+) -> None:
+    """Turn one selected layer into its fake-quantized subclass, with its quantizers (and its folded BatchNorm)."""
+    module.__class__ = _quantized_class(type(module))
+    if dynamic and isinstance(module, nn.Linear):
+        module.input_quant = DynamicActivationFakeQuant()
+    else:
+        module.input_quant = ActivationFakeQuant()
+        module.input_quant.is_input = True
+    module.weight_quant = WeightFakeQuant(module.weight.shape[0], weight_qmax(weight_bits))
+    module.folded_name = name
+    module._fold_check = None
+    if folded is None:
+        object.__setattr__(module, "folded_bn", None)
+        if float_output_reason is not None:
+            module.output_quant = None  # the runtime's int8 kernel gives a float output here
+            module.float_output_reason = float_output_reason
+            return
+        module.output_quant = ActivationFakeQuant()
+        if name in relus:
+            _quantize_after_relu(module, relus[name])
+        return
+    bn_name, bn = folded
+    module.output_quant = None
+    object.__setattr__(module, "folded_bn", bn)
+    bn.output_quant = ActivationFakeQuant()
+    if bn_name in relus:
+        _quantize_after_relu(bn, relus[bn_name])
+    bn.folded_name = bn_name
+    object.__setattr__(bn, "folded_into", module)
+    bn.register_forward_pre_hook(_check_bn_input)
+    bn.register_forward_hook(_quantize_bn_output)
 
 
 def validate_weight_bits(weight_bits: object) -> None:
