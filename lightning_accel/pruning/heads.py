@@ -161,22 +161,30 @@ class _HeadTrace(TorchFunctionMode):
         elif name in _SAME_PLACE_OPS and isinstance(result, Tensor) and result.shape == first.shape:
             self.tag(result, tag)
         elif name == "scaled_dot_product_attention":
-            q, k, v = (self.tag_of(t) for t in args[:3])
-            if all(isinstance(t, _Projection) for t in (q, k, v)):
-                rows = list(zip(_batch_rows(q.ids, False), _batch_rows(k.ids, False), strict=True))
-                scores = _Scores(q.layer, k.layer, rows, torch.Size(()))
-                self.tag(result, _context(scores, v, result))
+            self._follow_sdpa(args, result)
         elif name in _MATMULS and len(args) == 2:
-            a, b = (self.tag_of(t) for t in args)
-            if isinstance(a, _Projection) and isinstance(b, _Projection):
-                rows = list(zip(_batch_rows(a.ids, False), _batch_rows(b.ids, True), strict=True))
-                self.tag(result, _Scores(a.layer, b.layer, rows, result.shape))
-            elif isinstance(a, _Scores) and isinstance(b, _Projection):
-                self.tag(result, _context(a, b, result))
+            self._follow_matmul(args, result)
         elif isinstance(tag, _Scores) and isinstance(result, Tensor) and result.shape == tag.shape:
             self.tag(result, tag)  # scaling, masking, softmax, dropout: elementwise on the scores
         elif len(tagged) == 1 and isinstance(result, Tensor) and result.shape == first.shape:
             self.tag(result, tag)  # an elementwise op with an untagged operand (q * scale) keeps every channel
+
+    def _follow_sdpa(self, args: tuple, result: Any) -> None:
+        """``scaled_dot_product_attention(q, k, v)``: the context of the heads the three projections hold."""
+        q, k, v = (self.tag_of(t) for t in args[:3])
+        if all(isinstance(t, _Projection) for t in (q, k, v)):
+            rows = list(zip(_batch_rows(q.ids, False), _batch_rows(k.ids, False), strict=True))
+            scores = _Scores(q.layer, k.layer, rows, torch.Size(()))
+            self.tag(result, _context(scores, v, result))
+
+    def _follow_matmul(self, args: tuple, result: Any) -> None:
+        """``q @ k^T`` gives the scores of the heads; ``scores @ v`` their context."""
+        a, b = (self.tag_of(t) for t in args)
+        if isinstance(a, _Projection) and isinstance(b, _Projection):
+            rows = list(zip(_batch_rows(a.ids, False), _batch_rows(b.ids, True), strict=True))
+            self.tag(result, _Scores(a.layer, b.layer, rows, result.shape))
+        elif isinstance(a, _Scores) and isinstance(b, _Projection):
+            self.tag(result, _context(a, b, result))
 
 
 def _with_ids(tag: Any, ids: Tensor) -> Any:
