@@ -208,6 +208,17 @@ def test_load_quantized_rebuilds_the_int8_model_from_a_checkpoint(tmp_path):
         load_quantized(module_with_example(), tmp_path / "plain.ckpt")
 
 
+def _fit_then_export(tmp_path, common, fit_only=()):
+    """Train with the command line ``common`` (plus ``fit_only``), then export from its checkpoint: both reports."""
+    fit = build_cli(
+        ["fit", *common, *fit_only, "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    )
+    trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path / 'export'}"])
+    return trained, json.loads(next((tmp_path / "export").rglob("report.json")).read_text())
+
+
 def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["lightning-accel"])
@@ -216,21 +227,10 @@ def test_lightning_accel_export_writes_every_artifact_and_the_report_from_a_chec
         "examples/digits/accelerate.yaml",
         "--trainer.enable_progress_bar=false",
         "--report.plots=false",
+        "--trainer.max_epochs=2",
     ]
-    fit = build_cli(
-        [
-            "fit",
-            *common,
-            "--trainer.max_epochs=2",
-            "--test_after_fit=false",
-            "--precision.precision=bf16-mixed",  # the export below is not told: the checkpoint says so
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-        ]
-    )
-    trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
-    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
-    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path / 'export'}"])
-    exported = json.loads(next((tmp_path / "export").rglob("report.json")).read_text())
+    # The export is not told the precision: the checkpoint says so.
+    trained, exported = _fit_then_export(tmp_path, common, fit_only=["--precision.precision=bf16-mixed"])
     assert {"fp32 state dict", "fp32 ONNX", "int8 ONNX", "sparse int8"} <= set(exported["sizes"])
     assert exported["model"]["sparsity"] == pytest.approx(trained["model"]["sparsity"])
     assert exported["quality"]["ORT int8"]["accuracy"] == pytest.approx(trained["quality"]["ORT int8"]["accuracy"])
@@ -478,14 +478,7 @@ def test_lightning_accel_export_of_a_channel_pruning_and_qat_run_writes_the_slim
         "--report.latency=false",
         "--report.max_batches=2",
     ]
-    fit = build_cli(
-        ["fit", *common, "--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}"]
-    )
-    trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
-    checkpoint = next(tmp_path.rglob("*.ckpt"))
-    exported_root = tmp_path / "export"
-    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={exported_root}"])
-    exported = json.loads(next(exported_root.rglob("report.json")).read_text())
+    trained, exported = _fit_then_export(tmp_path, [*common, "--trainer.max_epochs=2"])
     assert {"slim fp32 ONNX", "int8 ONNX"} <= set(exported["sizes"])
     assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]  # slimmed alike
     assert exported["sizes"]["slim fp32 ONNX"]["bytes"] == trained["sizes"]["slim fp32 ONNX"]["bytes"]
