@@ -21,8 +21,9 @@ from benchmarks.common import THREADS, Section, goal
 from examples.minilm import SentenceEncoder
 from examples.minilm.data import minilm_path, validation_texts
 from lightning_accel import calibrate_, export_onnx
+from lightning_accel.export.check import ort_session
 from lightning_accel.quantization import as_evaluated
-from lightning_accel.report.measure import median_latencies, ort_session
+from lightning_accel.report.measure import median_latencies
 
 SEQUENCE = 128
 STATIC_DEFAULT = "ours PTQ static, outputs='graph' (default), 7-bit"

@@ -20,8 +20,8 @@ from torch import nn
 from benchmarks.common import THREADS, Section, goal, interleaved_ratio, quiet_trainer
 from examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_accel import QuantizationAwareTraining, calibrate_, export_onnx
-from lightning_accel.export.check import compare_outputs
-from lightning_accel.report.measure import median_latencies, ort_session
+from lightning_accel.export.check import compare_outputs, ort_session
+from lightning_accel.report.measure import median_latencies
 
 
 class BenchCNN(nn.Module):

@@ -17,8 +17,9 @@ from lightning import seed_everything
 from benchmarks.common import THREADS, Section, goal, quiet_trainer
 from examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_accel import MagnitudePruning, calibrate_, count_macs, export_onnx, find_channel_groups, slim
+from lightning_accel.export.check import ort_session
 from lightning_accel.pruning import group_masks
-from lightning_accel.report.measure import median_latencies, ort_session
+from lightning_accel.report.measure import median_latencies
 from tests.slim_models import ResNet
 
 SPARSITY = 0.5

@@ -17,8 +17,9 @@ import torch
 
 from examples.digits_transformer import DigitsTransformerClassifier
 from lightning_accel import export_onnx, load_quantized
+from lightning_accel.export.check import ort_session
 from lightning_accel.quantization.prepare import float_copy
-from lightning_accel.report.measure import cpu_description, describe_cpu, median_latencies, ort_session
+from lightning_accel.report.measure import cpu_description, describe_cpu, median_latencies
 
 SEQUENCE = 128
 

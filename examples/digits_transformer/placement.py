@@ -29,9 +29,9 @@ from benchmarks.common import quiet_trainer
 from examples.digits import DigitsDataModule
 from examples.digits_transformer import DigitsTransformerClassifier
 from lightning_accel import QuantizationAwareTraining, calibrate_, export_onnx
-from lightning_accel.export.check import compare_outputs
+from lightning_accel.export.check import compare_outputs, ort_session
 from lightning_accel.quantization.prepare import float_copy
-from lightning_accel.report.measure import cpu_description, describe_cpu, ort_session
+from lightning_accel.report.measure import cpu_description, describe_cpu
 
 PLACEMENTS = ("all", "auto")
 

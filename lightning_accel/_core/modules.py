@@ -25,6 +25,10 @@ WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Con
 _GLOB_CHARACTERS = frozenset("*?[")
 
 
+#: torch's BatchNorm layers (a subclass with an activation inside is told apart where it matters).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` computes ``x @ weight + bias`` with ``weight`` stored ``in x out`` (GPT-2's ``Conv1D``).
 

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_accel._core.files import atomic_write_bytes
+from lightning_accel._core.inputs import example_input
 from lightning_accel._core.stage import Contribution, DeployingCallback, register_stage
 from lightning_accel.deploy.compose import dry_run_combined_exports, slim_evaluated
 from lightning_accel.export.check import ExportCheck
@@ -327,8 +328,7 @@ def deploy_for_trainer(trainer: Any, pl_module: nn.Module) -> Deployment | None:
     contributions = contributions_of(trainer.callbacks, trainer, pl_module)  # each warns of what it skips
     if trainer.fast_dev_run:
         return Deployment(notes=["fast_dev_run: no artifact was built"])
-    example = getattr(pl_module, "example_input_array", None)
-    example = tuple(example) if isinstance(example, list) else example
+    example = example_input(pl_module)
     return build_artifacts(pl_module, contributions, example, precision=str(trainer.precision))
 
 

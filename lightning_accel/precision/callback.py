@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.graph import tensors_in
 from lightning_accel._core.logging import add_hyperparameters
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_bool, validate_int
@@ -226,7 +227,7 @@ class MixedPrecision(DeployingCallback):
         """Note the step (reported on failure), and convert 4-D float inputs to channels-last in place."""
         self._batch_step = trainer.global_step
         if self.channels_last:
-            for tensor in _tensors_in(batch):
+            for tensor in tensors_in(batch):
                 if tensor.dim() == 4 and tensor.is_floating_point():
                     tensor.data = tensor.contiguous(memory_format=torch.channels_last)
 
@@ -287,16 +288,6 @@ class MixedPrecision(DeployingCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the skipped-step count."""
         self._skipped_steps = int(state_dict.get("skipped_steps", 0))
-
-
-def _tensors_in(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        return [t for item in batch for t in _tensors_in(item)]
-    return []
 
 
 def _first_nonfinite_grad(module: torch.nn.Module) -> str | None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_accel._core.distributed import decide_on_rank_zero
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.inputs import example_input
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.stage import Contribution, DeployingCallback
@@ -44,7 +45,6 @@ from lightning_accel.pruning.masks import (
 from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
 from lightning_accel.pruning.selection import (
     check_n_m_fits,
-    example_of,
     select_weight_parameters,
     warn_about_emptied_layers,
 )
@@ -246,7 +246,7 @@ class MagnitudePruning(DeployingCallback):
                 f"together, and needs an example input: set `self.example_input_array` in "
                 f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
             )
-        example = example_of(pl_module)
+        example = example_input(pl_module)
         # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
         self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
         # Proven before training: removing half of each group on a copy must compute what the masked copy computes.

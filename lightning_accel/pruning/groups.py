@@ -20,10 +20,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_accel._core.modules import BATCH_NORMS
+
 Role = Literal["out", "in"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LAYERS = (nn.Linear, *_CONVS)
 
 
@@ -110,7 +111,7 @@ def layer_slices(module: nn.Module, role: Role, transposed: bool = False) -> lis
     """
     if transposed:
         return [("weight", 1), ("bias", 0)] if role == "out" else [("weight", 0)]
-    if isinstance(module, _BATCH_NORMS) or is_depthwise(module) or role == "out":
+    if isinstance(module, BATCH_NORMS) or is_depthwise(module) or role == "out":
         return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
     return [("weight", 1)]
 

@@ -16,13 +16,6 @@ from lightning_accel._core.modules import (
 )
 from lightning_accel.pruning.groups import is_depthwise
 
-
-def example_of(pl_module: LightningModule) -> Any:
-    """``example_input_array``, with a list taken as positional inputs (Lightning's convention)."""
-    example = pl_module.example_input_array
-    return tuple(example) if isinstance(example, list) else example
-
-
 #: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
 EMPTIED_LAYER = 0.99
 

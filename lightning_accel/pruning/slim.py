@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._core.modules import is_transposed_linear, module_copy
+from lightning_accel._core.modules import BATCH_NORMS, is_transposed_linear, module_copy
 from lightning_accel._core.views import float_view
 from lightning_accel.export.check import check_rewrite
 from lightning_accel.export.onnx import export_float_onnx
@@ -35,7 +35,6 @@ from lightning_accel.pruning.groups import (
 from lightning_accel.pruning.trace import find_channel_groups
 
 Role = Literal["out", "in"]
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
@@ -73,7 +72,7 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
                 continue  # replaced as a whole below
         for member in group.members:
             module = modules[member.module]
-            role = "out" if isinstance(module, _BATCH_NORMS) or is_depthwise(module) else member.role
+            role = "out" if isinstance(module, BATCH_NORMS) or is_depthwise(module) else member.role
             size = _dimension_size(module, role)
             kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
             kept[member.indices[~alive[member.root_indices]]] = False
@@ -122,7 +121,7 @@ def _update_head_attributes(model: nn.Module, group: ChannelGroup, heads: int) -
 
 
 def _dimension_size(module: nn.Module, role: Role) -> int:
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, BATCH_NORMS):
         return module.num_features
     if isinstance(module, nn.Linear):
         return module.out_features if role == "out" else module.in_features
@@ -155,7 +154,7 @@ def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
                 setattr(module, attribute, module.weight.shape[dim])
         return
     depthwise = is_depthwise(module)  # before resizing: it compares the channel counts
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, BATCH_NORMS):
         set_parameter("weight", 0)
         set_parameter("bias", 0)
         for buffer in ("running_mean", "running_var"):

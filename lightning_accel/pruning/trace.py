@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_accel._core.graph import eager_only
-from lightning_accel._core.modules import is_transposed_linear, module_copy, select_weights
+from lightning_accel._core.inputs import as_model_input
+from lightning_accel._core.modules import BATCH_NORMS, is_transposed_linear, module_copy, select_weights
 from lightning_accel.pruning.groups import (
-    _BATCH_NORMS,
     _CONVS,
     _LAYERS,
     ChannelGroup,
@@ -44,7 +44,7 @@ def _require_torch_pruning() -> Any:
 
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why a module with parameters cannot take part in a removable group, or ``None`` when it can."""
-    if isinstance(module, (nn.Linear, *_BATCH_NORMS)):
+    if isinstance(module, (nn.Linear, *BATCH_NORMS)):
         return None
     if isinstance(module, _CONVS):
         if module.groups == 1 or is_depthwise(module):
@@ -98,7 +98,7 @@ def find_channel_groups(
     selected = select_weights(model, include, exclude)
     transposed = {name for name, m in model.named_modules() if is_transposed_linear(m)}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS) or name in transposed}
-    example = tuple(example_input) if isinstance(example_input, list) else example_input
+    example = as_model_input(example_input)
     if not layers:
         weight_holders = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
         raise ValueError(

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_accel._core.inputs import as_model_input, example_input
 from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
@@ -32,17 +33,6 @@ from lightning_accel.quantization.ranges import (
     observed_ranges,
     update_ranges,
 )
-
-
-def _as_example(inputs: Any) -> Any:
-    """A picked batch input in the form the tracer and ``export_onnx`` take (a list becomes a tuple)."""
-    return tuple(inputs) if isinstance(inputs, list) else inputs
-
-
-def example_input(pl_module: LightningModule) -> Any:
-    """The module's ``example_input_array`` (a list becomes a tuple of positional inputs)."""
-    example = pl_module.example_input_array
-    return tuple(example) if isinstance(example, list) else example
 
 
 def default_model_input(batch: Any) -> Any:
@@ -167,7 +157,7 @@ def check_batches(
         try:
             for batch in loader:
                 inputs = picker(batch)
-                inputs = tuple(inputs) if isinstance(inputs, list) else inputs
+                inputs = as_model_input(inputs)
                 if not _same_structure(inputs, example):
                     break
                 picked.append(inputs)
@@ -242,7 +232,7 @@ def calibrate_(
     first = next(batches, None)
     if first is None:
         raise ValueError("`batches` yielded no batch to calibrate on")
-    example = _as_example(picker(first))  # the placement is traced on the first batch
+    example = as_model_input(picker(first))  # the placement is traced on the first batch
     prepare_qat_(
         model,
         include,

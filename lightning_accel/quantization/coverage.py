@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_accel._core.modules import BATCH_NORMS
 from lightning_accel.quantization.embeddings import QuantizedEmbedding, quantized_embeddings
-from lightning_accel.quantization.layers import _BATCH_NORMS, QUANTIZED_CLASSES, _Quantized
+from lightning_accel.quantization.layers import QUANTIZED_CLASSES, _Quantized
 from lightning_accel.quantization.prepare import attention_kernel_children, is_plain_batch_norm
 
 
@@ -44,7 +45,7 @@ def left_in_float(model: nn.Module, limit: int = 6) -> str:
     unfolded = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, _BATCH_NORMS) and getattr(m, "folded_into", None) is None and not is_plain_batch_norm(m)
+        if isinstance(m, BATCH_NORMS) and getattr(m, "folded_into", None) is None and not is_plain_batch_norm(m)
     ]
     if unfolded:
         by_reason[

@@ -18,8 +18,6 @@ from torch import Tensor, nn
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant, dynamic_linear_for_export, is_dynamic
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_bias
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 
 class _Quantized:
     """Forward of a fake-quantized Linear or Conv; mixed into a subclass of the original class."""

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_accel._core.graph import trace_consumers
-from lightning_accel._core.modules import describe_selection, module_copy, select_modules
+from lightning_accel._core.modules import BATCH_NORMS, describe_selection, module_copy, select_modules
 from lightning_accel._core.views import register_float_view
 from lightning_accel.quantization.dynamic import (
     DEFAULT_ACTIVATIONS,
@@ -52,7 +52,6 @@ from lightning_accel.quantization.layers import (
     quantizable_base,
 )
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -88,7 +87,7 @@ def is_plain_batch_norm(module: nn.Module) -> bool:
     activation inside the norm module, and folding it into the conv would drop that activation from the export.
     """
     return (
-        isinstance(module, _BATCH_NORMS)
+        isinstance(module, BATCH_NORMS)
         and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
         and not any(True for _ in module.children())
     )
@@ -357,7 +356,7 @@ def set_qat_phase(model: nn.Module, fake_quant: bool, observe: bool) -> None:
 
 def iter_batch_norms(model: nn.Module) -> Iterator[nn.Module]:
     """Every BatchNorm module of ``model``."""
-    return (m for m in model.modules() if isinstance(m, _BATCH_NORMS))
+    return (m for m in model.modules() if isinstance(m, BATCH_NORMS))
 
 
 def float_copy(model: nn.Module) -> nn.Module:
@@ -377,7 +376,7 @@ def float_copy(model: nn.Module) -> nn.Module:
         elif isinstance(module, QuantizedEmbedding):
             module.__class__ = nn.Embedding
             module._modules.pop("weight_quant", None)
-        elif isinstance(module, _BATCH_NORMS) and "output_quant" in module._modules:
+        elif isinstance(module, BATCH_NORMS) and "output_quant" in module._modules:
             module._modules.pop("output_quant")
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):

@@ -13,6 +13,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_accel._core.inputs import example_input
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
@@ -20,7 +21,6 @@ from lightning_accel.quantization.calibration import (
     batch_labels,
     batch_picker,
     calibrate_,
-    example_input,
     first_batch,
     run_model,
 )

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_accel._core.logging import add_hyperparameters, log_text
 from lightning_accel._core.stage import Contribution
 from lightning_accel.deploy.stage import build_artifacts, contributions_of
-from lightning_accel.export.check import onnx_feed, onnx_outputs
+from lightning_accel.export.check import onnx_feed, onnx_outputs, ort_session
 from lightning_accel.export.sparse import load_sparse_
 from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
 from lightning_accel.report.markdown import (
@@ -29,7 +29,6 @@ from lightning_accel.report.measure import (
     describe_cpu,
     evaluate,
     latency_spreads,
-    ort_session,
     weight_sparsity,
 )
 

@@ -215,16 +215,6 @@ def latency_spreads(
     return spreads()
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def classification_pairs(batch: Any) -> tuple[Any, Tensor] | None:
     """``(input, labels)`` when a batch is an (input, integer class) pair or a dict with integer ``labels``."""
     if isinstance(batch, Mapping):
