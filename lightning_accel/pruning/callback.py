@@ -19,7 +19,6 @@ from lightning_accel._core.logging import add_hyperparameters, log_text, selecti
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import (
     check_state_version,
-    resolve_step,
     validate_bool,
     validate_int,
     validate_patterns,
@@ -28,7 +27,6 @@ from lightning_accel._core.validation import (
 from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
     ChannelGroups,
-    channel_sparsity,
     group_masks,
 )
 from lightning_accel.pruning.importance import IMPORTANCES, TaylorImportance
@@ -40,12 +38,14 @@ from lightning_accel.pruning.masks import (
     local_part,
     local_tensor,
     parse_pattern,
-    tensor_sparsity,
 )
-from lightning_accel.pruning.schedule import sparsity_at, validate_schedule
+from lightning_accel.pruning.schedule import resolve_schedule_steps, sparsity_at, validate_schedule
 from lightning_accel.pruning.selection import (
+    best_checkpoint_below_target,
+    check_masks_fit,
     check_n_m_fits,
     select_weight_parameters,
+    sparsity_metrics,
     warn_about_emptied_layers,
 )
 from lightning_accel.pruning.slim import dry_run_slim_export, removable_groups
@@ -92,9 +92,8 @@ class MagnitudePruning(DeployingCallback):
         scope: For unstructured pruning, ``"lamp"`` (default) ranks all selected weights together by a
             scale-aware score (LAMP: each weight against the weights of its own layer at least as large), so layers
             whose weights are small by initialisation are not emptied first; ``"global"`` ranks them by magnitude
-            alone (Lightning's ``ModelPruning``); ``"layer"`` prunes the same fraction of each. Measured at 90% on
-            ResNet-50- and MobileNetV3-shaped CNNs: 0.985 / 0.967 test accuracy with ``"lamp"``, 0.959 / 0.944 with
-            ``"global"`` (``benchmarks/scopes``). Structured patterns always work per layer.
+            alone (Lightning's ``ModelPruning``); ``"layer"`` prunes the same fraction of each (the method card has
+            the measurements). Structured patterns always work per layer.
         include: Patterns naming modules whose Linear/Conv weights are pruned (``"encoder.*"``, ``"head"``), or
             parameters (``"*.in_proj_weight"``). ``None`` selects the weight of every ``nn.Linear`` and
             ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
@@ -107,10 +106,8 @@ class MagnitudePruning(DeployingCallback):
         importance: With ``pattern="channels"``, how channels and heads are ranked: ``"taylor"`` (the default,
             ``None``, for channels): first-order Taylor, ``|w * dL/dw|`` summed over the group's slices and over the
             optimizer steps since the masks were last computed; or ``"magnitude"``: summed squared weights of the
-            group's slices. A recompute before any step was taken ranks by magnitude. Chosen by measurement:
-            slimming the pretrained MiniLM's heads and FFN units with distillation kept a cosine of 0.905 with
-            Taylor against 0.850 with magnitude at 25%, 0.793 against 0.697 at 50% (``benchmarks/minilm``). Other
-            patterns rank by magnitude.
+            group's slices. A recompute before any step was taken ranks by magnitude (Taylor was chosen by
+            measurement: see the method card). Other patterns rank by magnitude.
 
     Example:
         >>> from lightning import Trainer
@@ -198,19 +195,9 @@ class MagnitudePruning(DeployingCallback):
 
     def _resolve_schedule(self, trainer: Trainer) -> None:
         """Turn fractional ``start_step``/``end_step`` into optimizer steps of this fit."""
-        total = trainer.estimated_stepping_batches
         end_step = DEFAULT_END_FRACTION if self.end_step is None else self.end_step
-        start = resolve_step("start_step", self.start_step, total)
-        end = resolve_step("end_step", end_step, total)
-        if end <= start:
-            if isinstance(end_step, float):  # a fraction of a short fit: prune at once after the start
-                end = start + 1
-            else:
-                raise ValueError(
-                    f"`end_step` ({end_step!r}) must come after `start_step` ({self.start_step!r} = step {start}) "
-                    f"in this fit of {total} steps"
-                )
-        self._resolved_start_step, self._resolved_end_step = start, end
+        steps = resolve_schedule_steps(trainer.estimated_stepping_batches, self.start_step, end_step)
+        self._resolved_start_step, self._resolved_end_step = steps
 
     def _is_due(self, step: int, target: float) -> bool:
         if target == self._mask_sparsity:
@@ -235,7 +222,7 @@ class MagnitudePruning(DeployingCallback):
         if self.pattern.kind == "N:M":
             check_n_m_fits(self._params, self.pattern.n, self.pattern.m)
         if self._masks is not None:
-            self._check_masks_fit(self._masks)
+            check_masks_fit(self._masks, self._params)
 
     def _setup_channel_groups(self, trainer: Trainer, pl_module: LightningModule, stage: Any) -> None:
         """Trace the coupled channel groups; the masks then cover every parameter slice the groups own."""
@@ -267,7 +254,7 @@ class MagnitudePruning(DeployingCallback):
                 self._taylor.load_state_dict(self._taylor_state)
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self._masks is not None:
-            self._check_masks_fit(self._masks)
+            check_masks_fit(self._masks, self._params)
         if self.export_path is not None:
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             probe_writable("MagnitudePruning", "export_path", self.resolved_export_path)
@@ -382,25 +369,7 @@ class MagnitudePruning(DeployingCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the artifacts (the deploy stage, once); warn when the "best" checkpoint is below the target."""
         super().on_fit_end(trainer, pl_module)
-        self.best_checkpoint_below_target = None
-        for checkpoint in trainer.checkpoint_callbacks:
-            path = getattr(checkpoint, "best_model_path", "")
-            if not path or getattr(checkpoint, "monitor", None) is None:
-                continue
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except (OSError, RuntimeError):
-                continue
-            state = saved.get("callbacks", {}).get(self.state_key, {})
-            sparsity = float(state.get("mask_sparsity", 0.0))
-            if sparsity < self.target_sparsity:
-                self.best_checkpoint_below_target = path
-                rank_zero_warn(
-                    f"MagnitudePruning: the best checkpoint by {checkpoint.monitor!r} ({path}) was saved at "
-                    f"{sparsity:.2%} sparsity, below the target {self.target_sparsity:.2%} that the final weights "
-                    "reached. `test(ckpt_path='best')` would score a less-pruned model than the one you deploy; "
-                    "`lightning-accel --test_after_fit` tests the final weights instead."
-                )
+        self.best_checkpoint_below_target = best_checkpoint_below_target(trainer, self.state_key, self.target_sparsity)
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What pruning hands to the deploy stage: the channel groups (exports are slimmed) and the slim path."""
@@ -441,7 +410,7 @@ class MagnitudePruning(DeployingCallback):
             )
         masks = state_dict.get("masks") or None
         if masks is not None and self._params:
-            self._check_masks_fit(masks)
+            check_masks_fit(masks, self._params)
         self._masks = masks
         self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
         self._last_step = int(state_dict.get("last_step", -1))
@@ -462,20 +431,6 @@ class MagnitudePruning(DeployingCallback):
         """The current keep-masks by parameter name (``True`` keeps the element); empty before training."""
         return dict(self._masks or {})
 
-    def _check_masks_fit(self, masks: dict[str, Tensor]) -> None:
-        if set(masks) != set(self._params):
-            raise ValueError(
-                "The checkpoint's MagnitudePruning masks belong to other parameters: the checkpoint has "
-                f"{sorted(masks)}, this model selects {sorted(self._params)}."
-            )
-        wrong = [
-            f"{name}: checkpoint {tuple(masks[name].shape)} vs model {tuple(p.shape)}"
-            for name, p in self._params.items()
-            if masks[name].shape != p.shape
-        ]
-        if wrong:
-            raise ValueError(f"The checkpoint's MagnitudePruning masks do not fit this model's shapes: {wrong}")
-
     def _set_masks(self, masks: dict[str, Tensor], sparsity: float) -> None:
         self._masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self._params.items()}
         # Zeroing acts on each rank's own shard of a sharded parameter: keep only that part of the mask.
@@ -485,15 +440,7 @@ class MagnitudePruning(DeployingCallback):
         }
         self._mask_sparsity = sparsity
         apply_masks_(self._params, self._masks)
-        if self._groups is not None:  # the fraction of channels removed, which the target counts
-            actual = channel_sparsity({name: full_tensor(p) for name, p in self._params.items()}, self._groups)
-            self._metrics = {"sparsity/target": sparsity, "sparsity/actual": actual}
-            self._metrics["sparsity/weights"] = tensor_sparsity(self._params)
-        else:
-            self._metrics = {"sparsity/target": sparsity, "sparsity/actual": tensor_sparsity(self._params)}
-        if self.log_per_layer:
-            for name, p in self._params.items():
-                self._metrics[f"sparsity/layer/{name}"] = tensor_sparsity({name: p})
+        self._metrics = sparsity_metrics(self._params, self._groups, sparsity, self.log_per_layer)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Sequence[Any], kwargs: Any) -> None:
         with torch.no_grad():

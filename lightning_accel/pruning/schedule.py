@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from lightning_accel._core.validation import validate_fraction, validate_int, validate_step
+from lightning_accel._core.validation import resolve_step, validate_fraction, validate_int, validate_step
 
 Schedule = Literal["one_shot", "linear", "cubic"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -81,3 +81,22 @@ def sparsity_at(
     progress = (step - start_step) / (end_step - start_step)
     remaining = 1.0 - progress if schedule == "linear" else (1.0 - progress) ** 3
     return float(target_sparsity + (initial_sparsity - target_sparsity) * remaining)
+
+
+def resolve_schedule_steps(total: float, start_step: int | float, end_step: int | float) -> tuple[int, int]:
+    """``start_step`` and ``end_step`` as optimizer steps of a fit of ``total`` steps (fractions resolved).
+
+    Raises:
+        ValueError: when an integer ``end_step`` does not come after the start.
+    """
+    start = resolve_step("start_step", start_step, total)
+    end = resolve_step("end_step", end_step, total)
+    if end <= start:
+        if isinstance(end_step, float):  # a fraction of a short fit: prune at once after the start
+            end = start + 1
+        else:
+            raise ValueError(
+                f"`end_step` ({end_step!r}) must come after `start_step` ({start_step!r} = step {start}) "
+                f"in this fit of {total} steps"
+            )
+    return start, end

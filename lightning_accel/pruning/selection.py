@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning import LightningModule
+import torch
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -14,7 +15,8 @@ from lightning_accel._core.modules import (
     summarize_selection,
     unpruned_weight_holders,
 )
-from lightning_accel.pruning.groups import is_depthwise
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, is_depthwise
+from lightning_accel.pruning.masks import full_tensor, tensor_sparsity
 
 #: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
 EMPTIED_LAYER = 0.99
@@ -112,3 +114,57 @@ def check_n_m_fits(params: dict[str, Tensor], n: int, m: int) -> None:
             f"multiple of {m}; these selected parameters have other shapes: {', '.join(misfits)}. Leave them dense "
             "with `exclude`."
         )
+
+
+def check_masks_fit(masks: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+    """Raise unless restored masks belong to exactly these parameters, shape for shape."""
+    if set(masks) != set(params):
+        raise ValueError(
+            "The checkpoint's MagnitudePruning masks belong to other parameters: the checkpoint has "
+            f"{sorted(masks)}, this model selects {sorted(params)}."
+        )
+    wrong = [
+        f"{name}: checkpoint {tuple(masks[name].shape)} vs model {tuple(p.shape)}"
+        for name, p in params.items()
+        if masks[name].shape != p.shape
+    ]
+    if wrong:
+        raise ValueError(f"The checkpoint's MagnitudePruning masks do not fit this model's shapes: {wrong}")
+
+
+def sparsity_metrics(
+    params: dict[str, Tensor], groups: ChannelGroups | None, target: float, per_layer: bool
+) -> dict[str, float]:
+    """What is logged: the target, the measured sparsity (the channel fraction for channel groups), per layer."""
+    if groups is not None:  # the fraction of channels removed, which the target counts
+        actual = channel_sparsity({name: full_tensor(p) for name, p in params.items()}, groups)
+        metrics = {"sparsity/target": target, "sparsity/actual": actual, "sparsity/weights": tensor_sparsity(params)}
+    else:
+        metrics = {"sparsity/target": target, "sparsity/actual": tensor_sparsity(params)}
+    if per_layer:
+        for name, p in params.items():
+            metrics[f"sparsity/layer/{name}"] = tensor_sparsity({name: p})
+    return metrics
+
+
+def best_checkpoint_below_target(trainer: Trainer, state_key: str, target: float) -> str | None:
+    """The "best" checkpoint saved below the target sparsity, warned about; ``None`` if there is none."""
+    below = None
+    for checkpoint in trainer.checkpoint_callbacks:
+        path = getattr(checkpoint, "best_model_path", "")
+        if not path or getattr(checkpoint, "monitor", None) is None:
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError):
+            continue
+        sparsity = float(saved.get("callbacks", {}).get(state_key, {}).get("mask_sparsity", 0.0))
+        if sparsity < target:
+            below = path
+            rank_zero_warn(
+                f"MagnitudePruning: the best checkpoint by {checkpoint.monitor!r} ({path}) was saved at "
+                f"{sparsity:.2%} sparsity, below the target {target:.2%} that the final weights reached. "
+                "`test(ckpt_path='best')` would score a less-pruned model than the one you deploy; "
+                "`lightning-accel --test_after_fit` tests the final weights instead."
+            )
+    return below
