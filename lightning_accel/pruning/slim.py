@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_accel._core.modules import BATCH_NORMS, is_transposed_linear, module_copy
+from lightning_accel._core.modules import BATCH_NORMS, module_copy
 from lightning_accel._core.views import float_view
 from lightning_accel.export.check import check_rewrite
 from lightning_accel.export.onnx import export_float_onnx
@@ -32,6 +32,7 @@ from lightning_accel.pruning.groups import (
     is_depthwise,
     kept_channels,
 )
+from lightning_accel.pruning.resize import dimension_size, resize_
 from lightning_accel.pruning.trace import find_channel_groups
 
 Role = Literal["out", "in"]
@@ -73,7 +74,7 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
         for member in group.members:
             module = modules[member.module]
             role = "out" if isinstance(module, BATCH_NORMS) or is_depthwise(module) else member.role
-            size = _dimension_size(module, role)
+            size = dimension_size(module, role)
             kept = keep.get((member.module, role), torch.ones(size, dtype=torch.bool)).clone()
             kept[member.indices[~alive[member.root_indices]]] = False
             keep[(member.module, role)] = kept
@@ -83,7 +84,7 @@ def slim(model: nn.Module, example_input: Any, groups: ChannelGroups | None = No
     small = module_copy(model)
     small_modules = dict(small.named_modules())
     for (name, role), kept in keep.items():
-        _resize_(small_modules[name], role, kept.nonzero().flatten())
+        resize_(small_modules[name], role, kept.nonzero().flatten())
     for owner, (group, alive) in kept_heads.items():
         attention = small_modules[owner]
         if isinstance(attention, nn.MultiheadAttention):
@@ -118,70 +119,6 @@ def _update_head_attributes(model: nn.Module, group: ChannelGroup, heads: int) -
                 value = getattr(module, attribute, None)
                 if isinstance(value, int) and value == old:
                     setattr(module, attribute, new)
-
-
-def _dimension_size(module: nn.Module, role: Role) -> int:
-    if isinstance(module, BATCH_NORMS):
-        return module.num_features
-    if isinstance(module, nn.Linear):
-        return module.out_features if role == "out" else module.in_features
-    if is_transposed_linear(module):
-        return module.weight.shape[1] if role == "out" else module.weight.shape[0]
-    return module.out_channels if role == "out" else module.in_channels
-
-
-@torch.no_grad()
-def _resize_(module: nn.Module, role: Role, kept: Tensor) -> None:
-    """Keep only positions ``kept`` of ``module``'s output (``"out"``) or input (``"in"``) channels, in place."""
-
-    def take(tensor: Tensor | None, dim: int) -> Tensor | None:
-        return None if tensor is None else tensor.index_select(dim, kept.to(tensor.device)).clone()
-
-    def set_parameter(name: str, dim: int) -> None:
-        value = getattr(module, name, None)
-        if value is not None:
-            setattr(module, name, nn.Parameter(take(value, dim), requires_grad=value.requires_grad))
-
-    count = kept.numel()
-    if is_transposed_linear(module):  # weight stored in x out; GPT-2's Conv1D reads its width from `nf`/`nx`
-        if role == "out":
-            set_parameter("weight", 1)
-            set_parameter("bias", 0)
-        else:
-            set_parameter("weight", 0)
-        for attribute, dim in (("nf", 1), ("nx", 0)):
-            if isinstance(getattr(module, attribute, None), int):
-                setattr(module, attribute, module.weight.shape[dim])
-        return
-    depthwise = is_depthwise(module)  # before resizing: it compares the channel counts
-    if isinstance(module, BATCH_NORMS):
-        set_parameter("weight", 0)
-        set_parameter("bias", 0)
-        for buffer in ("running_mean", "running_var"):
-            if getattr(module, buffer, None) is not None:
-                setattr(module, buffer, take(getattr(module, buffer), 0))
-        module.num_features = count
-        return
-    if role == "out" or depthwise:
-        old_count = module.weight.shape[0]
-        set_parameter("weight", 0)
-        set_parameter("bias", 0)
-        for child in module.children():  # per-output-channel state (a QAT weight quantizer's scales) follows
-            for name, buffer in list(child.named_buffers(recurse=False)):
-                if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == old_count and buffer.numel() > 1:
-                    setattr(child, name, take(buffer, 0))
-        if isinstance(module, nn.Linear):
-            module.out_features = count
-        else:
-            module.out_channels = count
-            if depthwise:
-                module.in_channels = module.groups = count
-        return
-    set_parameter("weight", 1)
-    if isinstance(module, nn.Linear):
-        module.in_features = count
-    else:
-        module.in_channels = count
 
 
 def slim_checked(model: nn.Module, example_input: Any, groups: ChannelGroups | None = None) -> nn.Module:
