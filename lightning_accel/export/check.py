@@ -108,7 +108,7 @@ def output_tensors(outputs: Any) -> list[Tensor]:
 
 
 @torch.no_grad()
-def run_example(model: nn.Module, example_input: Any) -> Any:
+def run_float32(model: nn.Module, example_input: Any) -> Any:
     """Run ``model`` on an example input (floating inputs as float32, on the model's device); return its output."""
     args, kwargs, _ = split_example(example_input)
     device = next(model.parameters()).device
@@ -117,7 +117,7 @@ def run_example(model: nn.Module, example_input: Any) -> Any:
 
 def torch_outputs(model: nn.Module, example_input: Any) -> list[Tensor]:
     """Run ``model`` on an example input and return its output tensors, float32 on CPU."""
-    return [t.detach().float().cpu() for t in output_tensors(run_example(model, example_input))]
+    return [t.detach().float().cpu() for t in output_tensors(run_float32(model, example_input))]
 
 
 def onnx_session(path: str | Path) -> Any:

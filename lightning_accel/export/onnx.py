@@ -28,7 +28,7 @@ from lightning_accel.export.check import (
     check_onnx,
     named_outputs,
     output_tensors,
-    run_example,
+    run_float32,
     split_example,
 )
 from lightning_accel.export.int8_passes import share_identical_scalars, store_int8_weights, store_int32_biases
@@ -130,7 +130,7 @@ def write_onnx(
     onnx = _require_onnx()
     inputs = [example_input, *(check_inputs or ())]
     args, kwargs, input_names = split_example(example_input)
-    raw_output = run_example(traced, example_input)
+    raw_output = run_float32(traced, example_input)
     output_names = _output_names(raw_output)
     if not _is_plain_output(raw_output):
         # The tracer cannot map keyword inputs onto a ``**kwargs`` signature: the wrapper takes every input

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_accel._core.inputs import as_model_input, example_input
+from lightning_accel._core.inputs import as_model_input, batch_labels, example_input
 from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
@@ -325,16 +325,6 @@ def first_batch(trainer: Trainer) -> Any:
         except (StopIteration, TypeError):
             continue
     return None
-
-
-def batch_labels(batch: Any) -> torch.Tensor | None:
-    """The integer class labels of a batch: an (input, class) pair's second element or a dict's ``labels``."""
-    if isinstance(batch, Mapping):
-        labels = batch.get("labels")
-    else:
-        labels = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
-    is_classes = isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
-    return labels if is_classes else None
 
 
 def classification_batches(trainer: Trainer) -> bool | None:

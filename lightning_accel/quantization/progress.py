@@ -17,9 +17,9 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_accel._core.inputs import batch_labels
 from lightning_accel.export.check import output_tensors
 from lightning_accel.quantization.calibration import (
-    batch_labels,
     batch_picker,
     calibrate_,
     fresh_train_loader,

@@ -13,12 +13,11 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_accel._core.inputs import example_input
+from lightning_accel._core.inputs import batch_labels, example_input
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
 from lightning_accel.quantization.calibration import (
-    batch_labels,
     batch_picker,
     calibrate_,
     first_batch,

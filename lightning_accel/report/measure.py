@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_accel._core.inputs import batch_labels
 from lightning_accel._core.modules import WEIGHT_MODULE_TYPES
-from lightning_accel.export.check import compare_outputs, run_example
+from lightning_accel.export.check import compare_outputs, run_float32
 
 #: CPU flags that decide int8 speed (and, without VNNI, int8 exactness of full-range weights in ONNX Runtime).
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -118,7 +119,7 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
     training = model.training
     try:
-        run_example(model.eval(), example_input)
+        run_float32(model.eval(), example_input)
     finally:
         model.train(training)
         for handle in handles:
@@ -217,16 +218,12 @@ def latency_spreads(
 
 def classification_pairs(batch: Any) -> tuple[Any, Tensor] | None:
     """``(input, labels)`` when a batch is an (input, integer class) pair or a dict with integer ``labels``."""
-    if isinstance(batch, Mapping):
-        labels = batch.get("labels")
-        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
-            return {k: v for k, v in batch.items() if k != "labels"}, labels
+    labels = batch_labels(batch)
+    if labels is None:
         return None
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        labels = batch[1]
-        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
-            return batch[0], labels
-    return None
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != "labels"}, labels
+    return batch[0], labels
 
 
 def evaluate(
