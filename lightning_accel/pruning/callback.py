@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,29 +26,29 @@ from lightning_accel._core.validation import (
 from lightning_accel.pruning.export import validate_slim_export_path
 from lightning_accel.pruning.groups import (
     ChannelGroups,
-    group_masks,
 )
-from lightning_accel.pruning.importance import IMPORTANCES, TaylorImportance
+from lightning_accel.pruning.importance import TaylorImportance
 from lightning_accel.pruning.masks import (
-    SCOPES,
     apply_masks_,
-    compute_masks,
     full_tensor,
     local_part,
     local_tensor,
-    parse_pattern,
 )
 from lightning_accel.pruning.schedule import resolve_schedule_steps, sparsity_at, validate_schedule
 from lightning_accel.pruning.selection import (
     best_checkpoint_below_target,
+    check_importance,
     check_masks_fit,
     check_n_m_fits,
+    check_pattern_options,
+    next_masks,
+    plan_channel_groups,
+    report_final_sparsity,
     select_weight_parameters,
     sparsity_metrics,
-    warn_about_emptied_layers,
+    warn_when_restored_above_target,
 )
-from lightning_accel.pruning.slim import dry_run_slim_export, removable_groups
-from lightning_accel.pruning.trace import find_channel_groups
+from lightning_accel.pruning.slim import dry_run_slim_export
 
 #: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
 #: the rest for fine-tuning at the final sparsity.
@@ -132,14 +131,7 @@ class MagnitudePruning(DeployingCallback):
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
-        self.pattern = parse_pattern(pattern)
-        if self.pattern.kind == "N:M" and not math.isclose(target_sparsity, self.pattern.sparsity, abs_tol=1e-6):
-            raise ValueError(
-                f"`target_sparsity` must equal 1 - N/M = {self.pattern.sparsity} for pattern {pattern!r}, "
-                f"got {target_sparsity!r}"
-            )
+        self.pattern = check_pattern_options(pattern, scope, target_sparsity)
         self.target_sparsity = float(target_sparsity)
         self.schedule = schedule
         self.initial_sparsity = float(initial_sparsity)
@@ -152,13 +144,7 @@ class MagnitudePruning(DeployingCallback):
         log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.log_per_layer = log_per_layer
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
-        if importance is not None and importance not in IMPORTANCES:
-            raise ValueError(f"`importance` must be one of {list(IMPORTANCES)} or None, got {importance!r}")
-        if importance == "taylor" and self.pattern.kind != "channels":
-            raise ValueError(
-                f"`importance='taylor'` ranks channel and head groups: it needs pattern='channels', got {pattern!r}"
-            )
-        self.importance = importance or ("taylor" if self.pattern.kind == "channels" else "magnitude")
+        self.importance = check_importance(importance, self.pattern.kind, pattern)
         self._taylor: TaylorImportance | None = None
         self._taylor_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None
@@ -226,25 +212,7 @@ class MagnitudePruning(DeployingCallback):
 
     def _setup_channel_groups(self, trainer: Trainer, pl_module: LightningModule, stage: Any) -> None:
         """Trace the coupled channel groups; the masks then cover every parameter slice the groups own."""
-        example = pl_module.example_input_array
-        if example is None:
-            raise ValueError(
-                "MagnitudePruning(pattern='channels') traces the model to find the channels that must be removed "
-                f"together, and needs an example input: set `self.example_input_array` in "
-                f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
-            )
-        example = example_input(pl_module)
-        # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
-        self._groups = find_channel_groups(pl_module, example, self.include, self.exclude)
-        # Proven before training: removing half of each group on a copy must compute what the masked copy computes.
-        self._groups = removable_groups(pl_module, example, self._groups)
-        parameters = dict(pl_module.named_parameters())
-        self._params = {name: parameters[name] for name in self._groups.parameter_names()}
-        if not self._groups.groups:
-            raise ValueError(
-                f"MagnitudePruning(pattern='channels') found no removable channel group in "
-                f"{type(pl_module).__name__}: {self._groups.summary()}"
-            )
+        self._groups, self._params = plan_channel_groups(pl_module, self.include, self.exclude)
         self._selection_summary = self._groups.summary() + (
             ", ranked by Taylor importance" if self.importance == "taylor" else ""
         )
@@ -259,7 +227,7 @@ class MagnitudePruning(DeployingCallback):
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             probe_writable("MagnitudePruning", "export_path", self.resolved_export_path)
             if trainer.is_global_zero:
-                dry_run_slim_export(pl_module, example, self._groups, self.export_path)
+                dry_run_slim_export(pl_module, example_input(pl_module), self._groups, self.export_path)
 
     @property
     def channel_groups(self) -> ChannelGroups | None:
@@ -291,14 +259,7 @@ class MagnitudePruning(DeployingCallback):
             self._set_masks({name: torch.ones(p.shape, dtype=torch.bool) for name, p in self._params.items()}, 0.0)
         else:
             self._set_masks(self._masks, self._mask_sparsity)
-            if self._mask_sparsity > self.target_sparsity:
-                rank_zero_warn(
-                    f"MagnitudePruning: target_sparsity {self.target_sparsity:.2f} is below the "
-                    f"{self._mask_sparsity:.2%} that the checkpoint's masks reached. Pruned weights are exactly zero, "
-                    "and zeros have the smallest magnitude, so they are chosen first again and do not come back: "
-                    "expect the final sparsity to stay near the checkpoint's, not the new target. Start from a dense "
-                    "checkpoint to prune less."
-                )
+            warn_when_restored_above_target(self._mask_sparsity, self.target_sparsity)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -322,11 +283,7 @@ class MagnitudePruning(DeployingCallback):
         weights = {name: full_tensor(p) for name, p in self._params.items()}
         scores = self._taylor.take() if self._taylor is not None else None  # every rank restarts its sums
         if trainer.is_global_zero:
-            if self._groups is not None:
-                masks = group_masks(weights, self._groups, target, previous=self._masks, scores=scores)
-            else:
-                masks = compute_masks(weights, target, self.pattern_string, self.scope, previous=self._masks)
-            warn_about_emptied_layers(masks, target)
+            masks = next_masks(weights, target, self._groups, self.pattern_string, self.scope, self._masks, scores)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -355,16 +312,8 @@ class MagnitudePruning(DeployingCallback):
         """Stop zeroing, and say so if training ended before the target was reached."""
         self._remove_hooks()
         reached = self._metrics.get("sparsity/actual", 0.0)
-        if self._mask_sparsity < self.target_sparsity:
-            steps = self._training_steps.current(trainer, pl_module)
-            rank_zero_warn(
-                f"MagnitudePruning: training ended after {steps} optimizer steps (the last one was step "
-                f"{steps - 1}), but the schedule reaches its target only at step {self._resolved_end_step}; "
-                f"sparsity is {reached:.2%}, target {self.target_sparsity:.2%}. Set `end_step` below {steps} "
-                "(or a fraction below 1.0), or train longer."
-            )
-        else:
-            rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {self.target_sparsity:.2%})")
+        steps = self._training_steps.current(trainer, pl_module)
+        report_final_sparsity(reached, self._mask_sparsity, self.target_sparsity, steps, self._resolved_end_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the artifacts (the deploy stage, once); warn when the "best" checkpoint is below the target."""
@@ -419,8 +368,6 @@ class MagnitudePruning(DeployingCallback):
         if self._taylor is not None and self._taylor_state is not None:
             self._taylor.load_state_dict(self._taylor_state)
 
-    # --- helpers ------------------------------------------------------------------------------------------------
-
     @property
     def pattern_string(self) -> str:
         """The pattern as given: ``"unstructured"``, ``"channels"`` or ``"N:M"``."""
@@ -434,10 +381,8 @@ class MagnitudePruning(DeployingCallback):
     def _set_masks(self, masks: dict[str, Tensor], sparsity: float) -> None:
         self._masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self._params.items()}
         # Zeroing acts on each rank's own shard of a sharded parameter: keep only that part of the mask.
-        self._multipliers = {
-            name: local_part(mask, self._params[name]).to(self._params[name].dtype)
-            for name, mask in self._masks.items()
-        }
+        params = self._params
+        self._multipliers = {n: local_part(m, params[n]).to(params[n].dtype) for n, m in self._masks.items()}
         self._mask_sparsity = sparsity
         apply_masks_(self._params, self._masks)
         self._metrics = sparsity_metrics(self._params, self._groups, sparsity, self.log_per_layer)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from lightning import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_accel._core.inputs import example_input
 from lightning_accel._core.modules import (
     default_weight_names,
     select_weights,
     summarize_selection,
     unpruned_weight_holders,
 )
-from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, is_depthwise
-from lightning_accel.pruning.masks import full_tensor, tensor_sparsity
+from lightning_accel.pruning.groups import ChannelGroups, channel_sparsity, group_masks, is_depthwise
+from lightning_accel.pruning.importance import IMPORTANCES
+from lightning_accel.pruning.masks import SCOPES, compute_masks, full_tensor, parse_pattern, tensor_sparsity
+from lightning_accel.pruning.slim import removable_groups
+from lightning_accel.pruning.trace import find_channel_groups
 
 #: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
 EMPTIED_LAYER = 0.99
@@ -168,3 +173,95 @@ def best_checkpoint_below_target(trainer: Trainer, state_key: str, target: float
                 "`lightning-accel --test_after_fit` tests the final weights instead."
             )
     return below
+
+
+def check_pattern_options(pattern: Any, scope: Any, target_sparsity: float) -> Any:
+    """Parse ``pattern`` and check ``scope`` and, for N:M, that the target is ``1 - N/M``; return the pattern."""
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
+    parsed = parse_pattern(pattern)
+    if parsed.kind == "N:M" and not math.isclose(target_sparsity, parsed.sparsity, abs_tol=1e-6):
+        raise ValueError(
+            f"`target_sparsity` must equal 1 - N/M = {parsed.sparsity} for pattern {pattern!r}, got {target_sparsity!r}"
+        )
+    return parsed
+
+
+def check_importance(importance: Any, kind: str, pattern: Any) -> str:
+    """The ranking to use: ``importance`` as given (checked), else Taylor for channels and magnitude otherwise."""
+    if importance is not None and importance not in IMPORTANCES:
+        raise ValueError(f"`importance` must be one of {list(IMPORTANCES)} or None, got {importance!r}")
+    if importance == "taylor" and kind != "channels":
+        raise ValueError(
+            f"`importance='taylor'` ranks channel and head groups: it needs pattern='channels', got {pattern!r}"
+        )
+    return importance or ("taylor" if kind == "channels" else "magnitude")
+
+
+def report_final_sparsity(reached: float, masks_at: float, target: float, steps: int, end_step: int | None) -> None:
+    """Say the final sparsity, or warn when training ended before the schedule reached the target."""
+    if masks_at < target:
+        rank_zero_warn(
+            f"MagnitudePruning: training ended after {steps} optimizer steps (the last one was step {steps - 1}), "
+            f"but the schedule reaches its target only at step {end_step}; sparsity is {reached:.2%}, target "
+            f"{target:.2%}. Set `end_step` below {steps} (or a fraction below 1.0), or train longer."
+        )
+    else:
+        rank_zero_info(f"MagnitudePruning: final sparsity {reached:.2%} (target {target:.2%})")
+
+
+def plan_channel_groups(
+    pl_module: LightningModule, include: Any, exclude: Any
+) -> tuple[ChannelGroups, dict[str, Tensor]]:
+    """The channel groups ``pattern="channels"`` prunes, proven removable, and the parameters they touch.
+
+    Raises:
+        ValueError: without ``example_input_array``, or when no group can be removed (with what stays and why).
+    """
+    if pl_module.example_input_array is None:
+        raise ValueError(
+            "MagnitudePruning(pattern='channels') traces the model to find the channels that must be removed "
+            f"together, and needs an example input: set `self.example_input_array` in "
+            f"{type(pl_module).__name__}.__init__ (e.g. torch.zeros(1, 1, 8, 8))"
+        )
+    example = example_input(pl_module)
+    # Selects with include/exclude first, so a pattern that matches nothing fails before the trace.
+    groups = find_channel_groups(pl_module, example, include, exclude)
+    # Proven before training: removing half of each group on a copy must compute what the masked copy computes.
+    groups = removable_groups(pl_module, example, groups)
+    if not groups.groups:
+        raise ValueError(
+            f"MagnitudePruning(pattern='channels') found no removable channel group in "
+            f"{type(pl_module).__name__}: {groups.summary()}"
+        )
+    parameters = dict(pl_module.named_parameters())
+    return groups, {name: parameters[name] for name in groups.parameter_names()}
+
+
+def next_masks(
+    weights: dict[str, Tensor],
+    target: float,
+    groups: ChannelGroups | None,
+    pattern: str,
+    scope: str,
+    previous: dict[str, Tensor] | None,
+    scores: Any,
+) -> dict[str, Tensor]:
+    """The keep-masks for ``target``: whole channel groups, or the pattern's masks; emptied layers are named."""
+    if groups is not None:
+        masks = group_masks(weights, groups, target, previous=previous, scores=scores)
+    else:
+        masks = compute_masks(weights, target, pattern, scope, previous=previous)
+    warn_about_emptied_layers(masks, target)
+    return masks
+
+
+def warn_when_restored_above_target(restored: float, target: float) -> None:
+    """Say that masks restored above the target stay: pruned weights are zero and are chosen first again."""
+    if restored > target:
+        rank_zero_warn(
+            f"MagnitudePruning: target_sparsity {target:.2f} is below the {restored:.2%} that the checkpoint's masks "
+            "reached. Pruned weights are exactly zero, and zeros have the smallest magnitude, so they are chosen "
+            "first again and do not come back: expect the final sparsity to stay near the checkpoint's, not the new "
+            "target. Start from a dense checkpoint to prune less."
+        )
