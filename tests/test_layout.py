@@ -85,6 +85,16 @@ def test_imports_point_only_down():
 
 
 MAX_COMPLEXITY = 20
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_too_long():
+    long_ones = [
+        f"{path.relative_to(PACKAGE)} ({lines} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert not long_ones, f"over {MAX_MODULE_LINES} lines: " + ", ".join(long_ones)
 
 
 def test_no_function_is_too_complex():

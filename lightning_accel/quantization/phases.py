@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accel._core.validation import resolve_step
 
@@ -12,6 +15,16 @@ PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
 
 #: (start, freeze observers, freeze BatchNorm) as optimizer steps.
 Steps = tuple[int, int | None, int | None]
+
+
+def check_step_order(start_step: int | float, freeze_observers_step: int | float | None) -> None:
+    """Refuse observers that freeze before QAT starts (when both are given in the same unit)."""
+    comparable = type(freeze_observers_step) is type(start_step)
+    if freeze_observers_step is not None and comparable and freeze_observers_step <= start_step:
+        raise ValueError(
+            f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
+            f"they are frozen, or None; got {freeze_observers_step!r}"
+        )
 
 
 def phase_at(steps: Steps, step: int) -> int:
@@ -47,3 +60,30 @@ def resolve_qat_steps(total: Any, start_step: Any, freeze_observers_step: Any, f
             f"{int(total)}, or as a fraction of training such as 0.67"
         )
     return start, freeze_observers, freeze_bn
+
+
+def phase_from_restored_state(quantizers: Mapping[str, Any], restored_quantized: bool, stage: str) -> int:
+    """The phase ``validate``/``test``/``predict`` evaluate in outside fit, from the restored quantizer state.
+
+    Lightning does not restore ``global_step`` there, so the state decides: quantized if the quantizers hold
+    observed ranges (or a dynamic-only model's state says it was quantized), float with a warning if nothing was
+    restored.
+
+    Raises:
+        RuntimeError: when only some quantizers have ranges (the checkpoint does not match the selection).
+    """
+    calibrated = [name for name, q in quantizers.items() if q.calibrated]
+    if len(calibrated) == len(quantizers) and (quantizers or restored_quantized):
+        return PHASE_FROZEN
+    if calibrated:
+        missing = [name for name in quantizers if name not in calibrated]
+        raise RuntimeError(
+            f"QuantizationAwareTraining: the restored quantizer state has ranges for {len(calibrated)} of "
+            f"{len(quantizers)} quantizers (missing: {missing[:5]}); the checkpoint does not match this model's "
+            "selection"
+        )
+    rank_zero_warn(
+        f"QuantizationAwareTraining: no quantizer state was restored, so `{stage}` scores the float model, not the "
+        "int8 one. Pass `ckpt_path=` a checkpoint written after QAT's start_step."
+    )
+    return PHASE_FLOAT

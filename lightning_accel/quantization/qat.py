@@ -24,7 +24,15 @@ from lightning_accel.quantization.coverage import (
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
 from lightning_accel.quantization.layers import quantizable_base
-from lightning_accel.quantization.phases import PHASE_FLOAT, PHASE_FROZEN, PHASE_OBSERVING, phase_at, resolve_qat_steps
+from lightning_accel.quantization.phases import (
+    PHASE_FLOAT,
+    PHASE_FROZEN,
+    PHASE_OBSERVING,
+    check_step_order,
+    phase_at,
+    phase_from_restored_state,
+    resolve_qat_steps,
+)
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
     attention_kernel_children,
@@ -34,11 +42,9 @@ from lightning_accel.quantization.prepare import (
 )
 from lightning_accel.quantization.progress import CALIBRATION_BATCHES, end_probe, start_probe
 from lightning_accel.quantization.ranges import (
-    flag_nonfinite,
     load_quantizer_state_,
-    observed_ranges,
     quantizer_state,
-    update_ranges,
+    update_ranges_over_ranks,
 )
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
@@ -48,6 +54,7 @@ from lightning_accel.quantization.settings import (
     check_model_input,
     check_on_mismatch,
     dry_run_export,
+    int8_model_exists,
     int8_probe,
     require_example_input,
     warn_when_starting_from_chance,
@@ -130,12 +137,7 @@ class QuantizationAwareTraining(DeployingCallback):
         start_step = validate_step("start_step", start_step)
         freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
         freeze_bn_step = validate_step("freeze_bn_step", freeze_bn_step, allow_none=True)
-        comparable = type(freeze_observers_step) is type(start_step)
-        if freeze_observers_step is not None and comparable and freeze_observers_step <= start_step:
-            raise ValueError(
-                f"`freeze_observers_step` must be > `start_step` ({start_step}) so that ranges are observed before "
-                f"they are frozen, or None; got {freeze_observers_step!r}"
-            )
+        check_step_order(start_step, freeze_observers_step)
         log_ranges = validate_bool("log_ranges", log_ranges)
         #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
         self.settings = Int8Settings(include, exclude, fold_bn, weight_bits, outputs, activations, embeddings)
@@ -268,17 +270,13 @@ class QuantizationAwareTraining(DeployingCallback):
         """Reduce this batch's activation ranges over ranks, update the running ranges, and log."""
         self._training_steps.batch_done(pl_module)
         if self._phase == PHASE_OBSERVING and self._quantizers:  # dynamic activations observe nothing
-            ranges = flag_nonfinite(observed_ranges(self._quantizers))
-            if trainer.world_size > 1:
-                ranges = trainer.strategy.reduce(ranges, reduce_op="max")
-            if ranges[-1] > 0:  # a NaN/inf activation on some rank: this batch must not poison the ranges
+            reduce = trainer.strategy.reduce if trainer.world_size > 1 else None
+            if not update_ranges_over_ranks(self._quantizers, reduce):
                 self.skipped_ranges += 1
                 rank_zero_warn(
                     f"QuantizationAwareTraining: step {trainer.global_step} produced non-finite activations; its "
                     f"ranges were skipped ({self.skipped_ranges} batch(es) so far, logged as qat/skipped_ranges)"
                 )
-            else:
-                update_ranges(list(self._quantizers.values()), ranges[:-1], averaging_constant=0.01)
         if trainer.global_step % trainer.log_every_n_steps:
             return
         for name, phase in (("float", PHASE_FLOAT), ("observing", PHASE_OBSERVING), ("frozen", PHASE_FROZEN)):
@@ -305,23 +303,8 @@ class QuantizationAwareTraining(DeployingCallback):
         """
         if trainer.state.fn == "fit":
             return self.phase_at(self._training_steps.current(trainer, trainer.lightning_module))
-        calibrated = [name for name, q in self._quantizers.items() if q.calibrated]
-        if len(calibrated) == len(self._quantizers) and (
-            self._quantizers or (self._state_restored and self._saved_quantized)
-        ):
-            return PHASE_FROZEN
-        if calibrated:
-            missing = [name for name in self._quantizers if name not in calibrated]
-            raise RuntimeError(
-                f"QuantizationAwareTraining: the restored quantizer state has ranges for {len(calibrated)} of "
-                f"{len(self._quantizers)} quantizers (missing: {missing[:5]}); the checkpoint does not match "
-                "this model's selection"
-            )
-        rank_zero_warn(
-            f"QuantizationAwareTraining: no quantizer state was restored, so `{trainer.state.fn}` scores the float "
-            "model, not the int8 one. Pass `ckpt_path=` a checkpoint written after QAT's start_step."
-        )
-        return PHASE_FLOAT
+        restored = self._state_restored and self._saved_quantized
+        return phase_from_restored_state(self._quantizers, restored, str(trainer.state.fn))
 
     def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the int8 model at the end of fit, against QAT's start (the stage calls this before any build)."""
@@ -355,7 +338,9 @@ class QuantizationAwareTraining(DeployingCallback):
             path = None
         if self._model is None:
             return None
-        if not self._has_int8_model(trainer, pl_module, path):
+        steps = None if self._steps is None else (self._steps[0], self._training_steps.current(trainer, pl_module))
+        restored = self._state_restored and self._saved_quantized
+        if not int8_model_exists(self._quantizers, steps, restored, path, self.skipped_ranges):
             return None
         notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
         return Contribution(
@@ -367,32 +352,6 @@ class QuantizationAwareTraining(DeployingCallback):
             classification=classification_batches(trainer),
             on_mismatch=self.on_mismatch,
         )
-
-    def _has_int8_model(self, trainer: Trainer, pl_module: LightningModule, path: str | None) -> bool:
-        """Whether training produced an int8 model (warned when an export was asked for and there is none)."""
-        uncalibrated = [name for name, q in self._quantizers.items() if not q.calibrated]
-        if self._steps is None:  # outside fit (`lightning-accel export`): the restored state tells
-            restored = bool(self._quantizers) or (self._state_restored and self._saved_quantized)
-            start, steps, never_started = 0, 0, not restored or bool(uncalibrated)
-        else:
-            start, steps = self._steps[0], self._training_steps.current(trainer, pl_module)
-            # With dynamic activations only there is no range to tell; the step count does.
-            never_started = steps <= start and (uncalibrated or not self._quantizers)
-        if never_started or (uncalibrated and path is None):
-            if never_started and path is not None:
-                rank_zero_warn(
-                    f"QuantizationAwareTraining: training ended at step {steps}, before QAT's start_step "
-                    f"{start}, so there is no int8 model: nothing was written to {path}"
-                )
-            return False
-        if uncalibrated:
-            raise RuntimeError(
-                f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
-                f"({self.skipped_ranges} skipped), so they have no range and the int8 model cannot be exported"
-            )
-        return True
-
-    # --- state --------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Every quantizer's buffers (tensors on CPU), the weight width and the count of skipped batches."""
@@ -412,13 +371,8 @@ class QuantizationAwareTraining(DeployingCallback):
         """Restore the quantizers (now if the model is prepared, else at ``setup``)."""
         check_state_version("QuantizationAwareTraining", state_dict, QAT_STATE_VERSION)
         state = state_dict.get("quantizers") or None
-        saved = Int8Settings.from_state(state_dict["settings"])
-        differences = self.settings.differences(saved)
-        if state is not None and differences:
-            raise ValueError(
-                f"The checkpoint's quantizers were prepared with {', '.join(differences)}, which this callback sets "
-                f"otherwise: set {', '.join(differences)} to continue from it"
-            )
+        if state is not None:
+            self.settings.check_same_as(Int8Settings.from_state(state_dict["settings"]))
         self._saved_quantized = bool(state_dict.get("quantized", True))
         if state_dict.get("int8_at_start") is not None:
             self.int8_at_start = state_dict["int8_at_start"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,3 +81,20 @@ def load_quantizer_state_(model: nn.Module, state: dict[str, dict[str, Tensor]])
             buffer.copy_(saved)
         if isinstance(module, ActivationFakeQuant):
             module.calibrated = bool(module.initialized)
+
+
+def update_ranges_over_ranks(
+    quantizers: Mapping[str, ActivationFakeQuant], reduce: Callable[..., Tensor] | None
+) -> bool:
+    """This step's ranges, reduced over ranks with ``reduce`` (max), into the running ranges (QAT's moving average).
+
+    Returns:
+        ``False`` when some rank saw a NaN/inf activation: the batch is skipped so that it cannot poison the ranges.
+    """
+    ranges = flag_nonfinite(observed_ranges(quantizers))
+    if reduce is not None:
+        ranges = reduce(ranges, reduce_op="max")
+    if ranges[-1] > 0:
+        return False
+    update_ranges(list(quantizers.values()), ranges[:-1], averaging_constant=0.01)
+    return True

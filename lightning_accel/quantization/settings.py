@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,15 @@ class Int8Settings:
         """The settings :meth:`as_state` saved."""
         return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls) if field.name in state})
 
+    def check_same_as(self, saved: Int8Settings) -> None:
+        """Raise unless ``saved`` (a checkpoint's) equals these settings, naming what to set to continue from it."""
+        differences = self.differences(saved)
+        if differences:
+            raise ValueError(
+                f"The checkpoint's quantizers were prepared with {', '.join(differences)}, which this callback sets "
+                f"otherwise: set {', '.join(differences)} to continue from it"
+            )
+
     def differences(self, other: Int8Settings) -> list[str]:
         """``name=value`` of every setting ``other`` has differently (for "set X to continue" errors)."""
         mine, theirs = self.as_state(), other.as_state()
@@ -219,3 +229,40 @@ def int8_probe(trainer: Trainer, pl_module: LightningModule, callback: Any) -> C
         owner=type(callback).__name__,
         int8_model=lambda: calibrated_probe(pl_module, **callback.settings.prepare_arguments()),
     )
+
+
+def int8_model_exists(
+    quantizers: Mapping[str, Any], steps: tuple[int, int] | None, restored: bool, path: str | None, skipped: int
+) -> bool:
+    """Whether QAT produced an int8 model; warned when an export was asked for and there is none.
+
+    Args:
+        quantizers: The static activation quantizers by name (empty with dynamic activations only).
+        steps: ``(start_step, current step)`` during fit; ``None`` outside fit, where the restored state tells.
+        restored: Whether a restored state said the model was quantized (a dynamic-only model has no range).
+        path: The export path asked for, if any.
+        skipped: Batches whose non-finite ranges were skipped (for the error).
+
+    Raises:
+        RuntimeError: when some quantizer never saw a finite range, so there is no int8 model to export.
+    """
+    uncalibrated = [name for name, q in quantizers.items() if not q.calibrated]
+    if steps is None:
+        start, current, never_started = 0, 0, not (quantizers or restored) or bool(uncalibrated)
+    else:
+        start, current = steps
+        # With dynamic activations only there is no range to tell; the step count does.
+        never_started = current <= start and (bool(uncalibrated) or not quantizers)
+    if never_started or (uncalibrated and path is None):
+        if never_started and path is not None:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: training ended at step {current}, before QAT's start_step {start}, so "
+                f"there is no int8 model: nothing was written to {path}"
+            )
+        return False
+    if uncalibrated:
+        raise RuntimeError(
+            f"QuantizationAwareTraining: every batch observed by {uncalibrated[:5]} had NaN/inf activations "
+            f"({skipped} skipped), so they have no range and the int8 model cannot be exported"
+        )
+    return True
