@@ -1,4 +1,4 @@
-"""Coupled channel groups and group masks: the plan for removing pruned channels (``deploy.slim`` removes them).
+"""Coupled channel groups and group masks: the plan for removing pruned channels (``pruning.slim`` removes them).
 
 A channel can only be removed when every tensor that shares it loses it too: the BatchNorm after a conv, the next
 layer's input channels, every branch of a residual add or concat, a depthwise conv, the Linear after a flatten.

@@ -104,7 +104,7 @@ def build_report(
         loader: Validation batches; by default the trainer's validation dataloader.
         contributions: What the techniques contribute (``lightning_accel.deploy.Contribution``); by default, asked
             of the trainer's callbacks.
-        deployment: Artifacts already built for this fit (``deploy_for_trainer``); then nothing is built here.
+        deployment: Artifacts already built for this fit (the deploy stage's records); then nothing is built here.
         model_input: Which part of a batch is the model's input (see :class:`AccelerationReport`).
     """
     loader = loader if loader is not None else (validation_loader(trainer) if trainer is not None else None)
