@@ -280,14 +280,27 @@ def calibrate_(
     return model
 
 
+def _first_loader(loaders: Any) -> Iterable | None:
+    """The first of a Trainer's or data module's loaders (they may be a list), if it is iterable."""
+    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+    return loader if isinstance(loader, Iterable) else None
+
+
+def _datamodule_loader(trainer: Trainer, hook: str) -> Iterable | None:
+    """A new loader from the data module's ``hook`` (its own iterator and workers), or ``None`` without one."""
+    datamodule = trainer.datamodule
+    if datamodule is None or not is_overridden(hook, datamodule):
+        return None
+    try:
+        return _first_loader(getattr(datamodule, hook)())
+    except (NotImplementedError, AttributeError):  # a data module that declines to give these batches
+        return None
+
+
 def evaluation_loaders(trainer: Trainer) -> list[Iterable]:
     """The first validation dataloader, then the training one: where the checks take their batches from."""
-    found = []
-    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
-        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-        if loader is not None and isinstance(loader, Iterable):
-            found.append(loader)
-    return found
+    found = [_first_loader(trainer.val_dataloaders), _first_loader(trainer.train_dataloader)]
+    return [loader for loader in found if loader is not None]
 
 
 def validation_loader(trainer: Trainer) -> Iterable | None:
@@ -296,25 +309,15 @@ def validation_loader(trainer: Trainer) -> Iterable | None:
     Safe to iterate during training (the validation loop holds no iterator between its runs); never the training
     loader, whose iterator the fit loop is consuming.
     """
-    loaders = trainer.val_dataloaders
-    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-    if loader is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-        loader = trainer.datamodule.val_dataloader()
-        loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
-    return loader if isinstance(loader, Iterable) else None
+    return _first_loader(trainer.val_dataloaders) or _datamodule_loader(trainer, "val_dataloader")
 
 
 def fresh_train_loader(trainer: Trainer) -> Iterable | None:
-    """A new training loader from the data module (its own iterator and workers), or ``None`` without one.
+    """A new training loader from the data module, or ``None`` without one.
 
     Never ``trainer.train_dataloader``: mid-fit, iterating that again resets the iterator the fit loop consumes.
     """
-    datamodule = trainer.datamodule
-    if datamodule is None or not is_overridden("train_dataloader", datamodule):
-        return None
-    loader = datamodule.train_dataloader()
-    loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
-    return loader if isinstance(loader, Iterable) else None
+    return _datamodule_loader(trainer, "train_dataloader")
 
 
 def first_batch(trainer: Trainer) -> Any:

@@ -1,10 +1,10 @@
 """Whether QAT made the int8 model better: its quality when QAT starts (PTQ of those weights) and when fit ends.
 
 QAT should never end worse than post-training quantization of the model it started from. When fake quantization
-starts, a copy of the float model is calibrated on the last few training batches (that is PTQ) and scored on a few
-validation batches; at the end of fit the QAT model is scored on the same batches. The score is accuracy where the
-batches carry class labels, otherwise the cosine of each sample's output to the float model's at QAT start (for an
-encoder distilled from its pretrained self, the figure that matters).
+starts, a copy of the float model is calibrated on the first batches of a new training loader (that is PTQ) and
+scored on a few validation batches; at the end of fit the QAT model is scored on the same batches. The score is
+accuracy where the batches carry class labels, otherwise the cosine of each sample's output to the float model's
+at QAT start (for an encoder distilled from its pretrained self, the figure that matters).
 """
 
 from __future__ import annotations

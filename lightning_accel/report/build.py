@@ -16,7 +16,7 @@ from lightning_accel._core.stage import Contribution
 from lightning_accel.deploy.stage import build_artifacts, contributions_of
 from lightning_accel.export.check import onnx_feed, onnx_outputs, ort_session
 from lightning_accel.export.sparse import load_sparse_
-from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model
+from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model, validation_loader
 from lightning_accel.report.markdown import (
     headline,
     latency_metrics,
@@ -31,19 +31,6 @@ from lightning_accel.report.measure import (
     latency_spreads,
     weight_sparsity,
 )
-
-
-def validation_loader(trainer: Trainer) -> Any:
-    """The first validation dataloader; before the validation loop has loaded it, the data module's."""
-    loaders = trainer.val_dataloaders
-    if loaders is None and trainer.datamodule is not None:
-        try:
-            loaders = trainer.datamodule.val_dataloader()
-        except (NotImplementedError, AttributeError):  # a data module without validation data
-            loaders = None
-    if isinstance(loaders, list | tuple):
-        loaders = loaders[0] if loaders else None
-    return loaders
 
 
 def predictor(model: torch.nn.Module) -> Any:

@@ -14,7 +14,7 @@ from lightning_accel._core.logging import add_hyperparameters
 from lightning_accel._core.stage import Contribution, DeployingCallback, built_deployment
 from lightning_accel._core.validation import validate_bool, validate_int
 from lightning_accel.pruning import MagnitudePruning, tensor_sparsity
-from lightning_accel.quantization.calibration import batch_picker
+from lightning_accel.quantization.calibration import batch_picker, validation_loader
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.quantization.settings import check_model_input
 from lightning_accel.report.build import (
@@ -23,7 +23,6 @@ from lightning_accel.report.build import (
     log_to_loggers,
     predictor,
     print_table,
-    validation_loader,
 )
 from lightning_accel.report.markdown import (
     HEADLINE_METRICS,
