@@ -33,6 +33,7 @@ from lightning_accel.pruning.slim import slim_checked, write_slim
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.export import export_onnx, export_onnx_checked
 from lightning_accel.quantization.prepare import float_copy
+from lightning_accel.quantization.weight_only import export_weight_only_onnx, group_quantized_layers
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Artifact:
 
     Attributes:
         kind: What it is: ``"fp32 state dict"``, ``"bf16 state dict"``, ``"sparse int8"``, ``"fp32 ONNX"``,
-            ``"slim fp32 ONNX"``, ``"slim .pt2"``, ``"int8 ONNX"``.
+            ``"slim fp32 ONNX"``, ``"slim .pt2"``, ``"int8 ONNX"``, ``"int4 ONNX"`` (weight-only groups).
         path: Where it is.
         bytes: Its size on disk.
         runs_with: How to run or load it.
@@ -215,22 +216,31 @@ def _build_int8(request: _Request) -> None:
             model = slim_evaluated(model, request.example, request.groups)
         if index == 0:
             request.deployment.evaluated_int8 = as_evaluated(model)
-        path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
-        written, check = export_onnx_checked(
-            model,
-            path,
-            request.example,
-            check_inputs=source.check_inputs,
-            on_mismatch=source.on_mismatch,
-            classification=source.classification,
-        )
-        kind = "int8 ONNX" if index == 0 else f"int8 ONNX ({source.owner})"
+        written, check, name = _export_quantized(model, source, request, report_dir)
+        kind = f"{name} ONNX" if index == 0 else f"{name} ONNX ({source.owner})"
         runs_with = "onnxruntime.InferenceSession(path)"
         request.builder.record(kind, written, runs_with, request.owners([source], for_report), check)
         slimmed = ", slimmed" if request.groups is not None else ""
         rank_zero_info(
-            f"{source.owner}: wrote the int8 ONNX model{slimmed} to {written} ({written.stat().st_size:,} bytes)"
+            f"{source.owner}: wrote the {name} ONNX model{slimmed} to {written} ({written.stat().st_size:,} bytes)"
         )
+
+
+def _export_quantized(
+    model: nn.Module, source: Contribution, request: _Request, report_dir: Path | None
+) -> tuple[Path, Any, str]:
+    """Write one quantized model: ``MatMulNBits`` for weight-only groups, QDQ int8 otherwise; its kind's name."""
+    arguments = dict(check_inputs=source.check_inputs, on_mismatch=source.on_mismatch)
+    layers = group_quantized_layers(model)
+    if layers:
+        name = f"int{max(layer.bits for layer in layers.values())}"
+        path = Path(source.int8_path) if source.int8_path else report_dir / f"model.{name}.onnx"
+        return (*export_weight_only_onnx(model, path, request.example, **arguments), name)
+    path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
+    written, check = export_onnx_checked(
+        model, path, request.example, classification=source.classification, **arguments
+    )
+    return written, check, "int8"
 
 
 #: One builder per artifact kind, in the order the files are written (and listed).

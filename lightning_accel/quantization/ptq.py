@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.inputs import example_input
 from lightning_accel._core.lightning import configure_model_early
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
@@ -33,6 +34,7 @@ from lightning_accel.quantization.settings import (
     int8_probe,
     require_example_input,
 )
+from lightning_accel.quantization.weight_only import dry_run_weight_only, weight_only_settings
 
 
 class PostTrainingQuantization(DeployingCallback):
@@ -51,18 +53,31 @@ class PostTrainingQuantization(DeployingCallback):
         model_input: Which part of a batch is the model's input: ``None`` (the first element of a tuple/list
             batch; for a dict batch, the keys the module's ``forward`` takes, so ``labels`` stay out), a dict key,
             a list of dict keys (passed as keywords) or a tuple index.
-        weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets).
+        weight_bits: 7 (default, exact in ONNX Runtime on every CPU) or 8 (VNNI/AMX, ARM, TensorRT targets),
+            per output channel; or 4: weight-only group-wise int4 for language models (see ``group_size``,
+            ``method``), exported as ONNX Runtime ``MatMulNBits`` with float activations (W4A16).
         on_mismatch: What to do when the exported file does not reproduce the PyTorch model: ``"warn"``,
             ``"raise"`` or ``"ignore"``.
         outputs: Where layer outputs are quantized: ``"graph"`` (default: decided by what consumes each Linear
             output, traced on the first calibration batch), ``"auto"`` (the type rule) or ``"all"``.
-        activations: ``"static"`` (default): per-tensor uint8 ranges, observed and stored. ``"dynamic"``: every
-            Linear quantizes its input at that input's own range at run time (ONNX ``DynamicQuantizeLinear``, the
-            scheme of ONNX Runtime's ``quantize_dynamic``; fused by ONNX Runtime into ``DynamicQuantizeMatMul``),
+        activations: ``None`` (default): ``"float"`` with ``weight_bits=4``, else ``"static"``. ``"float"``: weights
+            only, in groups (``MatMulNBits``, 4 or 8 bits), activations and every other layer stay float; the
+            runtime's fp32-accuracy kernel computes exactly what PyTorch evaluates (its int8-activation
+            ``accuracy_level=4`` is not used). ``"static"``: per-tensor uint8 ranges, observed and stored.
+            ``"dynamic"``: every Linear quantizes its input at that input's own range at run time (ONNX
+            ``DynamicQuantizeLinear``, the scheme of ONNX Runtime's ``quantize_dynamic``; fused by ONNX Runtime into
+            ``DynamicQuantizeMatMul``),
             and its output stays float. The scale spans the whole input tensor, so it depends on the batch; the
             export check runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations.
         embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8
             with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
+        group_size: Weight-only groups: values per scale along each row's inputs (16, 32, 64, 128, 256).
+        method: Weight-only rounding: ``"rtn"`` (round to nearest) or ``"gptq"`` (data-aware: each layer's error
+            on ``calibration_batches`` training batches is compensated column by column, GPTQ).
+        symmetric: Weight-only groups without a stored zero point (``True``) or with one per group.
+
+    Example (a decoder to int4 with GPTQ, in YAML: ``ptq: {export_path: lm.int4.onnx, weight_bits: 4, method: gptq}``):
+        >>> PostTrainingQuantization("lm.int4.onnx", weight_bits=4, group_size=32, method="gptq")  # doctest: +SKIP
     """
 
     def __init__(
@@ -76,15 +91,30 @@ class PostTrainingQuantization(DeployingCallback):
         weight_bits: int = DEFAULT_WEIGHT_BITS,
         on_mismatch: str = "warn",
         outputs: Literal["graph", "auto", "all"] = "graph",
-        activations: Literal["static", "dynamic"] = "static",
+        activations: Literal["static", "dynamic", "float"] | None = None,
         embeddings: Literal["float", "int8"] = "float",
+        group_size: int = 32,
+        method: Literal["rtn", "gptq"] = "rtn",
+        symmetric: bool = True,
     ) -> None:
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
         self.export_path = check_export_path(export_path)
         calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
+        #: Weight-only group-wise settings (``weight_bits=4`` or ``activations="float"``), else ``None``.
+        self.weight_only = weight_only_settings(
+            weight_bits, activations, embeddings, group_size, method, symmetric, include, exclude
+        )
         #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
-        self.settings = Int8Settings(include, exclude, fold_bn, weight_bits, outputs, activations, embeddings)
+        self.settings = Int8Settings(
+            include,
+            exclude,
+            fold_bn,
+            DEFAULT_WEIGHT_BITS if self.weight_only else weight_bits,
+            outputs,
+            "static" if self.weight_only or activations is None else activations,
+            embeddings,
+        )
         check_model_input(model_input)
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
@@ -103,11 +133,18 @@ class PostTrainingQuantization(DeployingCallback):
             rank_zero_warn(f"PostTrainingQuantization: {FULL_RANGE_NOTE}")
         self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
         probe_writable("PostTrainingQuantization", "export_path", self.resolved_export_path)
-        dry_run_export(pl_module, type(self).__name__, **self.settings.prepare_arguments())
+        if self.weight_only is not None:
+            dry_run_weight_only(pl_module, self.weight_only, example_input(pl_module), type(self).__name__)
+        else:
+            dry_run_export(pl_module, type(self).__name__, **self.settings.prepare_arguments())
         self._input_checked = False
 
     def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
         """A copy calibrated on the example input, for the deploy stage to prove the combined exports at fit start."""
+        if self.weight_only is not None:
+            if self.export_path is None or trainer.fast_dev_run:
+                return None
+            return Contribution(owner=type(self).__name__, int8_model=lambda: self.weight_only.quantize(pl_module))
         return int8_probe(trainer, pl_module, self)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -139,6 +176,13 @@ class PostTrainingQuantization(DeployingCallback):
             return None
 
         def calibrated_copy() -> nn.Module:
+            if self.weight_only is not None:
+                return self.weight_only.quantize(
+                    pl_module,
+                    calibration=trainer.train_dataloader,
+                    calibration_batches=self.calibration_batches,
+                    model_input=self.model_input,
+                )
             return calibrate_(
                 module_copy(pl_module),
                 trainer.train_dataloader,

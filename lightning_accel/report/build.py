@@ -143,7 +143,7 @@ def measure(
             report["model"]["slim_macs"] = count_macs(deployment.slim_model, example)
             report["model"]["slim_parameters"] = sum(p.numel() for p in deployment.slim_model.parameters())
     sessions: dict[str, Any] = {}
-    for kind, runtime in (("fp32 ONNX", "ORT fp32"), ("slim fp32 ONNX", "ORT slim fp32"), ("int8 ONNX", "ORT int8")):
+    for kind, runtime in QUANTIZED_RUNTIMES:
         if kind in artifacts:
             sessions[runtime] = ort_session(artifacts[kind].path)
 
@@ -156,9 +156,9 @@ def measure(
         predictors = {"float weights": predictor(float_model)}
         if deployment.evaluated_int8 is not None:
             predictors["fake-quant (PyTorch)"] = predictor(deployment.evaluated_int8)
-        if "ORT int8" in sessions:
-            session = sessions["ORT int8"]
-            predictors["ORT int8"] = lambda inputs: onnx_outputs(session, inputs)[0]
+        for runtime in ("ORT int8", "ORT int4"):
+            if runtime in sessions:
+                predictors[runtime] = lambda inputs, session=sessions[runtime]: onnx_outputs(session, inputs)[0]
         if "sparse int8" in artifacts:
             sparse_model = load_sparse_(copy.deepcopy(float_model), artifacts["sparse int8"].path).eval()
             predictors["sparse artifact (reloaded)"] = predictor(sparse_model)
@@ -170,6 +170,15 @@ def measure(
         report["quality"] = ({"dense start": dense_start} if dense_start else {}) | scores
         report["quality_reference"] = "float weights"
     return report
+
+
+#: The ONNX artifacts the report runs, by kind, and the runtime column each one gets.
+QUANTIZED_RUNTIMES = (
+    ("fp32 ONNX", "ORT fp32"),
+    ("slim fp32 ONNX", "ORT slim fp32"),
+    ("int8 ONNX", "ORT int8"),
+    ("int4 ONNX", "ORT int4"),
+)
 
 
 def _input_note(what: str, error: Exception) -> str:

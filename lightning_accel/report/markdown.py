@@ -131,6 +131,7 @@ def _plain(value: Any) -> Any:
 HEADLINE_METRICS = (
     "report/sparsity",
     "report/int8_onnx_size_ratio",
+    "report/int4_onnx_size_ratio",
     "report/sparse_size_ratio",
     "report/int8_speedup_batch1",
     "report/int8_speedup_validation_batch",
@@ -138,6 +139,7 @@ HEADLINE_METRICS = (
     "report/accuracy/float weights",
     "report/accuracy/fake-quant (PyTorch)",
     "report/accuracy/ORT int8",
+    "report/accuracy/ORT int4",
     "report/accuracy/sparse artifact (reloaded)",
 )
 
@@ -189,7 +191,11 @@ def headline(report: Mapping[str, Any]) -> dict[str, float]:
     figures: dict[str, float] = {"report/sparsity": report["model"]["sparsity"]}
     sizes = report.get("sizes", {})
     base = sizes.get("fp32 state dict", {}).get("bytes")
-    for name, key in (("int8 ONNX", "report/int8_onnx_size_ratio"), ("sparse int8", "report/sparse_size_ratio")):
+    for name, key in (
+        ("int8 ONNX", "report/int8_onnx_size_ratio"),
+        ("int4 ONNX", "report/int4_onnx_size_ratio"),
+        ("sparse int8", "report/sparse_size_ratio"),
+    ):
         if base and name in sizes:
             figures[key] = base / sizes[name]["bytes"]
     for key, spread in speedup_spreads(report).items():

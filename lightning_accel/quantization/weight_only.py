@@ -1,0 +1,358 @@
+"""Weight-only group-wise quantization (int4 or int8 weights, float activations): ``W4A16`` for language models.
+
+:func:`quantize_weights` returns a copy of a model whose selected matrix products (every ``nn.Linear`` and every
+transposed Linear such as GPT-2's ``Conv1D``, found by what it computes) hold group-wise integers in the layout of
+ONNX Runtime's ``MatMulNBits`` (:mod:`groupwise`). The copy computes exactly ``x @ dequantized(W)^T + b``, the
+product the runtime's fp32-accuracy kernel computes (``accuracy_level=1``: the weights are unpacked to float and the
+activations stay float), so what is evaluated is what is deployed (contract 14). The runtime's ``accuracy_level=4``,
+which rounds activations to int8 inside the kernel, is not used: nothing here models those integers.
+
+Methods (named like ORT's ``MatMulNBitsQuantizer`` configs):
+
+- ``"rtn"``: round to nearest, data-free.
+- ``"gptq"``: data-aware: each layer's Hessian from calibration inputs (one pass of the float model), then GPTQ
+  error compensation with a per-group range search (:mod:`gptq`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_accel._core.modules import is_transposed_linear, module_copy, select_modules
+from lightning_accel._core.validation import validate_int
+from lightning_accel.export.onnx import write_onnx
+from lightning_accel.quantization.calibration import batch_picker, run_model
+from lightning_accel.quantization.gptq import HessianAccumulator, quantize_groups_gptq
+from lightning_accel.quantization.groupwise import (
+    GROUP_BITS_CHOICES,
+    GROUP_SIZE_CHOICES,
+    GroupQuantized,
+    quantize_groups_rtn,
+    unpack_levels,
+)
+
+WEIGHT_ONLY_METHODS = ("rtn", "gptq")
+#: ``MatMulNBits``' ``accuracy_level`` the export writes: 1, fp32 compute (see the module docstring).
+ACCURACY_LEVEL = 1
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ W^T`` for group-wise integer weights; exported as one ``com.microsoft::MatMulNBits`` node."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, packed: Tensor, scales: Tensor, zero_points: Tensor | None, layer: Any) -> Tensor:
+        return F.linear(x, layer.dequantized_weight().to(x.dtype))
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, packed: Any, scales: Any, zero_points: Any, layer: Any) -> Any:
+        inputs = [x, packed, scales] + ([] if layer.zero_points is None else [zero_points])
+        output = g.op(
+            "com.microsoft::MatMulNBits",
+            *inputs,
+            K_i=layer.in_features,
+            N_i=layer.out_features,
+            bits_i=layer.bits,
+            block_size_i=layer.group_size,
+            accuracy_level_i=ACCURACY_LEVEL,
+        )
+        sizes = x.type().varyingSizes() if x.type().kind() == "TensorType" else None
+        if sizes is not None:  # the exporter's shape inference does not know the contrib op: say its output shape
+            output.setType(x.type().with_sizes([*sizes[:-1], layer.out_features]))
+        return output
+
+
+class GroupQuantizedLinear(nn.Module):
+    """A Linear whose weight is stored as group-wise integers (``MatMulNBits`` layout); activations stay float.
+
+    Buffers: ``packed`` ``[N, groups, group_size * bits / 8]`` uint8, ``scales`` ``[N, groups]``, ``zero_points``
+    (asymmetric only) ``[N, ceil(groups * bits / 8)]`` uint8; ``bias`` a float parameter. The forward unpacks the
+    integers, so the model computes what the file stores.
+    """
+
+    def __init__(self, quantized: GroupQuantized, bias: Tensor | None) -> None:
+        super().__init__()
+        packed, scales, zero_points = quantized.packed()
+        self.in_features, self.out_features = quantized.in_features, scales.shape[0]
+        self.bits, self.group_size = quantized.bits, quantized.group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", zero_points)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._dequantized: Tensor | None = None
+
+    def dequantized_weight(self) -> Tensor:
+        """The float weight ``[N, K]`` the stored integers mean (cached; the buffers are the truth)."""
+        if self._dequantized is None or self._dequantized.device != self.packed.device:
+            groups = self.scales.shape[1]
+            levels = unpack_levels(self.packed, self.bits, self.group_size).reshape(self.out_features, -1)
+            zeros = None
+            if self.zero_points is not None:
+                zeros = unpack_levels(self.zero_points, self.bits, groups)
+            self._dequantized = GroupQuantized(
+                levels, self.scales, zeros, self.bits, self.group_size, self.in_features
+            ).dequantized()
+        return self._dequantized
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ W^T + b`` with ``W`` the stored integers' meaning (one ``MatMulNBits`` node in ONNX)."""
+        y = _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        """The shape and the format, for ``print(model)``."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, symmetric={self.zero_points is None}"
+        )
+
+
+def validate_weight_only(bits: Any, group_size: Any, method: Any) -> None:
+    """Raise ``ValueError`` naming the argument unless ``bits``, ``group_size`` and ``method`` are supported."""
+    if bits not in GROUP_BITS_CHOICES:
+        raise ValueError(
+            f"`weight_bits` for group-wise weights must be one of {list(GROUP_BITS_CHOICES)}, got {bits!r}"
+        )
+    if group_size not in GROUP_SIZE_CHOICES:
+        raise ValueError(f"`group_size` must be one of {list(GROUP_SIZE_CHOICES)}, got {group_size!r}")
+    if method not in WEIGHT_ONLY_METHODS:
+        raise ValueError(f"`method` must be one of {list(WEIGHT_ONLY_METHODS)}, got {method!r}")
+
+
+def _weight_of(module: nn.Module) -> Tensor:
+    """The weight as ``[out, in]`` (a transposed Linear stores ``[in, out]``)."""
+    return module.weight.T if is_transposed_linear(module) else module.weight
+
+
+def weight_only_targets(
+    model: nn.Module,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    owner: str = "quantize_weights",
+) -> dict[str, nn.Module]:
+    """The matrix products to quantize: Linears and transposed Linears, by ``include``/``exclude`` patterns."""
+    candidates = select_modules(model, include, exclude, types=(nn.Module,), owner=owner)
+    return {
+        name: module
+        for name, module in candidates.items()
+        if (type(module) is nn.Linear or type(module).forward is nn.Linear.forward) or is_transposed_linear(module)
+    }
+
+
+def collect_hessians(
+    model: nn.Module, targets: dict[str, nn.Module], batches: Iterable[Any], model_input: Any = None, limit: int = 8
+) -> dict[str, HessianAccumulator]:
+    """One pass of the float model over up to ``limit`` batches: each target's input Hessian ``2 X X^T / n``."""
+    accumulators = {name: HessianAccumulator(_weight_of(m).shape[1]) for name, m in targets.items()}
+    hooks = [
+        module.register_forward_pre_hook(lambda _, args, name=name: accumulators[name].add(args[0]))
+        for name, module in targets.items()
+    ]
+    pick = batch_picker(model_input, model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                if index >= limit:
+                    break
+                run_model(model, pick(batch))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    unused = [name for name, accumulator in accumulators.items() if accumulator.samples == 0]
+    if unused:
+        raise RuntimeError(
+            f"quantize_weights(method='gptq'): {len(unused)} layers never ran on the calibration batches "
+            f"({unused[:5]}), so they have no inputs to calibrate on; exclude them or use method='rtn'"
+        )
+    return accumulators
+
+
+def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def quantize_weights(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 32,
+    symmetric: bool = True,
+    method: str = "rtn",
+    calibration: Iterable[Any] | None = None,
+    calibration_batches: int = 8,
+    model_input: Any = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with group-wise integer weights (``MatMulNBits`` layout); ``model`` is unchanged.
+
+    Args:
+        model: The float model.
+        bits: 4 (default) or 8.
+        group_size: Values per scale along each row's inputs: 16, 32 (default), 64, 128 or 256.
+        symmetric: Store no zero point (the runtime's default middle level); ``False`` stores one per group.
+        method: ``"rtn"`` (round to nearest, no data) or ``"gptq"`` (error compensation on ``calibration``).
+        calibration: Batches for ``"gptq"`` (e.g. a training DataLoader).
+        calibration_batches: How many of them.
+        model_input: Which part of a batch is the model's input (see ``PostTrainingQuantization``).
+        include: Module patterns to quantize (default: every Linear and transposed Linear, the LM head included).
+        exclude: Module patterns to keep in float.
+
+    Returns:
+        The quantized copy, in eval mode; export it with :func:`export_weight_only_onnx`.
+    """
+    validate_weight_only(bits, group_size, method)
+    calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
+    if method == "gptq" and calibration is None:
+        raise ValueError("quantize_weights(method='gptq') needs `calibration` batches (e.g. a DataLoader)")
+    copy = module_copy(model).eval()
+    targets = weight_only_targets(copy, include, exclude)
+    if not targets:
+        raise ValueError("quantize_weights: the selection holds no Linear or transposed Linear layer to quantize")
+    hessians = (
+        collect_hessians(copy, targets, calibration, model_input, calibration_batches) if method == "gptq" else {}
+    )
+    for name, module in targets.items():
+        weight = _weight_of(module).detach().float()
+        if method == "gptq":
+            quantized = quantize_groups_gptq(weight, hessians[name].hessian, bits, group_size, symmetric)
+        else:
+            quantized = quantize_groups_rtn(weight, bits, group_size, symmetric)
+        _replace(copy, name, GroupQuantizedLinear(quantized, module.bias).to(module.weight.device))
+    rank_zero_info(
+        f"quantize_weights: {len(targets)} layers to {bits}-bit groups of {group_size} ({method}, "
+        f"{'symmetric' if symmetric else 'asymmetric'}); every other layer stays float"
+    )
+    return copy
+
+
+@dataclass(frozen=True)
+class WeightOnlySettings:
+    """How :func:`quantize_weights` quantizes, validated once (PTQ's ``weight_bits=4`` or ``activations="float"``).
+
+    Attributes:
+        bits: 4 or 8.
+        group_size: Values per scale along the inputs.
+        symmetric: No stored zero point (``True``) or one per group.
+        method: ``"rtn"`` or ``"gptq"``.
+        include: Module patterns to quantize.
+        exclude: Module patterns to keep in float.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    method: str = "rtn"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        validate_weight_only(self.bits, self.group_size, self.method)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"`symmetric` must be True or False, got {self.symmetric!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, tuple(value) if value is not None else None)
+
+    def quantize(self, model: nn.Module, calibration: Iterable[Any] | None = None, **options: Any) -> nn.Module:
+        """:func:`quantize_weights` with these settings (``"gptq"`` without calibration falls back to ``"rtn"``)."""
+        fields = dataclasses.asdict(self)
+        if calibration is None:
+            fields["method"] = "rtn"
+        fields["include"] = list(self.include) if self.include is not None else None
+        fields["exclude"] = list(self.exclude) if self.exclude is not None else None
+        return quantize_weights(model, calibration=calibration, **fields, **options)
+
+
+def weight_only_settings(
+    weight_bits: Any,
+    activations: Any,
+    embeddings: Any,
+    group_size: Any,
+    method: Any,
+    symmetric: Any,
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> WeightOnlySettings | None:
+    """PTQ's weight-only settings when its arguments ask for them (4 bits, or float activations); else ``None``."""
+    if weight_bits != 4 and activations != "float":
+        return None
+    if activations not in (None, "float"):
+        raise ValueError(
+            f"`activations`={activations!r} with weight_bits=4: int4 weights run with float activations "
+            "(activations='float' or None). Dynamic int8 activations with int4 weights (ONNX Runtime's "
+            "accuracy_level=4) are not modelled yet, so they are refused rather than exported unchecked"
+        )
+    if embeddings != "float":
+        raise ValueError(
+            f"`embeddings`={embeddings!r} with weight-only groups: embeddings stay float there (set "
+            "embeddings='float'); the int8 embedding tables belong to the int8 activation path"
+        )
+    return WeightOnlySettings(weight_bits, group_size, symmetric, method, include, exclude)
+
+
+def export_weight_only_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_input: Any,
+    check_inputs: Sequence[Any] | None = None,
+    on_mismatch: str = "warn",
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+) -> tuple[Path, Any]:
+    """Write a :func:`quantize_weights` model to ONNX (``MatMulNBits`` nodes) and check it in ONNX Runtime.
+
+    Returns:
+        The path written and the check's figures (see ``export_onnx_checked``).
+    """
+    if not group_quantized_layers(model):
+        raise ValueError("export_weight_only_onnx: `model` holds no group-quantized layer; run quantize_weights first")
+    reference = module_copy(model).eval()
+    return write_onnx(
+        reference,
+        module_copy(reference),
+        path,
+        example_input,
+        check_inputs=check_inputs,
+        on_mismatch=on_mismatch,
+        dynamic_axes=dynamic_axes,
+        note=f" (weights in {describe_weight_only(model)})",
+    )
+
+
+def describe_weight_only(model: nn.Module) -> str:
+    """``"int4 groups of 32, symmetric"``: what the model's group-quantized layers store."""
+    kinds = sorted({(m.bits, m.group_size, m.zero_points is None) for m in group_quantized_layers(model).values()})
+    return "; ".join(
+        f"int{bits} groups of {size}, {'symmetric' if symmetric else 'asymmetric'}" for bits, size, symmetric in kinds
+    )
+
+
+def dry_run_weight_only(model: nn.Module, settings: WeightOnlySettings, example_input: Any, owner: str) -> None:
+    """Quantize a copy by round to nearest and export it, so that the end of fit cannot fail on the export."""
+    try:
+        probe = settings.quantize(model)
+        with tempfile.TemporaryDirectory() as directory:
+            export_weight_only_onnx(probe, Path(directory) / "dry_run.onnx", example_input, on_mismatch="ignore")
+    except Exception as error:
+        raise RuntimeError(
+            f"{owner}: the {settings.bits}-bit weight-only export of {type(model).__name__} fails on its "
+            f"example_input_array, so it would fail at the end of fit. Checked at setup, before training: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def group_quantized_layers(model: nn.Module) -> dict[str, GroupQuantizedLinear]:
+    """The group-quantized layers of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GroupQuantizedLinear)}

@@ -1,0 +1,85 @@
+"""Tiny decoder language models from configs with random weights, as a LightningModule (importable by workers)."""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+from torch.utils.data import DataLoader
+
+VOCAB, LENGTH = 96, 16
+
+
+def tiny_llama():
+    """Llama-style: RMSNorm, rotary, SiLU-gated MLP, grouped-query attention (4 query heads share 2 key/value)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2():
+    """GPT-2-style: ``Conv1D`` (transposed Linear) layers, fused QKV, LM head tied to the token embedding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, use_cache=False)
+    return GPT2LMHeadModel(config).eval()
+
+
+class Logits(torch.nn.Module):
+    """``input_ids -> logits`` with an all-ones attention mask (traceable: no packed-sequence detection)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+
+
+def token_batches(count: int = 4, batch: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Random token windows with a repeating structure a model can learn a little of."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, LENGTH), generator=generator) for _ in range(count)]
+
+
+class TinyCausalLM(LightningModule):
+    """A tiny decoder trained on next-token prediction over random windows; dict batches ``{"input_ids": ...}``."""
+
+    def __init__(self, kind: str = "llama") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Logits(tiny_llama() if kind == "llama" else tiny_gpt2())
+        self.example_input_array = {"input_ids": torch.zeros(1, LENGTH, dtype=torch.long)}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids)
+
+    def _loss(self, batch):
+        logits = self(batch["input_ids"])
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)
+        )
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader([{"input_ids": t} for t in torch.cat(token_batches(4, 4, seed=1))], batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader([{"input_ids": t} for t in torch.cat(token_batches(2, 4, seed=2))], batch_size=4)
