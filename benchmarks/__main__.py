@@ -31,6 +31,7 @@ ORDER = (
     "quantization",
     "compile",
     "qat_step",
+    "llm",
     "precision",
     "together",
     "scaling",

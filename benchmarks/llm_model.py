@@ -88,7 +88,7 @@ def trained_llama(quick: bool, minutes: float | None = None, log=print):
     """The benchmark's model: trained on the standard library for ``minutes`` (cached), in eval mode."""
     from transformers import LlamaForCausalLM
 
-    minutes = minutes if minutes is not None else (0.5 if quick else 20.0)
+    minutes = minutes if minutes is not None else (0.2 if quick else 20.0)
     config = llama_config(quick)
     key = f"llama-h{config.hidden_size}-l{config.num_hidden_layers}-f{config.intermediate_size}-{minutes:g}min"
     path = CACHE / f"{key}.pt"

@@ -24,16 +24,9 @@ from lightning_accel._core.validation import (
     validate_step,
 )
 from lightning_accel.pruning.export import validate_slim_export_path
-from lightning_accel.pruning.groups import (
-    ChannelGroups,
-)
+from lightning_accel.pruning.groups import ChannelGroups
 from lightning_accel.pruning.importance import TaylorImportance
-from lightning_accel.pruning.masks import (
-    apply_masks_,
-    full_tensor,
-    local_part,
-    local_tensor,
-)
+from lightning_accel.pruning.masks import apply_masks_, full_tensor, local_part, local_tensor
 from lightning_accel.pruning.schedule import resolve_schedule_steps, sparsity_at, validate_schedule
 from lightning_accel.pruning.selection import (
     best_checkpoint_below_target,
@@ -41,6 +34,7 @@ from lightning_accel.pruning.selection import (
     check_masks_fit,
     check_n_m_fits,
     check_pattern_options,
+    check_state_pattern,
     next_masks,
     plan_channel_groups,
     report_final_sparsity,
@@ -49,6 +43,7 @@ from lightning_accel.pruning.selection import (
     warn_when_restored_above_target,
 )
 from lightning_accel.pruning.slim import dry_run_slim_export
+from lightning_accel.pruning.wanda import WandaImportance
 
 #: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
 #: the rest for fine-tuning at the final sparsity.
@@ -106,7 +101,8 @@ class MagnitudePruning(DeployingCallback):
             ``None``, for channels): first-order Taylor, ``|w * dL/dw|`` summed over the group's slices and over the
             optimizer steps since the masks were last computed; or ``"magnitude"``: summed squared weights of the
             group's slices. A recompute before any step was taken ranks by magnitude (Taylor was chosen by
-            measurement: see the method card). Other patterns rank by magnitude.
+            measurement: see the method card). Other patterns rank by magnitude, or by ``"wanda"``: ``|w| x ||x||``
+            per output row or N:M group, input norms from the batches since the last masks (Linear weights only).
 
     Example:
         >>> from lightning import Trainer
@@ -127,7 +123,7 @@ class MagnitudePruning(DeployingCallback):
         exclude: list[str] | None = None,
         log_per_layer: bool = False,
         export_path: str | None = None,
-        importance: Literal["magnitude", "taylor"] | None = None,
+        importance: Literal["magnitude", "taylor", "wanda"] | None = None,
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
@@ -145,8 +141,8 @@ class MagnitudePruning(DeployingCallback):
         self.log_per_layer = log_per_layer
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
         self.importance = check_importance(importance, self.pattern.kind, pattern)
-        self._taylor: TaylorImportance | None = None
-        self._taylor_state: dict[str, Any] | None = None  # restored before setup made the groups
+        self._scorer: TaylorImportance | WandaImportance | None = None  # Taylor or Wanda sums between masks
+        self._scorer_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None
         self._groups: ChannelGroups | None = None
 
@@ -207,6 +203,8 @@ class MagnitudePruning(DeployingCallback):
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self.pattern.kind == "N:M":
             check_n_m_fits(self._params, self.pattern.n, self.pattern.m)
+        if self.importance == "wanda":
+            self._set_scorer(WandaImportance(pl_module, self._params))
         if self._masks is not None:
             check_masks_fit(self._masks, self._params)
 
@@ -217,9 +215,7 @@ class MagnitudePruning(DeployingCallback):
             ", ranked by Taylor importance" if self.importance == "taylor" else ""
         )
         if self.importance == "taylor":
-            self._taylor = TaylorImportance(self._groups)
-            if self._taylor_state is not None:
-                self._taylor.load_state_dict(self._taylor_state)
+            self._set_scorer(TaylorImportance(self._groups))
         rank_zero_info(f"MagnitudePruning ({getattr(stage, 'value', stage)}): {self._selection_summary}")
         if self._masks is not None:
             check_masks_fit(self._masks, self._params)
@@ -263,6 +259,8 @@ class MagnitudePruning(DeployingCallback):
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if self._scorer is not None:
+            self._scorer.attach()
         rank_zero_info(
             f"MagnitudePruning: {len(self._params)} parameters, {self.schedule} schedule to "
             f"{self.target_sparsity:.2%} {self.pattern.kind} sparsity between steps {self._resolved_start_step} and "
@@ -281,7 +279,7 @@ class MagnitudePruning(DeployingCallback):
         masks = None
         # Sharded parameters (FSDP) are ranked over their full tensors: every rank takes part in gathering them.
         weights = {name: full_tensor(p) for name, p in self._params.items()}
-        scores = self._taylor.take() if self._taylor is not None else None  # every rank restarts its sums
+        scores = self._scorer.take(pl_module, batch) if self._scorer is not None else None  # every rank restarts
         if trainer.is_global_zero:
             masks = next_masks(weights, target, self._groups, self.pattern_string, self.scope, self._masks, scores)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
@@ -292,10 +290,10 @@ class MagnitudePruning(DeployingCallback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """With Taylor importance: add this step's ``|w * grad|`` (Lightning has unscaled AMP gradients by now)."""
-        if self._taylor is None:
+        if not isinstance(self._scorer, TaylorImportance):
             return
         gradients = {name: full_tensor(p.grad) for name, p in self._params.items() if p.grad is not None}
-        self._taylor.accumulate({name: full_tensor(p) for name, p in self._params.items()}, gradients)
+        self._scorer.accumulate({name: full_tensor(p) for name, p in self._params.items()}, gradients)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -345,18 +343,13 @@ class MagnitudePruning(DeployingCallback):
             "mask_sparsity": self._mask_sparsity,
             "last_step": self._last_step,
             "training_batches": self._training_steps.batches,
-            "taylor": self._taylor.state_dict() if self._taylor is not None else {},
+            "importance_scores": self._scorer.state_dict() if self._scorer is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the masks and schedule position; refuse masks from another pattern, model or format."""
         check_state_version("MagnitudePruning", state_dict, _STATE_VERSION)
-        pattern = state_dict.get("pattern", self.pattern_string)
-        if pattern != self.pattern_string:
-            raise ValueError(
-                f"The checkpoint's MagnitudePruning state was made with pattern {pattern!r}, but this callback uses "
-                f"pattern {self.pattern_string!r}. Resume with the same pattern, or start a new run."
-            )
+        check_state_pattern(state_dict, self.pattern_string)
         masks = state_dict.get("masks") or None
         if masks is not None and self._params:
             check_masks_fit(masks, self._params)
@@ -364,9 +357,9 @@ class MagnitudePruning(DeployingCallback):
         self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
-        self._taylor_state = dict(state_dict.get("taylor") or {}) or None
-        if self._taylor is not None and self._taylor_state is not None:
-            self._taylor.load_state_dict(self._taylor_state)
+        self._scorer_state = dict(state_dict.get("importance_scores") or state_dict.get("taylor") or {}) or None
+        if self._scorer is not None and self._scorer_state is not None:
+            self._scorer.load_state_dict(self._scorer_state)
 
     @property
     def pattern_string(self) -> str:
@@ -396,3 +389,10 @@ class MagnitudePruning(DeployingCallback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        if self._scorer is not None:
+            self._scorer.detach()
+
+    def _set_scorer(self, scorer: TaylorImportance | WandaImportance) -> None:
+        self._scorer = scorer
+        if self._scorer_state is not None:
+            scorer.load_state_dict(self._scorer_state)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_accel.pruning.groups import ChannelGroups, channel_sums
 
-IMPORTANCES = ("magnitude", "taylor")
+IMPORTANCES = ("magnitude", "taylor", "wanda")
 
 
 class TaylorImportance:
@@ -53,7 +53,13 @@ class TaylorImportance:
             self.scores[index] += step_sum
         self.steps += 1
 
-    def take(self) -> list[Tensor] | None:
+    def attach(self) -> None:
+        """Nothing to hook: the callback feeds :meth:`accumulate` after backward."""
+
+    def detach(self) -> None:
+        """Nothing to unhook."""
+
+    def take(self, model: nn.Module | None = None, batch: Any = None) -> list[Tensor] | None:
         """The accumulated scores per group (``None`` before any step), and start accumulating afresh."""
         if self.steps == 0:
             return None

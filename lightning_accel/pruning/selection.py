@@ -22,6 +22,7 @@ from lightning_accel.pruning.importance import IMPORTANCES
 from lightning_accel.pruning.masks import SCOPES, compute_masks, full_tensor, parse_pattern, tensor_sparsity
 from lightning_accel.pruning.slim import removable_groups
 from lightning_accel.pruning.trace import find_channel_groups
+from lightning_accel.pruning.wanda import WandaNorms, wanda_masks
 
 #: A layer with more zeros than this no longer computes anything useful: it is named at every recompute.
 EMPTIED_LAYER = 0.99
@@ -187,6 +188,16 @@ def check_pattern_options(pattern: Any, scope: Any, target_sparsity: float) -> A
     return parsed
 
 
+def check_state_pattern(state: dict[str, Any], pattern: str) -> None:
+    """Refuse a checkpoint's pruning state made with another pattern than ``pattern``."""
+    saved = state.get("pattern", pattern)
+    if saved != pattern:
+        raise ValueError(
+            f"The checkpoint's MagnitudePruning state was made with pattern {saved!r}, but this callback uses "
+            f"pattern {pattern!r}. Resume with the same pattern, or start a new run."
+        )
+
+
 def check_importance(importance: Any, kind: str, pattern: Any) -> str:
     """The ranking to use: ``importance`` as given (checked), else Taylor for channels and magnitude otherwise."""
     if importance is not None and importance not in IMPORTANCES:
@@ -194,6 +205,11 @@ def check_importance(importance: Any, kind: str, pattern: Any) -> str:
     if importance == "taylor" and kind != "channels":
         raise ValueError(
             f"`importance='taylor'` ranks channel and head groups: it needs pattern='channels', got {pattern!r}"
+        )
+    if importance == "wanda" and kind == "channels":
+        raise ValueError(
+            "`importance='wanda'` ranks single weights (unstructured or N:M patterns), got pattern='channels'; "
+            "channels and heads are ranked by 'taylor' or 'magnitude'"
         )
     return importance or ("taylor" if kind == "channels" else "magnitude")
 
@@ -250,6 +266,8 @@ def next_masks(
     """The keep-masks for ``target``: whole channel groups, or the pattern's masks; emptied layers are named."""
     if groups is not None:
         masks = group_masks(weights, groups, target, previous=previous, scores=scores)
+    elif isinstance(scores, WandaNorms):
+        masks = wanda_masks(weights, scores.norms, target, pattern, previous, scores.transposed)
     else:
         masks = compute_masks(weights, target, pattern, scope, previous=previous)
     warn_about_emptied_layers(masks, target)

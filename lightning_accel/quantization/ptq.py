@@ -11,18 +11,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
-from lightning_accel._core.inputs import example_input
+from lightning_accel._core.inputs import batch_picker, example_input, run_model
 from lightning_accel._core.lightning import configure_model_early
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
-from lightning_accel.quantization.calibration import (
-    batch_picker,
-    calibrate_,
-    check_batches,
-    classification_batches,
-    run_model,
-)
+from lightning_accel.quantization.calibration import calibrate_, check_batches, classification_batches
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,

@@ -11,13 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
-from lightning_accel._core.inputs import example_input
+from lightning_accel._core.inputs import batch_picker, example_input
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.modules import summarize_selection
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import check_state_version, validate_bool, validate_step
-from lightning_accel.quantization.calibration import batch_picker, check_batches, classification_batches
+from lightning_accel.quantization.calibration import check_batches, classification_batches
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.coverage import (
     left_in_float,

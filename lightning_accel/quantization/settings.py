@@ -14,16 +14,11 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_accel._core.inputs import batch_labels, example_input
+from lightning_accel._core.inputs import batch_labels, batch_picker, example_input, run_model
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_bool, validate_patterns
-from lightning_accel.quantization.calibration import (
-    batch_picker,
-    calibrate_,
-    first_batch,
-    run_model,
-)
+from lightning_accel.quantization.calibration import calibrate_, first_batch
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS, validate_activations
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS, validate_embeddings
 from lightning_accel.quantization.export import export_onnx

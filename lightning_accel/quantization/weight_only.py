@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_accel._core.inputs import batch_picker, run_model
 from lightning_accel._core.modules import is_transposed_linear, module_copy, select_modules
 from lightning_accel._core.validation import validate_int
 from lightning_accel.export.onnx import write_onnx
-from lightning_accel.quantization.calibration import batch_picker, run_model
 from lightning_accel.quantization.gptq import HessianAccumulator, quantize_groups_gptq
 from lightning_accel.quantization.groupwise import (
     GROUP_BITS_CHOICES,

@@ -11,12 +11,13 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_accel._core.inputs import batch_picker, run_model
 from lightning_accel._core.logging import add_hyperparameters, log_text
 from lightning_accel._core.stage import Contribution
 from lightning_accel.deploy.stage import build_artifacts, contributions_of
 from lightning_accel.export.check import onnx_feed, onnx_outputs, ort_session
 from lightning_accel.export.sparse import load_sparse_
-from lightning_accel.quantization.calibration import batch_picker, batch_size, run_model, validation_loader
+from lightning_accel.quantization.calibration import batch_size, validation_loader
 from lightning_accel.report.markdown import (
     headline,
     latency_metrics,

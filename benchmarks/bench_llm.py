@@ -1,0 +1,310 @@
+"""Int4 weights on a small Llama-style language model trained here, against ONNX Runtime's own quantizers.
+
+The model (``benchmarks/llm_model.py``: 12.6M parameters, grouped-query attention, bytes as tokens) is trained on
+the standard library's sources and evaluated on held-out files. Every row is an ONNX file run in ONNX Runtime on
+the same held-out windows: perplexity (exp of the mean next-byte cross-entropy), file size, and prefill latency
+(one forward over 256 tokens) at batch 1 and 8 against the fp32 file, alternating, medians. Our int4 rows also give
+the perplexity PyTorch evaluates, which the file must reproduce (contract 14).
+
+A second table generates greedily with the KV cache (``export_decoder_onnx``: one graph, past keys/values in and
+out): prefill latency over a 64-token prompt and decode tokens/s over 32 new tokens, at batch 1 and 8, for the fp32
+decoder, our int4 decoders and ONNX Runtime's own quantizers applied to the fp32 decoder file.
+
+A third compares Wanda with magnitude pruning, one-shot on the trained model (no fine-tuning), at 50% unstructured
+and 2:4, by held-out perplexity in PyTorch (the LM head and embeddings stay dense).
+
+Not measured here yet: QAT and distillation for int4, torchao's int4 configs (their CPU kernels are not in this
+torch build's wheel), and Wanda after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import THREADS, Section, goal
+from benchmarks.llm_model import calibration_batches, held_out_batches, perplexity, trained_llama
+from lightning_accel._core.modules import module_copy
+from lightning_accel.export.check import ort_session
+from lightning_accel.export.decoder import export_decoder_onnx, generation_speed
+from lightning_accel.export.onnx import write_onnx
+from lightning_accel.pruning.masks import apply_masks_, compute_masks
+from lightning_accel.pruning.wanda import WandaImportance, wanda_masks
+from lightning_accel.quantization.weight_only import export_weight_only_onnx, quantize_weights
+
+#: Goals from the issue: our data-aware int4 perplexity <= ORT's best int4 at the same block size; file <= 0.30x.
+SIZE_GOAL = 0.30
+
+
+class Logits(torch.nn.Module):
+    """``input_ids -> logits`` with an all-ones attention mask, so batch and length stay dynamic in the export."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+
+
+def ort_perplexity(session, batches: list[torch.Tensor]) -> float:
+    """Perplexity of an ONNX file over ``batches``, computed like :func:`perplexity`."""
+    name = session.get_inputs()[0].name
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, count = total + loss.item(), count + batch[:, 1:].numel()
+    return float(np.exp(total / count))
+
+
+def prefill_ratio(reference, candidate, batch: torch.Tensor, rounds: int) -> tuple[float, float, float]:
+    """(fp32 ms, candidate ms, fp32 / candidate): medians over ``rounds`` alternating runs after a warm-up."""
+    feed = {reference.get_inputs()[0].name: batch.numpy()}
+    for session in (reference, candidate):
+        session.run(None, feed)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(rounds):
+        for index, session in enumerate((reference, candidate)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[index].append(time.perf_counter() - start)
+    fp32, other = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+    return fp32, other, fp32 / other
+
+
+def ort_weight_only(fp32_path: Path, path: Path, block: int, algorithm: str, calibration) -> Path:
+    """ONNX Runtime's ``MatMulNBitsQuantizer`` on the fp32 file: its default config (RTN, MLAS), HQQ or GPTQ."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": b.numpy()} for b in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    config = None
+    if algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=block, bits=4)
+    elif algorithm == "gptq":  # its group size follows the quantizer's block_size; 128 is its column batch
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), perchannel=False)
+    symmetric = algorithm == "rtn-symmetric"
+    quantizer = MatMulNBitsQuantizer(
+        str(fp32_path), bits=4, block_size=block, is_symmetric=symmetric, algo_config=config
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path))
+    return path
+
+
+def decode_section(model: torch.nn.Module, calibration, quick: bool) -> Section:
+    """Greedy generation with the KV cache in ORT: fp32 against int4 decoders, batch 1 and 8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    hf = model.model
+    prompt_length, steps, repeats = (16, 8, 1) if quick else (64, 32, 3)
+    prompts = {batch: calibration[0].repeat(2, 1)[:batch, :prompt_length] for batch in (1, 8)}
+    rows, data = [], {}
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        files = {}
+        files["fp32"], _ = export_decoder_onnx(hf, folder / "fp32.onnx", prompts[1], on_mismatch="raise")
+        dynamic = folder / "ort_dynamic.onnx"
+        quantize_dynamic(str(files["fp32"]), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+        files["ORT quantize_dynamic(per_channel), int8"] = dynamic
+        block = 32
+        files[f"ORT MatMulNBitsQuantizer RTN-SYMMETRIC, int4 block {block}"] = ort_weight_only(
+            files["fp32"], folder / "ort_rtn.onnx", block, "rtn-symmetric", calibration
+        )
+        for group in (32,) if quick else (32, 128):
+            quantized = quantize_weights(
+                hf, group_size=group, method="gptq", calibration=calibration, calibration_batches=len(calibration)
+            )
+            path, check = export_decoder_onnx(quantized, folder / f"ours_{group}.onnx", prompts[1], on_mismatch="raise")
+            files[f"ours PTQ GPTQ (symmetric), int4 groups of {group}"] = path
+            data[f"check {group}"] = str(check)
+        sessions = {label: ort_session(path, threads=THREADS) for label, path in files.items()}
+        speeds = {label: {} for label in files}
+        for _ in range(repeats):  # alternate the files, so drift in the machine's load favours none
+            for batch, prompt in prompts.items():
+                for label, session in sessions.items():
+                    speed = generation_speed(session, hf.config, prompt, steps=steps, repeats=1)
+                    speeds[label].setdefault(batch, []).append(speed)
+        for label, by_batch in speeds.items():
+            entry = {"bytes": files[label].stat().st_size}
+            for batch, measured in by_batch.items():
+                entry[f"prefill_ms_b{batch}"] = statistics.median(m.prefill_ms for m in measured)
+                entry[f"tokens_per_s_b{batch}"] = statistics.median(m.decode_tokens_per_s for m in measured)
+            data[label] = entry
+        base = data["fp32"]
+        for label, entry in data.items():
+            if not isinstance(entry, dict):
+                continue
+            cells = []
+            for batch in (1, 8):
+                tokens, prefill = entry[f"tokens_per_s_b{batch}"], entry[f"prefill_ms_b{batch}"]
+                ratio = tokens / base[f"tokens_per_s_b{batch}"]
+                cells.append(f"{prefill:.1f} ms | {tokens:.0f} ({ratio:.2f}x)")
+            rows.append(f"| {label} | {entry['bytes'] / 1e6:.2f} MB | {' | '.join(cells)} |")
+    best = max(v["tokens_per_s_b1"] / data["fp32"]["tokens_per_s_b1"] for k, v in data.items() if k.startswith("ours"))
+    data["goal_decode_b1"] = best
+    lines = [
+        f"Greedy generation in ORT with the KV cache, {THREADS} threads: a {prompt_length}-token prompt (prefill), "
+        f"then {steps} decode steps; tokens/s counts every sequence of the batch; medians of {repeats} alternating "
+        "round(s). Int4 rows run MatMulNBits at accuracy_level 1 (fp32 compute: the weights are unpacked to float, "
+        "the activations stay float), the kernel whose output PyTorch evaluates.",
+        "",
+        "| decoder | file | prefill b1 | tokens/s b1 | prefill b8 | tokens/s b8 |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"- decode tokens/s at batch 1 >= 1.5x fp32 ORT: our best int4 {best:.2f}x, {goal(best, 1.5, 'higher')}",
+    ]
+    return Section("Language model: generation with the KV cache (tokens/s)", "\n".join(lines) + "\n", data)
+
+
+def wanda_section(model: torch.nn.Module, held_out, calibration) -> Section:
+    """One-shot Wanda against magnitude at 50% unstructured and 2:4, by held-out perplexity."""
+    hf = model.model
+    names = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    rows, data = [f"| dense | {perplexity(hf, held_out):.3f} |"], {"dense": perplexity(hf, held_out)}
+    scorer = WandaImportance(hf, [f"{n}.weight" for n in names])
+    scorer.gather(hf, calibration)
+    norms = scorer.take()
+    for pattern in ("unstructured", "2:4"):
+        for method in ("magnitude", "wanda"):
+            pruned = module_copy(hf).eval()
+            weights = {f"{n}.weight": pruned.get_submodule(n).weight for n in names}
+            if method == "wanda":
+                masks = wanda_masks({k: w.detach() for k, w in weights.items()}, norms.norms, 0.5, pattern)
+            else:  # per layer, as Wanda compares within layers too
+                masks = compute_masks({k: w.detach() for k, w in weights.items()}, 0.5, pattern, scope="layer")
+            apply_masks_(weights, masks)
+            ppl = perplexity(pruned, held_out)
+            data[f"{method} {pattern}"] = ppl
+            rows.append(f"| {method}, 50% {pattern} | {ppl:.3f} |")
+    lines = [
+        "One-shot, no fine-tuning, every Linear but the LM head at 50% (per layer); Wanda's input norms from the "
+        "calibration windows.",
+        "",
+        "| pruning | held-out perplexity (PyTorch) |",
+        "| --- | --- |",
+        *rows,
+        "",
+    ]
+    for pattern in ("unstructured", "2:4"):
+        wanda, magnitude = data[f"wanda {pattern}"], data[f"magnitude {pattern}"]
+        lines.append(f"- {pattern}: Wanda {wanda:.3f} <= magnitude {magnitude:.3f}: {goal(wanda, magnitude)}")
+    return Section("Language model: Wanda against magnitude pruning", "\n".join(lines) + "\n", data)
+
+
+def run(quick: bool) -> list[Section]:
+    torch.manual_seed(0)
+    model = Logits(trained_llama(quick)).eval()
+    held_out, calibration = held_out_batches(quick), calibration_batches(quick)
+    rounds = 3 if quick else 10
+    rows, data = [], {}
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        fp32_path, _ = write_onnx(model, module_copy(model), folder / "fp32.onnx", held_out[0], on_mismatch="ignore")
+        fp32_session = ort_session(fp32_path, threads=THREADS)
+        fp32_bytes = fp32_path.stat().st_size
+        torch_fp32 = perplexity(model.model, held_out)
+        base_ppl = ort_perplexity(fp32_session, held_out)
+        data["fp32"] = {"ppl_torch": torch_fp32, "ppl_ort": base_ppl, "bytes": fp32_bytes}
+        rows.append(f"| fp32 | {torch_fp32:.3f} | {base_ppl:.3f} | {fp32_bytes / 1e6:.2f} MB (1.00x) | 1.00x | 1.00x |")
+
+        candidates: list[tuple[str, Path, float | None]] = []
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        dynamic = folder / "ort_dynamic.onnx"
+        quantize_dynamic(str(fp32_path), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+        candidates.append(("ORT quantize_dynamic(per_channel), int8", dynamic, None))
+        blocks = (32,) if quick else (32, 128)
+        for block in blocks:
+            # ORT's GPTQ config (neural-compressor, in numpy) reached 26% of this model's 57 MatMuls in 10 minutes
+            # here, so it is not run; its RTN and HQQ configs are.
+            for algorithm in ("rtn-symmetric", "rtn-asymmetric", "hqq"):
+                if quick and algorithm == "hqq":
+                    continue
+                path = ort_weight_only(
+                    fp32_path, folder / f"ort_{algorithm}_{block}.onnx", block, algorithm, calibration
+                )
+                label = {"gptq": "GPTQ (block 128 lazy updates)"}.get(algorithm, algorithm.upper())
+                candidates.append((f"ORT MatMulNBitsQuantizer {label}, int4 block {block}", path, None))
+            for method, symmetric in (("rtn", True), ("gptq", True), ("gptq", False)):
+                quantized = quantize_weights(
+                    model,
+                    bits=4,
+                    group_size=block,
+                    symmetric=symmetric,
+                    method=method,
+                    calibration=calibration,
+                    calibration_batches=len(calibration),
+                )
+                path = folder / f"ours_{method}_{symmetric}_{block}.onnx"
+                export_weight_only_onnx(quantized, path, held_out[0], on_mismatch="ignore")
+                kind = "symmetric" if symmetric else "asymmetric"
+                label = f"ours PTQ {method.upper()} ({kind}), int4 groups of {block}"
+                candidates.append((label, path, perplexity(quantized.model, held_out)))
+
+        for label, path, torch_ppl in candidates:
+            session = ort_session(path, threads=THREADS)
+            ppl = ort_perplexity(session, held_out)
+            size = path.stat().st_size
+            b1 = prefill_ratio(fp32_session, session, held_out[0][:1], rounds)
+            b8 = prefill_ratio(fp32_session, session, held_out[0], max(rounds // 2, 2))
+            data[label] = {
+                "ppl_torch": torch_ppl,
+                "ppl_ort": ppl,
+                "bytes": size,
+                "size_ratio": size / fp32_bytes,
+                "prefill_b1_ms": [b1[0], b1[1]],
+                "prefill_b8_ms": [b8[0], b8[1]],
+                "prefill_b1_speedup": b1[2],
+                "prefill_b8_speedup": b8[2],
+            }
+            shown = f"{torch_ppl:.3f}" if torch_ppl is not None else "-"
+            rows.append(
+                f"| {label} | {shown} | {ppl:.3f} | {size / 1e6:.2f} MB ({size / fp32_bytes:.2f}x) | "
+                f"{b1[2]:.2f}x ({b1[1]:.1f} ms) | {b8[2]:.2f}x ({b8[1]:.0f} ms) |"
+            )
+    lines = [
+        f"Held-out perplexity over {sum(len(b) for b in held_out)} windows of {held_out[0].shape[1]} bytes; "
+        f"data-aware methods calibrate on {sum(len(b) for b in calibration)} training windows. Prefill: one forward "
+        f"over {held_out[0].shape[1]} tokens, ORT, {THREADS} threads, speed-up against the fp32 file (fp32 / this), "
+        "medians of alternating runs. MatMulNBits runs at accuracy_level 0/1 (fp32 compute) in every int4 row.",
+        "",
+        "| model | perplexity (PyTorch) | perplexity (ORT) | file | prefill batch 1 | prefill batch 8 |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+    for block in blocks:
+        ours = min(v["ppl_ort"] for k, v in data.items() if k.startswith("ours PTQ GPTQ") and k.endswith(f"of {block}"))
+        theirs = min(
+            v["ppl_ort"] for k, v in data.items() if k.startswith("ORT MatMulNBits") and k.endswith(f"block {block}")
+        )
+        size = min(v["size_ratio"] for k, v in data.items() if k.startswith("ours") and k.endswith(f"of {block}"))
+        data[f"goal_block_{block}"] = {"ours": ours, "ort_best": theirs, "size_ratio": size}
+        lines.append(
+            f"- block {block}: our best data-aware int4 perplexity {ours:.3f} <= ORT's best int4 {theirs:.3f}: "
+            f"{goal(ours, theirs)}; file {size:.2f}x fp32 <= {SIZE_GOAL}x: {goal(size, SIZE_GOAL)}"
+        )
+    perplexity_section = Section(
+        "Language model: int4 weights against ONNX Runtime's quantizers", "\n".join(lines) + "\n", data
+    )
+    return [perplexity_section, decode_section(model, calibration, quick), wanda_section(model, held_out, calibration)]
