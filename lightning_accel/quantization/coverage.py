@@ -1,12 +1,17 @@
-"""What QAT leaves in float, and why: every weight-holding layer it does not quantize is named with a reason."""
+"""What QAT selected and leaves in float (each skipped layer with the reason), and its step metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from lightning import LightningModule
 from torch import nn
 
-from lightning_accel._core.modules import BATCH_NORMS
+from lightning_accel._core.modules import BATCH_NORMS, summarize_selection
 from lightning_accel.quantization.embeddings import QuantizedEmbedding, quantized_embeddings
-from lightning_accel.quantization.layers import QUANTIZED_CLASSES, _Quantized
+from lightning_accel.quantization.layers import QUANTIZED_CLASSES, _Quantized, quantizable_base
+from lightning_accel.quantization.phases import PHASE_FLOAT, PHASE_FROZEN, PHASE_OBSERVING
 from lightning_accel.quantization.prepare import attention_kernel_children, is_plain_batch_norm
 
 
@@ -68,3 +73,24 @@ def left_in_float(model: nn.Module, limit: int = 6) -> str:
         more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
         text += f"; left in float, {reason}: {', '.join(names[:limit])}{more}"
     return text
+
+
+def selection_summary(model: nn.Module) -> str:
+    """What QAT quantized, of which candidates, and what it left in float with the reasons (setup's log line)."""
+    quantized = [name for name, m in model.named_modules() if hasattr(m, "weight_quant")]
+    skipped = attention_kernel_children(model)
+    candidates = [
+        name for name, m in model.named_modules() if name and quantizable_base(m) is not None and name not in skipped
+    ]
+    return summarize_selection(quantized, candidates) + left_in_float(model)
+
+
+def log_qat_metrics(pl_module: LightningModule, phase: int, skipped: int, quantizers: Mapping[str, Any]) -> None:
+    """QAT's step metrics: the phase (one-hot and as a number), skipped batches and each activation scale."""
+    for name, value in (("float", PHASE_FLOAT), ("observing", PHASE_OBSERVING), ("frozen", PHASE_FROZEN)):
+        pl_module.log(f"qat/phase_{name}", float(phase == value), on_step=True, on_epoch=False)
+    pl_module.log("qat/phase", float(phase), on_step=True, on_epoch=False)
+    pl_module.log("qat/skipped_ranges", float(skipped), on_step=True, on_epoch=False)
+    if phase != PHASE_FLOAT:
+        for name, quantizer in quantizers.items():
+            pl_module.log(f"qat/scale/{name}", quantizer.scale, on_step=True, on_epoch=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_accel._core.validation import resolve_step
+from lightning_accel._core.validation import resolve_step, validate_step
 
 #: Phases logged as ``qat/phase``.
 PHASE_FLOAT, PHASE_OBSERVING, PHASE_FROZEN = 0, 1, 2
@@ -87,3 +87,17 @@ def phase_from_restored_state(quantizers: Mapping[str, Any], restored_quantized:
         "int8 one. Pass `ckpt_path=` a checkpoint written after QAT's start_step."
     )
     return PHASE_FLOAT
+
+
+def validate_qat_steps(start: Any, freeze_observers: Any, freeze_bn: Any) -> tuple[Any, Any, Any]:
+    """QAT's three step options, each checked (an int step or a fraction), in a possible order."""
+    start = validate_step("start_step", start)
+    freeze_observers = validate_step("freeze_observers_step", freeze_observers, allow_none=True)
+    freeze_bn = validate_step("freeze_bn_step", freeze_bn, allow_none=True)
+    check_step_order(start, freeze_observers)
+    return start, freeze_observers, freeze_bn
+
+
+def known_steps(steps: tuple[Any, Any, Any]) -> tuple[int, int | None, int | None] | None:
+    """The steps as given when none is a fraction (else ``None`` until fit start resolves them)."""
+    return None if any(isinstance(v, float) for v in steps) else steps

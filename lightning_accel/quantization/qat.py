@@ -14,28 +14,24 @@ from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.inputs import batch_picker, example_input
 from lightning_accel._core.lightning import TrainingSteps, configure_model_early, refuse_weight_averaging
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
-from lightning_accel._core.modules import summarize_selection
 from lightning_accel._core.stage import Contribution, DeployingCallback
-from lightning_accel._core.validation import check_state_version, validate_bool, validate_step
+from lightning_accel._core.validation import check_state_version, validate_bool
 from lightning_accel.quantization.calibration import check_batches, classification_batches
 from lightning_accel.quantization.convert import as_evaluated
-from lightning_accel.quantization.coverage import (
-    left_in_float,
-)
+from lightning_accel.quantization.coverage import log_qat_metrics, selection_summary
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS, ActivationFakeQuant
-from lightning_accel.quantization.layers import quantizable_base
+from lightning_accel.quantization.groupwise_callback import hands_over_to_weight_only, weight_only_driver
 from lightning_accel.quantization.phases import (
     PHASE_FLOAT,
-    PHASE_FROZEN,
     PHASE_OBSERVING,
-    check_step_order,
+    known_steps,
     phase_at,
     phase_from_restored_state,
     resolve_qat_steps,
+    validate_qat_steps,
 )
 from lightning_accel.quantization.prepare import (
     activation_quantizers,
-    attention_kernel_children,
     iter_batch_norms,
     prepare_qat_,
     set_qat_phase,
@@ -95,7 +91,10 @@ class QuantizationAwareTraining(DeployingCallback):
             ``example_input_array``). ``None``: no export.
         log_ranges: Log each activation quantizer's scale as ``qat/scale/<name>``.
         weight_bits: 7 (default): weights in [-63, 63], computed exactly by ONNX Runtime on every CPU. 8: the full
-            range, for targets whose int8 dot products accumulate in int32 (VNNI/AMX, ARM, TensorRT).
+            range, for targets whose int8 dot products accumulate in int32 (VNNI/AMX, ARM, TensorRT). 4: int4
+            weight-only groups (W4A16, ``MatMulNBits``) for language models: every Linear and transposed Linear
+            trains with its weight rounded per ``group_size`` inputs from ``start_step``; activations, other layers
+            and the int8-only options stay out (with ``Distillation``, the float teacher is the model before QAT).
         model_input: Which part of a batch is the model's input, for checking the export on validation batches:
             ``None`` (the first element of a tuple/list batch; for a dict batch, the keys the module's ``forward``
             takes), a dict key, a list of dict keys (passed as keywords) or a tuple index.
@@ -112,6 +111,8 @@ class QuantizationAwareTraining(DeployingCallback):
             export check runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations.
         embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8
             with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
+        group_size: With ``weight_bits=4``: inputs per scale (16, 32, 64, 128, 256).
+        symmetric: With ``weight_bits=4``: no stored zero point (``True``) or one per group.
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -133,18 +134,24 @@ class QuantizationAwareTraining(DeployingCallback):
         outputs: Literal["graph", "auto", "all"] = "graph",
         activations: Literal["static", "dynamic"] = "static",
         embeddings: Literal["float", "int8"] = "float",
+        group_size: int = 32,
+        symmetric: bool = True,
     ) -> None:
-        start_step = validate_step("start_step", start_step)
-        freeze_observers_step = validate_step("freeze_observers_step", freeze_observers_step, allow_none=True)
-        freeze_bn_step = validate_step("freeze_bn_step", freeze_bn_step, allow_none=True)
-        check_step_order(start_step, freeze_observers_step)
+        start_step, freeze_observers_step, freeze_bn_step = validate_qat_steps(
+            start_step, freeze_observers_step, freeze_bn_step
+        )
         log_ranges = validate_bool("log_ranges", log_ranges)
-        #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
-        self.settings = Int8Settings(include, exclude, fold_bn, weight_bits, outputs, activations, embeddings)
         check_model_input(model_input)
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.export_path = check_export_path(export_path)
+        #: With ``weight_bits=4``, the driver every hook hands over to (:mod:`groupwise_callback`), else ``None``.
+        self.weight_only = weight_only_driver(weight_bits, embeddings, group_size, symmetric, include, exclude)
+        if self.weight_only:
+            self.weight_only.configure(start_step, self.export_path, model_input, self.on_mismatch)
+        #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
+        bits = DEFAULT_WEIGHT_BITS if self.weight_only else weight_bits
+        self.settings = Int8Settings(include, exclude, fold_bn, bits, outputs, activations, embeddings)
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step
         self.freeze_bn_step = freeze_bn_step
@@ -169,10 +176,7 @@ class QuantizationAwareTraining(DeployingCallback):
         self._training_steps = TrainingSteps()
         self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
         # (start, freeze observers, freeze BatchNorm) as optimizer steps, once fractions are resolved at fit start.
-        steps = (start_step, freeze_observers_step, freeze_bn_step)
-        self._steps: tuple[int, int | None, int | None] | None = (
-            steps if not any(isinstance(v, float) for v in steps) else None
-        )
+        self._steps = known_steps((start_step, freeze_observers_step, freeze_bn_step))
 
     @property
     def state_key(self) -> str:
@@ -197,6 +201,7 @@ class QuantizationAwareTraining(DeployingCallback):
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
+    @hands_over_to_weight_only
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Prepare the fake-quant modules (once), and before fitting dry-run everything the export will need."""
         fitting = stage == "fit"
@@ -220,21 +225,15 @@ class QuantizationAwareTraining(DeployingCallback):
         step = self._training_steps.current(trainer, pl_module)
         self._set_phase(self.phase_at(step) if self._steps else PHASE_FLOAT, training=False)
         if self._log_selection:
-            quantized = [name for name, m in pl_module.named_modules() if hasattr(m, "weight_quant")]
-            skipped = attention_kernel_children(pl_module)
-            candidates = [
-                name
-                for name, m in pl_module.named_modules()
-                if name and quantizable_base(m) is not None and name not in skipped
-            ]
-            summary = summarize_selection(quantized, candidates) + left_in_float(pl_module)
-            self._selection_summary = summary
-            rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {summary}")
+            self._selection_summary = selection_summary(pl_module)
+            rank_zero_info(f"QuantizationAwareTraining ({getattr(stage, 'value', stage)}): {self._selection_summary}")
             self._log_selection = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve fractional steps against this fit's length (before the sanity check validates)."""
         super().on_fit_start(trainer, pl_module)  # the deploy stage: a new fit, combined exports proved
+        if self.weight_only:
+            return self.weight_only.on_fit_start(trainer, pl_module)
         self._resolve_steps(trainer)
         if self._selection_summary:
             tag = selection_tag(type(self).__name__, self.settings.include, self.settings.exclude)
@@ -247,6 +246,7 @@ class QuantizationAwareTraining(DeployingCallback):
         if self._steps[0] <= current and trainer.is_global_zero:
             warn_when_starting_from_chance(trainer, pl_module, self.model_input)
 
+    @hands_over_to_weight_only
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Switch the phase for this step, and keep BatchNorms frozen once their step has come."""
         step = self._training_steps.current(trainer, pl_module)
@@ -264,6 +264,7 @@ class QuantizationAwareTraining(DeployingCallback):
             for bn in self._batch_norms:  # again every step: Lightning's model.train() after validation undoes it
                 bn.eval()
 
+    @hands_over_to_weight_only
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -277,16 +278,11 @@ class QuantizationAwareTraining(DeployingCallback):
                     f"QuantizationAwareTraining: step {trainer.global_step} produced non-finite activations; its "
                     f"ranges were skipped ({self.skipped_ranges} batch(es) so far, logged as qat/skipped_ranges)"
                 )
-        if trainer.global_step % trainer.log_every_n_steps:
-            return
-        for name, phase in (("float", PHASE_FLOAT), ("observing", PHASE_OBSERVING), ("frozen", PHASE_FROZEN)):
-            pl_module.log(f"qat/phase_{name}", float(self._phase == phase), on_step=True, on_epoch=False)
-        pl_module.log("qat/phase", float(self._phase), on_step=True, on_epoch=False)
-        pl_module.log("qat/skipped_ranges", float(self.skipped_ranges), on_step=True, on_epoch=False)
-        if self.log_ranges and self._phase != PHASE_FLOAT:
-            for name, quantizer in self._quantizers.items():
-                pl_module.log(f"qat/scale/{name}", quantizer.scale, on_step=True, on_epoch=False)
+        if not trainer.global_step % trainer.log_every_n_steps:
+            ranges = self._quantizers if self.log_ranges else {}
+            log_qat_metrics(pl_module, self._phase, self.skipped_ranges, ranges)
 
+    @hands_over_to_weight_only
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate as deployed, without observing: see :meth:`evaluation_phase`."""
         self._set_phase(self.evaluation_phase(trainer), training=False)
@@ -308,9 +304,10 @@ class QuantizationAwareTraining(DeployingCallback):
 
     def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the int8 model at the end of fit, against QAT's start (the stage calls this before any build)."""
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self.weight_only:
             self._probe_end(pl_module)
 
+    @hands_over_to_weight_only
     def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
         """A copy calibrated on the example input, for the deploy stage to prove the combined exports at fit start."""
         return int8_probe(trainer, pl_module, self)
@@ -326,6 +323,7 @@ class QuantizationAwareTraining(DeployingCallback):
             # (A range never observed, or QAT never started: there is no int8 model to score.)
             self.int8_at_end = end_probe(self._probe, as_evaluated(pl_module)) or self.int8_at_end
 
+    @hands_over_to_weight_only
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         """What QAT hands to the deploy stage: the trained int8 model, where to write it, and what to check it on.
 
@@ -353,6 +351,7 @@ class QuantizationAwareTraining(DeployingCallback):
             on_mismatch=self.on_mismatch,
         )
 
+    @hands_over_to_weight_only
     def state_dict(self) -> dict[str, Any]:
         """Every quantizer's buffers (tensors on CPU), the weight width and the count of skipped batches."""
         quantizers = quantizer_state(self._model) if self._model is not None else {}
@@ -367,6 +366,7 @@ class QuantizationAwareTraining(DeployingCallback):
             "training_batches": self._training_steps.batches,
         }
 
+    @hands_over_to_weight_only
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the quantizers (now if the model is prepared, else at ``setup``)."""
         check_state_version("QuantizationAwareTraining", state_dict, QAT_STATE_VERSION)

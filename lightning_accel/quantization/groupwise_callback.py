@@ -1,0 +1,204 @@
+"""What ``QuantizationAwareTraining`` does for group-wise weights (``weight_bits=4``): the int4 QAT driver.
+
+The callback keeps its name, its YAML section and its step options; with group-wise weights it hands every hook to
+this driver, which trains the rounded weights (:mod:`groupwise_qat`) from ``start_step`` on, evaluates as deployed,
+and hands the deploy stage the ``MatMulNBits`` copy. There are no activation ranges to observe or reduce, so DDP
+ranks agree by construction (identical weights round identically), and the state is a few plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_accel._core.files import probe_writable, resolve_artifact_path
+from lightning_accel._core.inputs import batch_picker, example_input
+from lightning_accel._core.lightning import TrainingSteps, configure_model_early
+from lightning_accel._core.stage import Contribution
+from lightning_accel._core.validation import check_state_version
+from lightning_accel.quantization.calibration import check_batches
+from lightning_accel.quantization.groupwise_qat import (
+    group_qat_to_deployable,
+    prepare_group_qat_,
+    set_group_qat_active,
+)
+from lightning_accel.quantization.phases import resolve_qat_steps
+from lightning_accel.quantization.settings import QAT_STATE_VERSION, require_example_input
+from lightning_accel.quantization.weight_only import (
+    WeightOnlySettings,
+    export_weight_only_onnx,
+    weight_only_settings,
+)
+
+#: How many leading arguments of a hook the driver takes (the rest, batch and outputs, it does not need).
+_DRIVER_ARGUMENTS = {"setup": 3, "state_dict": 0, "load_state_dict": 1}
+
+
+def hands_over_to_weight_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """With group-wise weights (``weight_bits=4``) the driver's hook of the same name runs instead."""
+    signature = inspect.signature(hook)
+
+    @functools.wraps(hook)
+    def choose(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.weight_only is None:
+            return hook(self, *args, **kwargs)
+        arguments = list(signature.bind(self, *args, **kwargs).arguments.values())[1:]  # Lightning passes keywords
+        return getattr(self.weight_only, hook.__name__)(*arguments[: _DRIVER_ARGUMENTS.get(hook.__name__, 2)])
+
+    return choose
+
+
+def weight_only_driver(
+    weight_bits: Any, embeddings: Any, group_size: Any, symmetric: Any, include: Any, exclude: Any
+) -> GroupQATDriver | None:
+    """The driver when QAT's arguments ask for group-wise weights (``weight_bits=4``), else ``None``."""
+    settings = weight_only_settings(weight_bits, None, embeddings, group_size, "rtn", symmetric, include, exclude)
+    return GroupQATDriver(settings) if settings is not None else None
+
+
+class GroupQATDriver:
+    """Int4 (or int8) weight-only QAT under the ``QuantizationAwareTraining`` callback.
+
+    Args:
+        settings: Bits, group size, symmetry and selection.
+    """
+
+    def __init__(self, settings: WeightOnlySettings) -> None:
+        self.settings = settings
+        self.start_step: int | float = 0
+        self.export_path: str | None = None
+        self.model_input: Any = None
+        self.on_mismatch = "warn"
+        self.resolved_export_path: str | None = None
+        self.started = False  # whether the rounding has been on (restored from checkpoints)
+        self._start: int | None = 0
+        self._training_steps = TrainingSteps()
+        self._model: LightningModule | None = None
+
+    def configure(self, start_step: int | float, export_path: str | None, model_input: Any, on_mismatch: str) -> None:
+        """The callback's validated options: where rounding starts, the export, its input and its check."""
+        self.start_step, self.export_path = start_step, export_path
+        self.model_input, self.on_mismatch = model_input, on_mismatch
+        self._start = start_step if isinstance(start_step, int) else None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Prepare the layers (once), and before fitting dry-run the export."""
+        configure_model_early(trainer, pl_module)
+        layers = prepare_group_qat_(pl_module, self.settings)
+        self._model = pl_module
+        set_group_qat_active(pl_module, self.started)
+        if self.export_path is not None and stage == "fit":
+            require_example_input(pl_module, "QuantizationAwareTraining")
+            self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
+            probe_writable("QuantizationAwareTraining", "export_path", self.resolved_export_path)
+            try:
+                with tempfile.TemporaryDirectory() as directory:
+                    deployable = group_qat_to_deployable(pl_module)
+                    path = Path(directory) / "dry_run.onnx"
+                    export_weight_only_onnx(deployable, path, example_input(pl_module), on_mismatch="ignore")
+            except Exception as error:
+                raise RuntimeError(
+                    f"QuantizationAwareTraining: the {self.settings.bits}-bit export of {type(pl_module).__name__} "
+                    f"fails on its example_input_array, so it would fail at the end of fit. Checked at setup, before "
+                    f"training: {type(error).__name__}: {error}"
+                ) from error
+        rank_zero_info(
+            f"QuantizationAwareTraining ({stage}): {len(layers)} layers train with "
+            f"{describe_weight_only_settings(self.settings)} weights; activations and other layers stay float"
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve a fractional ``start_step`` against this fit's length."""
+        self._start = resolve_qat_steps(trainer.estimated_stepping_batches, self.start_step, None, None)[0]
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Round from ``start_step`` on."""
+        active = self._training_steps.current(trainer, pl_module) >= self._start
+        self.started = self.started or active
+        set_group_qat_active(pl_module, active)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Count the batch; log whether the rounding is on."""
+        self._training_steps.batch_done(pl_module)
+        pl_module.log("qat/phase", float(self.started), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score as deployed: rounded once QAT has started (in this fit, or in the restored checkpoint)."""
+        if trainer.state.fn == "fit" and self._start is not None:
+            set_group_qat_active(pl_module, self._training_steps.current(trainer, pl_module) >= self._start)
+        else:
+            set_group_qat_active(pl_module, self.started)
+
+    def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
+        """The ``MatMulNBits`` copy of the trained weights, where it goes and what it is checked on."""
+        path = self.resolved_export_path
+        if path is not None and trainer.fast_dev_run:
+            rank_zero_warn(f"QuantizationAwareTraining: fast_dev_run, so the export to {path} is skipped")
+            path = None
+        if not self.started:
+            if path is not None:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: training ended before start_step {self._start}: there is no "
+                    f"int{self.settings.bits} model, nothing was written to {path}"
+                )
+            return None
+        return Contribution(
+            owner="QuantizationAwareTraining",
+            int8_model=lambda: group_qat_to_deployable(pl_module),
+            int8_path=path,
+            check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
+            on_mismatch=self.on_mismatch,
+        )
+
+    def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
+        """The deployable copy of the current weights, for the stage's combined dry run at fit start."""
+        if self.export_path is None or trainer.fast_dev_run:
+            return None
+        return Contribution(owner="QuantizationAwareTraining", int8_model=lambda: group_qat_to_deployable(pl_module))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: the settings, whether QAT started, and the batch count."""
+        settings = dataclasses.asdict(self.settings)
+        for name in ("include", "exclude"):
+            settings[name] = list(settings[name]) if settings[name] is not None else None
+        return {
+            "version": QAT_STATE_VERSION,
+            "weight_only": settings,
+            "quantized": self.started,
+            "training_batches": self._training_steps.batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; refuse a checkpoint trained with other group settings (or with int8 quantizers)."""
+        check_state_version("QuantizationAwareTraining", state, QAT_STATE_VERSION)
+        saved = state.get("weight_only")
+        if saved is None:
+            raise ValueError(
+                "The checkpoint's QuantizationAwareTraining state holds int8 quantizers; this callback trains "
+                f"{describe_weight_only_settings(self.settings)} weights. Set weight_bits to the checkpoint's to "
+                "continue"
+            )
+        mine = self.state_dict()["weight_only"]
+        differences = [f"{k}={saved[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
+        if differences:
+            raise ValueError(
+                f"The checkpoint's QuantizationAwareTraining weights were trained with {', '.join(differences)}, which "
+                f"this callback sets otherwise: set {', '.join(differences)} to continue from it"
+            )
+        self.started = bool(state.get("quantized", False))
+        self._training_steps.batches = int(state.get("training_batches", 0))
+        if self._model is not None:
+            set_group_qat_active(self._model, self.started)
+
+
+def describe_weight_only_settings(settings: WeightOnlySettings) -> str:
+    """``"int4 groups of 32, symmetric"``."""
+    return f"int{settings.bits} groups of {settings.group_size}, {'symmetric' if settings.symmetric else 'asymmetric'}"
