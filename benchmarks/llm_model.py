@@ -1,33 +1,23 @@
 """The language model the LLM benchmark compresses: a small Llama-style decoder trained here on real text.
 
 Text: this Python's standard-library sources (``sysconfig``'s ``stdlib`` folder, top level ``*.py`` only, sorted by
-name; every 20th file is held out for evaluation, the rest trains). Tokens are bytes (vocabulary 256), so the model
-needs no tokenizer download and its weights sit in the layers that quantization compresses, not in a large
-embedding table. The trained weights are cached under ``benchmarks/llm/.cache`` (ignored by git), keyed by the
-configuration, so a second run of the benchmark reuses them.
+name; every 20th file is held out for evaluation, the rest trains: ``examples/llm/data.py``). Tokens are bytes
+(vocabulary 256), so the model needs no tokenizer download and its weights sit in the layers that quantization
+compresses, not in a large embedding table. The trained weights are cached under ``benchmarks/llm/.cache``
+(ignored by git), keyed by the configuration, so a second run of the benchmark reuses them.
 """
 
 from __future__ import annotations
 
 import math
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
+from examples.llm.data import stdlib_text, token_windows
+
 CACHE = Path(__file__).parent / "llm" / ".cache"
-#: Every HELD_OUT_EVERY-th source file (sorted by name) is evaluation text; the others are training text.
-HELD_OUT_EVERY = 20
-
-
-def stdlib_text() -> tuple[bytes, bytes, int]:
-    """(training bytes, held-out bytes, number of files) from the standard library's top-level modules."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    train, held_out = [], []
-    for index, path in enumerate(files):
-        (held_out if index % HELD_OUT_EVERY == 0 else train).append(path.read_bytes())
-    return b"\n".join(train), b"\n".join(held_out), len(files)
 
 
 def llama_config(quick: bool):
@@ -46,14 +36,6 @@ def llama_config(quick: bool):
         tie_word_embeddings=False,
         use_cache=False,
     )
-
-
-def token_windows(data: bytes, length: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` random windows of ``length`` bytes as token ids (deterministic for ``seed``)."""
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - length - 1, (count,), generator=generator)
-    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
 
 
 def held_out_batches(quick: bool, batch_size: int = 8) -> list[torch.Tensor]:

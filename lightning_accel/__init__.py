@@ -4,6 +4,7 @@ from lightning_accel.cli import AccelCLI, build_cli
 from lightning_accel.deploy import Artifact, Contribution, Deployment, build_artifacts
 from lightning_accel.distillation import Distillation
 from lightning_accel.export.check import ExportCheck, check_onnx
+from lightning_accel.export.decoder import export_decoder_onnx
 from lightning_accel.export.half import save_half
 from lightning_accel.export.program import export_program
 from lightning_accel.export.sparse import load_sparse, load_sparse_, save_sparse
@@ -20,6 +21,7 @@ from lightning_accel.pruning import (
     slim,
     sparsity_at,
     tensor_sparsity,
+    wanda_masks,
 )
 from lightning_accel.quantization import (
     PostTrainingQuantization,
@@ -27,7 +29,11 @@ from lightning_accel.quantization import (
     as_evaluated,
     calibrate_,
     export_onnx,
+    export_weight_only_onnx,
+    group_qat_to_deployable,
     load_quantized,
+    prepare_group_qat_,
+    quantize_weights,
 )
 from lightning_accel.report import AccelerationReport, build_report, count_macs
 
@@ -59,17 +65,23 @@ __all__ = [
     "choose_precision",
     "compute_masks",
     "count_macs",
+    "export_decoder_onnx",
     "export_onnx",
     "export_program",
     "export_slim",
+    "export_weight_only_onnx",
     "find_channel_groups",
+    "group_qat_to_deployable",
     "load_quantized",
     "load_sparse",
     "load_sparse_",
     "mask_sparsity",
+    "prepare_group_qat_",
+    "quantize_weights",
     "save_half",
     "save_sparse",
     "slim",
     "sparsity_at",
     "tensor_sparsity",
+    "wanda_masks",
 ]

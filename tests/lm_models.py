@@ -6,6 +6,10 @@ import torch
 from lightning import LightningModule
 from torch.utils.data import DataLoader
 
+from examples.llm.model import Logits
+
+__all__ = ["Logits", "TinyCausalLM", "lm_trainer", "tiny_gpt2", "tiny_llama", "token_batches"]
+
 VOCAB, LENGTH = 96, 16
 
 
@@ -44,15 +48,18 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-class Logits(torch.nn.Module):
-    """``input_ids -> logits`` with an all-ones attention mask (traceable: no packed-sequence detection)."""
+def lm_trainer(tmp_path, callbacks, steps: int, **kwargs):
+    """A quiet CPU Trainer for the tiny language models (no logger, checkpoints or progress bar)."""
+    from lightning import Trainer
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return Trainer(max_steps=steps, default_root_dir=tmp_path, callbacks=callbacks, **(defaults | kwargs))
 
 
 def token_batches(count: int = 4, batch: int = 4, seed: int = 0) -> list[torch.Tensor]:

@@ -280,3 +280,45 @@ def test_minilm_slim_example_builds_heads_and_ffn_pruning_with_layer_distillatio
     assert (pruning.pattern_string, pruning.target_sparsity, pruning.importance) == ("channels", 0.3, "taylor")
     assert callbacks[Distillation].modules == [f"model.encoder.layer.{i}" for i in range(6)]
     assert callbacks[QuantizationAwareTraining].start_step == 0.6 and cli.model.hparams.lr == 1e-4
+
+
+def test_llm_example_trains_int4_qat_with_distillation_and_exports_matmulnbits_from_yaml(tmp_path, monkeypatch):
+    """`examples/llm/int4.yaml` reduced to a tiny decoder and a few steps: int4 QAT (W4A16), Distillation from the
+    float model, the MatMulNBits export checked against the evaluated model, and the report with ORT int4."""
+    import onnx
+
+    from lightning_accel import AccelerationReport, QuantizationAwareTraining
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            "examples/llm/int4.yaml",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=2",
+            "--model.hidden=32",
+            "--model.layers=1",
+            "--model.heads=4",
+            "--model.kv_heads=2",
+            "--model.ffn=64",
+            "--model.length=32",
+            "--data.length=32",
+            "--data.train_windows=16",
+            "--data.val_windows=8",
+            "--data.batch_size=4",
+            "--report.plots=false",
+            "--report.latency=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    callbacks = {type(c): c for c in cli.trainer.callbacks}
+    assert cli.trainer.logged_metrics["distill/loss"] >= 0
+    assert callbacks[QuantizationAwareTraining].state_dict()["quantized"] is True
+    exported = next(tmp_path.rglob("llm.int4.onnx"))
+    kinds = [node.op_type for node in onnx.load(exported).graph.node]
+    assert kinds.count("MatMulNBits") == 8  # q, k, v, o, gate, up, down and the LM head
+    report = callbacks[AccelerationReport].report
+    assert "ORT int4" in report["quality"]

@@ -95,5 +95,3 @@ def test_a_contribution_without_a_report_writes_only_what_was_asked(tmp_path):
     module = module_with_example()
     build = build_artifacts(module, [Contribution(owner="me", half_path=tmp_path / "w.bf16.pt")], None)
     assert list(build.artifacts) == ["bfloat16 state dict"] and [p.name for p in tmp_path.iterdir()] == ["w.bf16.pt"]
-
-

@@ -12,12 +12,20 @@ from lightning_accel.quantization.groupwise_qat import (
     strip_group_qat,
 )
 from lightning_accel.quantization.weight_only import WeightOnlySettings, export_weight_only_onnx
-from tests.lm_models import Logits, tiny_gpt2, tiny_llama, token_batches
+from tests.lm_models import Logits, lm_trainer, tiny_gpt2, tiny_llama, token_batches
 
 
 def _loss(model, batch):
     logits = model(batch)
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _train(model, batches, lr, parameters=None):
+    optimizer = torch.optim.AdamW(parameters or model.parameters(), lr=lr)
+    for batch in batches:
+        optimizer.zero_grad()
+        _loss(model, batch).backward()
+        optimizer.step()
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama-gqa", "gpt2-conv1d"])
@@ -45,12 +53,7 @@ def test_qat_recovers_part_of_what_round_to_nearest_int4_lost():
     torch.manual_seed(0)
     model = Logits(tiny_llama())
     batches = token_batches(4, batch=8, seed=3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(3):  # a little float training, so the model is not at chance
-        for batch in batches:
-            optimizer.zero_grad()
-            _loss(model, batch).backward()
-            optimizer.step()
+    _train(model, batches * 3, lr=3e-3)  # a little float training, so the model is not at chance
     model.eval()
     with torch.no_grad():
         float_loss = sum(_loss(model, b) for b in batches).item()
@@ -58,12 +61,7 @@ def test_qat_recovers_part_of_what_round_to_nearest_int4_lost():
     with torch.no_grad():
         ptq_loss = sum(_loss(model, b) for b in batches).item()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(2):
-        for batch in batches:
-            optimizer.zero_grad()
-            _loss(model, batch).backward()
-            optimizer.step()
+    _train(model, batches * 2, lr=1e-3)
     model.eval()
     with torch.no_grad():
         qat_loss = sum(_loss(group_qat_to_deployable(model), b) for b in batches).item()
@@ -83,11 +81,7 @@ def test_lora_adapters_train_float_on_an_int4_base_and_the_merged_export_is_what
     model = Logits(peft_model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    for batch in token_batches(3, seed=4):
-        optimizer.zero_grad()
-        _loss(model, batch).backward()
-        optimizer.step()
+    _train(model, token_batches(3, seed=4), lr=1e-2, parameters=trainable)
     merged = Logits(peft_model.merge_and_unload()).eval()
     assert group_qat_layers(merged)  # merging keeps the base layers prepared: the merged weights are rounded
     deployable = group_qat_to_deployable(merged)
@@ -98,22 +92,6 @@ def test_lora_adapters_train_float_on_an_int4_base_and_the_merged_export_is_what
     assert check.snr_db > 80, check
 
 
-def _trainer(tmp_path, callbacks, steps, **kwargs):
-    from lightning import Trainer
-
-    return Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **kwargs,
-    )
-
-
 def test_qat_int4_with_distillation_in_a_trainer_exports_what_validate_scores(tmp_path):
     from lightning_accel import Distillation, QuantizationAwareTraining
     from lightning_accel._core.stage import built_deployment
@@ -122,7 +100,7 @@ def test_qat_int4_with_distillation_in_a_trainer_exports_what_validate_scores(tm
     model = TinyCausalLM("llama")
     qat = QuantizationAwareTraining(weight_bits=4, group_size=32, start_step=1, export_path="lm.int4.onnx")
     distillation = Distillation(weight=1.0, temperature=2.0)
-    trainer = _trainer(tmp_path, [qat, distillation], 4, limit_val_batches=1)
+    trainer = lm_trainer(tmp_path, [qat, distillation], 4, limit_val_batches=1)
     trainer.fit(model)
     teacher = distillation._teacher if hasattr(distillation, "_teacher") else None
     if teacher is not None:  # the teacher is the float model: no rounded layer in it
@@ -148,15 +126,15 @@ def test_qat_int4_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_end
 
     # Two batches per epoch, so the checkpoint falls on an epoch boundary (a plain DataLoader restarts its epoch).
     whole = TinyCausalLM("gpt2")
-    _trainer(tmp_path / "a", callbacks(), 4, limit_train_batches=2).fit(whole)
+    lm_trainer(tmp_path / "a", callbacks(), 4, limit_train_batches=2).fit(whole)
     first = TinyCausalLM("gpt2")
-    trainer = _trainer(tmp_path / "b", callbacks(), 2, limit_train_batches=2)
+    trainer = lm_trainer(tmp_path / "b", callbacks(), 2, limit_train_batches=2)
     trainer.fit(first)
     trainer.save_checkpoint(tmp_path / "half.ckpt")
     checkpoint = torch.load(tmp_path / "half.ckpt", weights_only=True)  # plain values only
     assert any("QuantizationAwareTraining" in key for key in checkpoint["callbacks"])
     resumed = TinyCausalLM("gpt2")
-    _trainer(tmp_path / "c", callbacks(), 4, limit_train_batches=2).fit(resumed, ckpt_path=tmp_path / "half.ckpt")
+    lm_trainer(tmp_path / "c", callbacks(), 4, limit_train_batches=2).fit(resumed, ckpt_path=tmp_path / "half.ckpt")
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

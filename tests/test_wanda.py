@@ -11,7 +11,7 @@ from lightning_accel import MagnitudePruning
 from lightning_accel.pruning.masks import compute_masks
 from lightning_accel.pruning.wanda import WandaImportance, wanda_masks
 from tests.helpers import TinyModule
-from tests.lm_models import TinyCausalLM
+from tests.lm_models import TinyCausalLM, lm_trainer
 
 
 def _outlier_inputs(features: int = 16, rows: int = 256) -> torch.Tensor:
@@ -55,18 +55,13 @@ def test_one_shot_wanda_at_step_zero_gathers_norms_on_the_first_batch_and_reache
     masks = {}
     for importance in ("magnitude", "wanda"):
         pruning = MagnitudePruning(
-            target_sparsity=0.5, pattern="2:4", schedule="one_shot", importance=importance, exclude=["net.model.lm_head"]
+            target_sparsity=0.5,
+            pattern="2:4",
+            schedule="one_shot",
+            importance=importance,
+            exclude=["net.model.lm_head"],
         )
-        trainer = Trainer(
-            max_steps=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-            default_root_dir=tmp_path,
-            callbacks=[pruning],
-        )
+        trainer = lm_trainer(tmp_path, [pruning], 2, limit_val_batches=0)
         trainer.fit(TinyCausalLM(kind))
         masks[importance] = pruning.masks
     wanda = masks["wanda"]
@@ -88,7 +83,7 @@ def test_wanda_state_survives_a_checkpoint_round_trip_and_refuses_other_layers()
 
 
 def test_wanda_is_refused_for_channels_and_for_non_linear_weights():
-    with pytest.raises(ValueError, match="importance='wanda'.*pattern='channels'"):
+    with pytest.raises(ValueError, match=r"importance='wanda'.*pattern='channels'"):
         MagnitudePruning(target_sparsity=0.5, pattern="channels", importance="wanda")
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"not Linear weights: \['net.conv.weight \(Conv2d\)'\]"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from lightning import Trainer
 from torch import nn
 
 from lightning_accel import AccelerationReport, PostTrainingQuantization
@@ -19,7 +18,7 @@ from lightning_accel.quantization.weight_only import (
     group_quantized_layers,
     quantize_weights,
 )
-from tests.lm_models import Logits, TinyCausalLM, tiny_gpt2, tiny_llama, token_batches
+from tests.lm_models import Logits, TinyCausalLM, lm_trainer, tiny_gpt2, tiny_llama, token_batches
 
 
 def test_levels_pack_two_per_byte_low_nibble_first_and_unpack_back():
@@ -123,15 +122,7 @@ def test_ptq_int4_gptq_in_a_trainer_exports_the_evaluated_model_and_the_report_m
     model = TinyCausalLM("gpt2")
     ptq = PostTrainingQuantization("lm.int4.onnx", weight_bits=4, method="gptq", calibration_batches=2)
     report = AccelerationReport(directory="report", latency=False)
-    trainer = Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[ptq, report],
-    )
+    trainer = lm_trainer(tmp_path, [ptq, report], 2)
     trainer.fit(model)
     deployment = built_deployment(trainer)
     artifact = deployment.artifacts["int4 ONNX"]

@@ -16,12 +16,14 @@ from lightning_accel.pruning.masks import (
 from lightning_accel.pruning.schedule import sparsity_at
 from lightning_accel.pruning.slim import export_slim, slim
 from lightning_accel.pruning.trace import find_channel_groups
+from lightning_accel.pruning.wanda import WandaImportance, wanda_masks
 
 __all__ = [
     "DEFAULT_END_FRACTION",
     "ChannelGroups",
     "HeadPrunedMultiheadAttention",
     "MagnitudePruning",
+    "WandaImportance",
     "apply_masks_",
     "channel_mask",
     "channel_sparsity",
@@ -36,4 +38,5 @@ __all__ = [
     "sparsity_at",
     "tensor_sparsity",
     "unstructured_masks",
+    "wanda_masks",
 ]

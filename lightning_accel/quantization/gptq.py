@@ -114,11 +114,4 @@ def quantize_groups_gptq(
             chunk[:, offset:] -= error.unsqueeze(1) * inverse[offset, offset:].unsqueeze(0)
             errors[:, offset] = error
         work[:, end:] -= errors @ factor[start:end, end:]
-    return GroupQuantized(
-        levels=levels.to(torch.int16),
-        scales=scales.float(),
-        zero_points=None if symmetric else zeros.to(torch.int16),
-        bits=bits,
-        group_size=group_size,
-        in_features=columns,
-    )
+    return GroupQuantized.from_levels(levels, scales, zeros, bits, group_size, columns, symmetric)

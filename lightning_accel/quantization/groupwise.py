@@ -48,6 +48,27 @@ class GroupQuantized:
     group_size: int
     in_features: int
 
+    @classmethod
+    def from_levels(
+        cls,
+        levels: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        symmetric: bool,
+    ) -> GroupQuantized:
+        """Integers computed in float (``[N, padded K]`` levels, per-group scales and zero points), stored."""
+        return cls(
+            levels=levels.to(torch.int16),
+            scales=scales.float(),
+            zero_points=None if symmetric else zeros.to(torch.int16),
+            bits=bits,
+            group_size=group_size,
+            in_features=in_features,
+        )
+
     def dequantized(self) -> Tensor:
         """The float weight ``[N, K]`` these integers mean: exactly what the runtime multiplies with."""
         return dequantize_groups(self.levels, self.scales, self.zero_points, self.bits, self.group_size)[
@@ -142,14 +163,7 @@ def quantize_groups_rtn(
     groups = padded_groups(weight.detach().float(), group_size)
     scales, zeros = group_qparams(groups, bits, symmetric, clip)
     levels = quantize_to_levels(groups, scales, zeros, bits).reshape(weight.shape[0], -1)
-    return GroupQuantized(
-        levels=levels.to(torch.int16),
-        scales=scales.float(),
-        zero_points=None if symmetric else zeros.to(torch.int16),
-        bits=bits,
-        group_size=group_size,
-        in_features=weight.shape[1],
-    )
+    return GroupQuantized.from_levels(levels, scales, zeros, bits, group_size, weight.shape[1], symmetric)
 
 
 def pack_levels(levels: Tensor, bits: int, pad_to_byte: bool = False) -> Tensor:
