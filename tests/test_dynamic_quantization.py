@@ -14,8 +14,8 @@ from lightning_accel import PostTrainingQuantization, QuantizationAwareTraining,
 from lightning_accel.quantization import as_evaluated, to_deployable
 from lightning_accel.quantization.coverage import left_in_float
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant, dynamic_qparams
+from lightning_accel.quantization.phases import PHASE_FLOAT, PHASE_FROZEN
 from lightning_accel.quantization.prepare import float_copy
-from lightning_accel.quantization.qat import PHASE_FLOAT, PHASE_FROZEN
 from tests.helpers import fit_tiny, module_with_example
 from tests.int8_emulation import emulated
 from tests.quant_models import snr_db
