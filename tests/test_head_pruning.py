@@ -50,7 +50,7 @@ def test_taylor_importance_ranks_by_weight_times_gradient_not_by_weight_size():
 
 
 def test_taylor_importance_is_validated():
-    with pytest.raises(ValueError, match=r"must be one of \['magnitude', 'taylor'\] or None, got 'fisher'"):
+    with pytest.raises(ValueError, match=r"must be one of \['magnitude', 'taylor', 'wanda'\] or None, got 'fisher'"):
         MagnitudePruning(0.5, pattern="channels", importance="fisher")
     with pytest.raises(ValueError, match="needs pattern='channels', got 'unstructured'"):
         MagnitudePruning(0.5, importance="taylor")
@@ -71,7 +71,9 @@ def test_resume_restores_taylor_scores_and_masks_bit_for_bit(tmp_path):
     )
     state = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("MagnitudePruning"))
-    assert saved["taylor"]["steps"] > 0 and all(s.dtype == torch.float64 for s in saved["taylor"]["scores"])
+    assert saved["importance_scores"]["steps"] > 0 and all(
+        s.dtype == torch.float64 for s in saved["importance_scores"]["scores"]
+    )
     (tmp_path / "b").mkdir()
     trainer = Trainer(
         **fast_trainer_kwargs(max_epochs=2), callbacks=[_pruning(importance="taylor"), SaveRankState(tmp_path / "b")]

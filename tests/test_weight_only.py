@@ -88,6 +88,7 @@ def test_every_matmul_becomes_matmulnbits_and_ort_computes_what_pytorch_evaluate
     attributes = {a.name: a.i for a in next(n for n in graph.node if n.op_type == "MatMulNBits").attribute}
     assert attributes["bits"] == 4 and attributes["block_size"] == 32 and attributes["accuracy_level"] == 1
     assert check.samples == 16 and check.snr_db > 80, check  # 4 batches of 4 sequences
+    assert check.agreement == 1.0  # next-token argmax at every position of every sequence
     # The integers cost something (random weights: a visible but bounded error against the float model).
     reference, approximate = model(batches[0]), quantized(batches[0])
     relative = ((reference - approximate) ** 2).mean() / (reference**2).mean()

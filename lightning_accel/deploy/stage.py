@@ -235,7 +235,11 @@ def _export_quantized(
     if layers:
         name = f"int{max(layer.bits for layer in layers.values())}"
         path = Path(source.int8_path) if source.int8_path else report_dir / f"model.{name}.onnx"
-        return (*export_weight_only_onnx(model, path, request.example, **arguments), name)
+        classification = source.classification is not False  # int4 is for language models: token agreement
+        return (
+            *export_weight_only_onnx(model, path, request.example, classification=classification, **arguments),
+            name,
+        )
     path = Path(source.int8_path) if source.int8_path else report_dir / "model.int8.onnx"
     written, check = export_onnx_checked(
         model, path, request.example, classification=source.classification, **arguments

@@ -158,8 +158,9 @@ def compare_outputs(
     Args:
         reference: The outputs of the model as evaluated.
         candidate: The outputs to check.
-        classification: Whether the first output is logits (argmax agreement is measured). ``None``: a 2-D output
-            with several columns is taken for logits. The callbacks pass what their validation data says
+        classification: Whether the first output is logits (argmax agreement is measured; for ``[batch, tokens,
+            vocabulary]`` logits, the next token's at every position). ``None``: a 2-D output with several columns
+            is taken for logits. The callbacks pass what their validation data says
             ((input, class) batches); an embedding model's check then reports cosine, not agreement.
     """
     if len(reference) != len(candidate):
@@ -171,6 +172,8 @@ def compare_outputs(
     agreement = None
     if logits_shaped and classification is not False:
         agreement = (first.argmax(1) == first_candidate.argmax(1)).float().mean().item()
+    elif first.dim() == 3 and classification:  # a language model's logits: next-token agreement at every position
+        agreement = (first.argmax(-1) == first_candidate.argmax(-1)).float().mean().item()
     cosine = None
     if first.dim() >= 1 and first.numel():
         rows = first.reshape(first.shape[0], -1).double()

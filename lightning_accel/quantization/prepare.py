@@ -316,11 +316,11 @@ def _prepare_layer_(
 
 
 def validate_weight_bits(weight_bits: object) -> None:
-    """Raise ``ValueError`` naming ``weight_bits`` unless it is 7 or 8."""
+    """Raise ``ValueError`` naming ``weight_bits`` unless it is 7 or 8 (4 is handled before, as group-wise int4)."""
     if isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS_CHOICES:
         raise ValueError(
-            f"`weight_bits` must be one of {list(WEIGHT_BITS_CHOICES)} (7: exact on every CPU; 8: for VNNI/AMX, "
-            f"ARM and TensorRT targets), got {weight_bits!r}"
+            f"`weight_bits` must be one of {[4, *WEIGHT_BITS_CHOICES]} (7: exact on every CPU; 8: for VNNI/AMX, "
+            f"ARM and TensorRT targets; 4: int4 weight-only groups for language models), got {weight_bits!r}"
         )
 
 

@@ -310,8 +310,13 @@ def export_weight_only_onnx(
     check_inputs: Sequence[Any] | None = None,
     on_mismatch: str = "warn",
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    classification: bool | None = True,
 ) -> tuple[Path, Any]:
     """Write a :func:`quantize_weights` model to ONNX (``MatMulNBits`` nodes) and check it in ONNX Runtime.
+
+    The check compares the file with the model on ``example_input`` and ``check_inputs``: cosine and SNR of the
+    first output and, for logits (``classification``, by default), argmax agreement, which for a language model's
+    ``[batch, tokens, vocabulary]`` logits is next-token agreement at every position.
 
     Returns:
         The path written and the check's figures (see ``export_onnx_checked``).
@@ -327,6 +332,7 @@ def export_weight_only_onnx(
         check_inputs=check_inputs,
         on_mismatch=on_mismatch,
         dynamic_axes=dynamic_axes,
+        classification=classification,
         note=f" (weights in {describe_weight_only(model)})",
     )
 
