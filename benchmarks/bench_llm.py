@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import THREADS, Section, goal
-from benchmarks.llm_model import calibration_batches, held_out_batches, perplexity, trained_llama
+from benchmarks.llm_model import calibration_batches, held_out_batches, perplexity, perplexity_of, trained_llama
 from examples.llm.data import stdlib_text, token_windows
 from examples.llm.model import Logits
 from lightning_accel._core.modules import module_copy
@@ -51,14 +50,7 @@ SIZE_GOAL = 0.30
 def ort_perplexity(session, batches: list[torch.Tensor]) -> float:
     """Perplexity of an ONNX file over ``batches``, computed like :func:`perplexity`."""
     name = session.get_inputs()[0].name
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total, count = total + loss.item(), count + batch[:, 1:].numel()
-    return float(np.exp(total / count))
+    return perplexity_of(lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0]), batches)
 
 
 def prefill_ratio(reference, candidate, batch: torch.Tensor, rounds: int) -> tuple[float, float, float]:

@@ -52,18 +52,23 @@ def calibration_batches(quick: bool, batch_size: int = 8) -> list[torch.Tensor]:
     return list(windows.split(batch_size))
 
 
-@torch.no_grad()
-def perplexity(model, batches: list[torch.Tensor]) -> float:
-    """exp(mean next-token cross-entropy) over ``batches`` (a PyTorch causal LM returning ``.logits``)."""
-    model.eval()
+def perplexity_of(logits_of, batches: list[torch.Tensor]) -> float:
+    """exp(mean next-token cross-entropy) over ``batches``, ``logits_of(batch)`` giving ``[batch, tokens, vocab]``."""
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(input_ids=batch).logits
+        logits = logits_of(batch)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
         )
         total, count = total + loss.item(), count + batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def perplexity(model, batches: list[torch.Tensor]) -> float:
+    """:func:`perplexity_of` a PyTorch causal LM returning ``.logits``."""
+    model.eval()
+    return perplexity_of(lambda batch: model(input_ids=batch).logits, batches)
 
 
 def trained_llama(quick: bool, minutes: float | None = None, log=print):

@@ -80,6 +80,7 @@ class WandaImportance:
         #: Names of the weights stored ``[in, out]`` (transposed Linears).
         self.transposed = frozenset(name for name, (_, transposed) in self.layers.items() if transposed)
         self._handles: list[Any] = []
+        self._counted_by = next(iter(self.layers), None)
 
     def _zeros(self, name: str) -> Tensor:
         module, transposed = self.layers[name]
@@ -105,7 +106,7 @@ class WandaImportance:
             inputs = args[0].detach()
             flat = inputs.reshape(-1, inputs.shape[-1]).float()
             self.sums[name] += flat.square().sum(0).to(device="cpu", dtype=torch.float64)
-            if name == next(iter(self.layers)):
+            if name == self._counted_by:  # one layer counts the tokens for all
                 self.tokens += flat.shape[0]
 
         return add

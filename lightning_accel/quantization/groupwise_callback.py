@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from lightning import LightningModule, Trainer
@@ -34,7 +32,8 @@ from lightning_accel.quantization.phases import resolve_qat_steps
 from lightning_accel.quantization.settings import QAT_STATE_VERSION, require_example_input
 from lightning_accel.quantization.weight_only import (
     WeightOnlySettings,
-    export_weight_only_onnx,
+    describe_format,
+    dry_run_weight_only,
     weight_only_settings,
 )
 
@@ -82,6 +81,8 @@ class GroupQATDriver:
         self._start: int | None = 0
         self._training_steps = TrainingSteps()
         self._model: LightningModule | None = None
+        self._layers: list[Any] = []  # the prepared layers (set at setup)
+        self._active: bool | None = None  # the rounding switch last applied to them
 
     def configure(self, start_step: int | float, export_path: str | None, model_input: Any, on_mismatch: str) -> None:
         """The callback's validated options: where rounding starts, the export, its input and its check."""
@@ -94,22 +95,15 @@ class GroupQATDriver:
         configure_model_early(trainer, pl_module)
         layers = prepare_group_qat_(pl_module, self.settings)
         self._model = pl_module
-        set_group_qat_active(pl_module, self.started)
+        self._layers = list(layers.values())
+        self._set_active(self.started)
         if self.export_path is not None and stage == "fit":
             require_example_input(pl_module, "QuantizationAwareTraining")
             self.resolved_export_path = str(resolve_artifact_path(trainer, self.export_path))
             probe_writable("QuantizationAwareTraining", "export_path", self.resolved_export_path)
-            try:
-                with tempfile.TemporaryDirectory() as directory:
-                    deployable = group_qat_to_deployable(pl_module)
-                    path = Path(directory) / "dry_run.onnx"
-                    export_weight_only_onnx(deployable, path, example_input(pl_module), on_mismatch="ignore")
-            except Exception as error:
-                raise RuntimeError(
-                    f"QuantizationAwareTraining: the {self.settings.bits}-bit export of {type(pl_module).__name__} "
-                    f"fails on its example_input_array, so it would fail at the end of fit. Checked at setup, before "
-                    f"training: {type(error).__name__}: {error}"
-                ) from error
+            example = example_input(pl_module)
+            name = "QuantizationAwareTraining"
+            dry_run_weight_only(pl_module, self.settings, example, name, deployable=group_qat_to_deployable)
         rank_zero_info(
             f"QuantizationAwareTraining ({stage}): {len(layers)} layers train with "
             f"{describe_weight_only_settings(self.settings)} weights; activations and other layers stay float"
@@ -123,19 +117,20 @@ class GroupQATDriver:
         """Round from ``start_step`` on."""
         active = self._training_steps.current(trainer, pl_module) >= self._start
         self.started = self.started or active
-        set_group_qat_active(pl_module, active)
+        self._set_active(active)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Count the batch; log whether the rounding is on."""
         self._training_steps.batch_done(pl_module)
-        pl_module.log("qat/phase", float(self.started), on_step=True, on_epoch=False)
+        if not trainer.global_step % trainer.log_every_n_steps:  # logging costs more than the step's bookkeeping
+            pl_module.log("qat/phase", float(self.started), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score as deployed: rounded once QAT has started (in this fit, or in the restored checkpoint)."""
         if trainer.state.fn == "fit" and self._start is not None:
-            set_group_qat_active(pl_module, self._training_steps.current(trainer, pl_module) >= self._start)
+            self._set_active(self._training_steps.current(trainer, pl_module) >= self._start)
         else:
-            set_group_qat_active(pl_module, self.started)
+            self._set_active(self.started)
 
     def deploy_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
         """The ``MatMulNBits`` copy of the trained weights, where it goes and what it is checked on."""
@@ -195,10 +190,15 @@ class GroupQATDriver:
             )
         self.started = bool(state.get("quantized", False))
         self._training_steps.batches = int(state.get("training_batches", 0))
-        if self._model is not None:
-            set_group_qat_active(self._model, self.started)
+        self._set_active(self.started)
+
+    def _set_active(self, active: bool) -> None:
+        """Switch the prepared layers only when the phase changes: walking them every step would cost real time."""
+        if active != self._active:
+            set_group_qat_active(self._layers, active)
+            self._active = active
 
 
 def describe_weight_only_settings(settings: WeightOnlySettings) -> str:
     """``"int4 groups of 32, symmetric"``."""
-    return f"int{settings.bits} groups of {settings.group_size}, {'symmetric' if settings.symmetric else 'asymmetric'}"
+    return describe_format(settings.bits, settings.group_size, settings.symmetric)

@@ -12,6 +12,7 @@ layers keep working, and a weights-only checkpoint loads into the plain model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -115,9 +116,9 @@ def prepare_group_qat_(model: nn.Module, settings: WeightOnlySettings | None = N
     return targets
 
 
-def set_group_qat_active(model: nn.Module, active: bool) -> None:
-    """Switch the rounding of every prepared layer on (fake-quantized) or off (plain float forward)."""
-    for module in group_qat_layers(model).values():
+def set_group_qat_active(layers: Iterable[nn.Module], active: bool) -> None:
+    """Switch the rounding of prepared ``layers`` on (fake-quantized) or off (plain float forward)."""
+    for module in layers:
         module._group_active = active
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,18 +337,35 @@ def export_weight_only_onnx(
     )
 
 
+def describe_format(bits: int, group_size: int, symmetric: bool) -> str:
+    """``"int4 groups of 32, symmetric"``."""
+    return f"int{bits} groups of {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+
+
 def describe_weight_only(model: nn.Module) -> str:
-    """``"int4 groups of 32, symmetric"``: what the model's group-quantized layers store."""
+    """What the model's group-quantized layers store (:func:`describe_format`, one per distinct format)."""
     kinds = sorted({(m.bits, m.group_size, m.zero_points is None) for m in group_quantized_layers(model).values()})
-    return "; ".join(
-        f"int{bits} groups of {size}, {'symmetric' if symmetric else 'asymmetric'}" for bits, size, symmetric in kinds
-    )
+    return "; ".join(describe_format(*kind) for kind in kinds)
 
 
-def dry_run_weight_only(model: nn.Module, settings: WeightOnlySettings, example_input: Any, owner: str) -> None:
-    """Quantize a copy by round to nearest and export it, so that the end of fit cannot fail on the export."""
+def dry_run_weight_only(
+    model: nn.Module,
+    settings: WeightOnlySettings,
+    example_input: Any,
+    owner: str,
+    deployable: Callable[[nn.Module], nn.Module] | None = None,
+) -> None:
+    """Export a deployable copy (by default round to nearest), so that the end of fit cannot fail on the export.
+
+    Args:
+        model: The model being trained.
+        settings: The group format.
+        example_input: What the export traces with.
+        owner: The callback named in the error.
+        deployable: Makes the copy to export (QAT's rounded weights); default ``settings.quantize``.
+    """
     try:
-        probe = settings.quantize(model)
+        probe = (deployable or settings.quantize)(model)
         with tempfile.TemporaryDirectory() as directory:
             export_weight_only_onnx(probe, Path(directory) / "dry_run.onnx", example_input, on_mismatch="ignore")
     except Exception as error:
