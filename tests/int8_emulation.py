@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_accel.quantization import quantized_modules
 from lightning_accel.quantization.dynamic import dynamic_qparams, is_dynamic
+from lightning_accel.quantization.layers import computes_linear
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 
@@ -38,8 +39,9 @@ def quantize_activation(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 def integer_weight(module: nn.Module) -> Tensor:
     """The int8 weight integers ``round(w / s)`` of a deployable quantized module, as int32."""
-    scale = module.weight_quant.scale.reshape(-1, *([1] * (module.weight.dim() - 1)))
-    return torch.round(module.weight.detach().float() / scale).to(torch.int32)
+    rows = module.weight_rows()  # output channels first, also for a transposed Linear (GPT-2's Conv1D)
+    scale = module.weight_quant.scale.reshape(-1, *([1] * (rows.dim() - 1)))
+    return torch.round(rows.detach().float() / scale).to(torch.int32)
 
 
 def worst_pair_sum(b: Tensor) -> int:
@@ -105,7 +107,7 @@ def _emulated_forward(name: str, module: nn.Module, saturate: bool, counter: Ker
             s_x, zp = quantizer.scale.float(), quantizer.zero_point.float()
         w = integer_weight(module)
         s_w = module.weight_quant.scale.float()
-        if isinstance(module, nn.Linear):
+        if computes_linear(module):
             a = quantize_activation(x.reshape(-1, x.shape[-1]), s_x, zp)
             w_flat = w
         elif isinstance(module, nn.Conv2d):
@@ -126,7 +128,7 @@ def _emulated_forward(name: str, module: nn.Module, saturate: bool, counter: Ker
         y = (acc.double() * (s_x * s_w).double()).float()
         if dynamic and module.bias is not None:  # MatMulIntegerToFloat adds the bias in float
             y = y + module.bias.detach().float()
-        if isinstance(module, nn.Linear):
+        if computes_linear(module):
             y = y.reshape(*x.shape[:-1], w.shape[0])
         else:
             out_h = (xq.shape[2] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1

@@ -210,22 +210,26 @@ def test_hf_bert_layers_get_float_outputs_from_the_traced_graph_not_from_their_t
     export_onnx(graph, tmp_path / "bert.int8.onnx", example, check_inputs=[batch], on_mismatch="raise")
 
 
-def test_gpt2_conv1d_layers_are_pruned_by_default_and_named_as_left_in_float_by_qat():
+def test_gpt2_conv1d_layers_are_pruned_and_quantized_by_default():
     from transformers import GPT2Config, GPT2Model
 
     from lightning_accel._core.modules import default_weight_names, select_weights, unpruned_weight_holders
     from lightning_accel.quantization import prepare_qat_
-    from lightning_accel.quantization.coverage import left_in_float
+    from lightning_accel.quantization.coverage import selection_summary
 
     config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=4)
     model = GPT2Model(config)
-    with pytest.raises(ValueError, match=r"selected no nn\.Linear/nn\.Conv module"):
-        prepare_qat_(model)  # every GPT-2 projection is a Conv1D
-    assert re.search(r"other weight-holding layers[^;]*: h\.0\.attn\.c_attn", left_in_float(model))
-    # A Conv1D computes x @ W + b with W stored in x out: recognised from what it computes, so pruning takes it.
+    # A Conv1D computes x @ W + b with W stored in x out: recognised from what it computes, so pruning takes it...
     expected = {f"h.0.{layer}.weight" for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert expected <= default_weight_names(model) and expected <= set(select_weights(model))
     assert "c_attn" not in unpruned_weight_holders(model, default_weight_names(model))
+    # ...and so does int8 quantization, under its own parameter names and layout.
+    selected = prepare_qat_(model, exclude=["h.0.mlp.c_proj"])
+    assert {f"{layer}.weight" for layer in selected} == expected - {"h.0.mlp.c_proj.weight"}
+    assert model.h[0].attn.c_attn.weight.shape == (32, 96)  # stored in x out, as before
+    summary = selection_summary(model)
+    assert summary.startswith("3 selected") and "left out by include/exclude: h.0.mlp.c_proj" in summary
+    assert "other weight-holding" not in summary
 
 
 @pytest.mark.parametrize("quantized", [False, True])

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lightning_accel import PostTrainingQuantization, QuantizationAwareTraining, calibrate_, export_onnx
-from lightning_accel.quantization import as_evaluated, to_deployable
+from lightning_accel.quantization import as_evaluated, quantized_modules, to_deployable
 from lightning_accel.quantization.coverage import left_in_float
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant, dynamic_qparams
 from lightning_accel.quantization.phases import PHASE_FLOAT, PHASE_FROZEN
@@ -217,3 +217,25 @@ def test_an_int8_file_stores_each_distinct_scalar_constant_once(tmp_path):
     assert len(keys) == len(set(keys))  # the 12 Linears' int8 zero points are one constant
     zero = (np.dtype(np.int8).str, np.zeros((), np.int8).tobytes())
     assert zero in keys
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_gpt2_conv1d_layers_run_int8_kernels_in_the_export_and_compute_what_was_evaluated(tmp_path, activations):
+    from tests.lm_models import Logits, tiny_gpt2
+
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    model = calibrate_(Logits(tiny_gpt2()), batches, activations=activations)
+    # 8 Conv1D projections (fused QKV included) and the tied LM head (an nn.Linear reading the embedding table).
+    assert len(quantized_modules(model)) == 9
+    path = export_onnx(model, tmp_path / "gpt2.onnx", batches[0][:1], check_inputs=batches, on_mismatch="raise")
+    ops = _optimized_ops(path, tmp_path)
+    int8_matmuls = ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["DynamicQuantizeMatMul"]
+    assert int8_matmuls == 9, ops
+    # What ORT computes on a CPU without VNNI (7-bit weights: no int16 pair can saturate) is what was evaluated.
+    deploy = to_deployable(model)
+    with torch.no_grad():
+        expected = as_evaluated(model)(batches[1])
+        with emulated(deploy, saturate=True) as counter:
+            got = deploy(batches[1])
+    assert counter.total == 0 and snr_db(expected, got) > 40

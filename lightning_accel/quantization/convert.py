@@ -105,10 +105,10 @@ def to_deployable(model: nn.Module) -> nn.Module:
             object.__setattr__(module, "folded_bn", None)
             _replace_submodule(deploy, bn.folded_name, nn.Identity())
         else:
-            weight, bias = module.weight, module.bias
+            weight, bias = module.weight_rows(), module.bias
         # Store the weights on their integer grid (clipped to +-qmax) and the bias on the runtime's int32 grid,
         # so that the file holds exactly the integers that the PyTorch model computes with.
-        module.weight = nn.Parameter(quantizer(weight).detach().clone())
+        module.weight = nn.Parameter(module.stored_layout(quantizer(weight).detach()).clone())
         if is_dynamic(module):  # the bias is added in float after the integer product; the export reads int8 buffers
             store_dynamic_weights_(module)
         elif bias is not None:

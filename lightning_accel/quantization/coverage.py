@@ -21,6 +21,8 @@ def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:
         return None
     if read_by_attention:
         return "attention out_proj (nn.MultiheadAttention reads its weight in its own kernel)"
+    if quantizable_base(module) is not None:  # a candidate: quantized, or named as left out by include/exclude
+        return None
     if isinstance(module, tuple(QUANTIZED_CLASSES)):
         return "subclasses with their own forward (quantizing would replace what it computes)"
     if isinstance(module, nn.MultiheadAttention):
@@ -33,7 +35,7 @@ def _float_reason(module: nn.Module, read_by_attention: bool) -> str | None:
         return None
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         return "embeddings (a table lookup; embeddings='int8' stores nn.Embedding tables in int8)"
-    return "other weight-holding layers (not an nn.Linear/nn.Conv computation, e.g. GPT-2's Conv1D)"
+    return "other weight-holding layers (not an nn.Linear/nn.Conv/transposed-Linear computation)"
 
 
 def left_in_float(model: nn.Module, limit: int = 6) -> str:

@@ -138,7 +138,7 @@ class _DynamicLinearExport(torch.autograd.Function):
 def store_dynamic_weights_(module: nn.Module) -> None:
     """Give a deployable dynamic Linear the int8 buffers its export reads (its weight is already on the grid)."""
     scale = module.weight_quant.scale.detach().float()
-    integers = torch.round(module.weight.detach().float() / scale[:, None]).to(torch.int8)
+    integers = torch.round(module.weight_rows().detach().float() / scale[:, None]).to(torch.int8)
     module.register_buffer("weight_int8_t", integers.t().contiguous(), persistent=False)
     # Symmetric weights: one zero zero-point for every column (the per-column scales are applied after the product).
     module.register_buffer("weight_zero_int8", torch.zeros((), dtype=torch.int8), persistent=False)

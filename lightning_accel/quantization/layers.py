@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_accel._core.modules import is_transposed_linear
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant, dynamic_linear_for_export, is_dynamic
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_bias
 
@@ -34,11 +35,19 @@ class _Quantized:
         """Whether fake quantization or observation is on (otherwise the module runs as plain float)."""
         return self.weight_quant.fake_quant or self.input_quant.observe
 
+    def weight_rows(self) -> Tensor:
+        """The weight with output channels first (``[out, in, ...]``), as the weight quantizer scales it."""
+        return self.weight
+
+    def stored_layout(self, rows: Tensor) -> Tensor:
+        """``rows`` (output channels first) in the layout this module stores its weight in."""
+        return rows
+
     def folded_weight_and_factor(self) -> tuple[Tensor, Tensor | None]:
         """The weight as the runtime will see it (BatchNorm folded in), and the per-channel fold factor."""
         bn = self.folded_bn
         if bn is None:
-            return self.weight, None
+            return self.weight_rows(), None
         # The factor is a constant for autograd: without quantization its two uses (scaling the weight, unscaling
         # the output) cancel, so gamma's gradient comes through the BatchNorm alone, as in the float model; and
         # the backward pass skips two reductions.
@@ -146,6 +155,24 @@ class QuantizedConv3d(_Quantized, nn.Conv3d):
         return self._conv_forward(x, weight, bias)
 
 
+class _QuantizedTransposedLinear(_Quantized):
+    """A transposed Linear (GPT-2's ``Conv1D``: ``x @ weight + bias``, weight stored ``in x out``), fake-quantized.
+
+    Mixed into a subclass of the module's own class. The weight is quantized per output channel like a Linear's
+    (its columns here), and the layer computes ``F.linear`` with the transposed view: the same product, which the
+    export writes as the int8 MatMul ONNX Runtime fuses, so every GPT-2 projection runs an int8 kernel.
+    """
+
+    def weight_rows(self) -> Tensor:
+        return self.weight.t()
+
+    def stored_layout(self, rows: Tensor) -> Tensor:
+        return rows.t().contiguous()
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
 QUANTIZED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantizedLinear,
     nn.Conv1d: QuantizedConv1d,
@@ -167,7 +194,18 @@ def quantizable_base(module: nn.Module) -> type[nn.Module] | None:
     for base in QUANTIZED_CLASSES:
         if isinstance(module, base) and type(module).forward is base.forward:
             return base
+    if isinstance(module, _QuantizedTransposedLinear):
+        return plain_class(module)
+    if is_transposed_linear(module):  # decided from what it computes (contract 12), whatever its class
+        return type(module)
     return None
+
+
+def computes_linear(module: nn.Module) -> bool:
+    """Whether a (prepared or plain) module computes a Linear: ``nn.Linear`` or a transposed Linear (``Conv1D``)."""
+    return isinstance(module, nn.Linear | _QuantizedTransposedLinear) or (
+        not isinstance(module, _Quantized) and is_transposed_linear(module)
+    )
 
 
 def _quantized_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -175,7 +213,9 @@ def _quantized_class(cls: type[nn.Module]) -> type[nn.Module]:
     if cls in QUANTIZED_CLASSES:
         return QUANTIZED_CLASSES[cls]
     if cls not in _QUANTIZED_SUBCLASSES:
-        base = QUANTIZED_CLASSES[next(b for b in QUANTIZED_CLASSES if issubclass(cls, b))]
+        torch_base = next((b for b in QUANTIZED_CLASSES if issubclass(cls, b)), None)
+        # A class that is no torch layer was selected because it computes a transposed Linear.
+        base = QUANTIZED_CLASSES[torch_base] if torch_base is not None else _QuantizedTransposedLinear
         _QUANTIZED_SUBCLASSES[cls] = type(f"Quantized{cls.__name__}", (base, cls), {"_plain_class": cls})
     return _QUANTIZED_SUBCLASSES[cls]
 
@@ -183,7 +223,7 @@ def _quantized_class(cls: type[nn.Module]) -> type[nn.Module]:
 def plain_class(module: nn.Module) -> type[nn.Module]:
     """The class a fake-quantized module had before :func:`prepare_qat_`."""
     cls = type(module)
-    return getattr(cls, "_plain_class", None) or next(b for b in cls.__bases__ if b is not _Quantized)
+    return getattr(cls, "_plain_class", None) or next(b for b in cls.__bases__ if not issubclass(b, _Quantized))
 
 
 def _quantize_bn_output(bn: nn.Module, args: Any, output: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from lightning_accel.quantization.layers import (
     _Quantized,
     _quantized_class,
     _relu_followers,
+    computes_linear,
     plain_class,
     quantizable_base,
 )
@@ -157,7 +158,7 @@ def _float_outputs(
     """The Linear layers whose output stays float, each with the reason (named in the selection summary)."""
     if outputs == "all":
         return {}
-    linears = {n: m for n, m in selected.items() if isinstance(m, nn.Linear) and n not in relus}
+    linears = {n: m for n, m in selected.items() if computes_linear(m) and n not in relus}
     consumers = None
     if outputs == "graph":
         # Every selected layer is followed (a layer consuming another's output takes int8); only Linears decide.
@@ -230,7 +231,8 @@ def prepare_qat_(
     read_by_attention = attention_kernel_children(model)
     selected = {
         name: module
-        for name, module in select_modules(model, include, exclude).items()
+        # Every module is a candidate: a transposed Linear (GPT-2's Conv1D) is recognised by what it computes.
+        for name, module in select_modules(model, include, exclude, types=(nn.Module,)).items()
         # own forwards stay; so do layers whose forward never runs (their weight is read by an attention kernel)
         if not isinstance(module, _Quantized) and quantizable_base(module) is not None and name not in read_by_attention
     }
@@ -241,7 +243,7 @@ def prepare_qat_(
         )
     dynamic = activations == "dynamic"
     if dynamic:  # every Linear output stays float: its consumers quantize their own inputs
-        float_outputs = {n: "dynamic activations" for n, m in selected.items() if isinstance(m, nn.Linear)}
+        float_outputs = {n: "dynamic activations" for n, m in selected.items() if computes_linear(m)}
     else:
         float_outputs = _float_outputs(model, selected, relus, outputs, example_input)
     for name, module in selected.items():
@@ -265,7 +267,7 @@ def _already_prepared(model: nn.Module, weight_bits: int, activations: str) -> d
             f"`weight_bits`: the model is already prepared with weights in +-{sorted(bits)}, which "
             f"weight_bits={weight_bits} (+-{weight_qmax(weight_bits)}) contradicts; prepare a fresh copy"
         )
-    schemes = {"dynamic" if is_dynamic(m) else "static" for m in prepared.values() if isinstance(m, nn.Linear)}
+    schemes = {"dynamic" if is_dynamic(m) else "static" for m in prepared.values() if computes_linear(m)}
     if schemes and schemes != {activations}:
         raise ValueError(
             f"`activations`: the model is already prepared with {sorted(schemes)} activations, which "
@@ -284,13 +286,14 @@ def _prepare_layer_(
     relus: dict[str, nn.Module],
 ) -> None:
     """Turn one selected layer into its fake-quantized subclass, with its quantizers (and its folded BatchNorm)."""
+    linear = computes_linear(module)
     module.__class__ = _quantized_class(type(module))
-    if dynamic and isinstance(module, nn.Linear):
+    if dynamic and linear:
         module.input_quant = DynamicActivationFakeQuant()
     else:
         module.input_quant = ActivationFakeQuant()
         module.input_quant.is_input = True
-    module.weight_quant = WeightFakeQuant(module.weight.shape[0], weight_qmax(weight_bits))
+    module.weight_quant = WeightFakeQuant(module.weight_rows().shape[0], weight_qmax(weight_bits))
     module.folded_name = name
     module._fold_check = None
     if folded is None:
