@@ -1,7 +1,5 @@
 """Models as users build them: layers created in configure_model are pruned and quantized like any other."""
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
