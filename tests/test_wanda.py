@@ -88,3 +88,15 @@ def test_wanda_is_refused_for_channels_and_for_non_linear_weights():
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"not Linear weights: \['net.conv.weight \(Conv2d\)'\]"):
         MagnitudePruning(target_sparsity=0.5, importance="wanda").setup(trainer, TinyModule(), "fit")
+
+
+def test_channel_pruning_of_a_rotary_decoder_is_refused_at_setup_with_the_reason(tmp_path):
+    import time
+
+    pruning = MagnitudePruning(target_sparsity=0.3, pattern="channels", include=["*.mlp.*"])
+    trainer = lm_trainer(tmp_path, [pruning], 2, limit_val_batches=0)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"rotary decoders .*LlamaAttention.*pattern='unstructured' or 'N:M'"):
+        trainer.fit(TinyCausalLM("llama"))
+    # Refused before any trace: torch-pruning's dependency fixing ran over 60 s on this model without finishing.
+    assert time.perf_counter() - started < 30
