@@ -150,3 +150,34 @@ def test_qat_int4_options_are_checked_and_a_checkpoint_of_other_groups_is_refuse
         qat.load_state_dict(other)
     with pytest.raises(ValueError, match="int8 quantizers"):
         qat.load_state_dict(QuantizationAwareTraining().state_dict())
+
+
+def test_qat_8da4w_trains_with_rounded_activations_and_exports_them_at_accuracy_level_4(tmp_path):
+    import onnx
+
+    from lightning_accel import QuantizationAwareTraining
+    from lightning_accel._core.stage import built_deployment
+    from tests.lm_models import TinyCausalLM
+
+    model = TinyCausalLM("gpt2")
+    qat = QuantizationAwareTraining(weight_bits=4, activations="dynamic", start_step=1, export_path="lm.onnx")
+    trainer = lm_trainer(tmp_path, [qat], 3, limit_val_batches=1)
+    trainer.fit(model)
+    artifact = built_deployment(trainer).artifacts["int4 ONNX"]
+    levels = {
+        attribute.i
+        for node in onnx.load(str(artifact.path)).graph.node
+        if node.op_type == "MatMulNBits"
+        for attribute in node.attribute
+        if attribute.name == "accuracy_level"
+    }
+    assert levels == {4} and artifact.check.agreement >= 0.99, artifact.check
+    # The prepared layers round their inputs per token and group, as the deployable copy does.
+    name, layer = next(iter(group_qat_layers(model).items()))
+    x = torch.randn(2, 16, 64) * torch.linspace(0.1, 10, 64)
+    deployed = group_qat_to_deployable(model).get_submodule(name)
+    with torch.no_grad():
+        trained = layer(x)
+        torch.testing.assert_close(trained, deployed(x), rtol=0, atol=1e-5)
+        layer._group_settings = (*layer._group_settings[:3], "float")
+        assert (layer(x) - trained).abs().max() > 1e-3  # rounding the activations really changed the output

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_accel._core.modules import model_device
+
 #: Functions and tensor methods that move values without computing new ones: a quantized tensor stays on its
 #: grid through them, so a consumer after them still takes int8 directly.
 PASS_THROUGH = frozenset(
@@ -173,7 +175,7 @@ def run_example(model: nn.Module, example_input: Any) -> Any:
     for good, so the whole training step then ran eagerly, in many small compiled pieces (measured: compiled QAT
     slower than eager QAT).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     def moved(value: Any) -> Any:
         if isinstance(value, Tensor):

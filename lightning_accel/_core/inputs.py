@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_accel._core.modules import model_device
+
 
 def as_model_input(inputs: Any) -> Any:
     """A model input in the form everything here takes: a list becomes a tuple of positional inputs."""
@@ -96,7 +98,7 @@ def batch_picker(
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a picked model input: a dict as keywords, a tuple as positional inputs, else one input."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     if isinstance(inputs, Mapping):
         return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
     if isinstance(inputs, tuple):

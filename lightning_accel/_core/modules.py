@@ -14,6 +14,7 @@ everything or nothing.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
@@ -281,3 +282,10 @@ def module_copy(module: nn.Module) -> nn.Module:
             submodule.__dict__.pop("forward", None)
             submodule.__dict__.pop("_compiler_ctx", None)
     return duplicate
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: its first parameter's device, else its first buffer's, else the CPU."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

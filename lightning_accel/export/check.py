@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_accel._core.modules import model_device
+
 #: Below these, ``export_onnx`` warns (or raises with ``on_mismatch="raise"``).
 MIN_AGREEMENT = 0.99
 MIN_SNR_DB = 30.0
@@ -111,7 +113,7 @@ def output_tensors(outputs: Any) -> list[Tensor]:
 def run_float32(model: nn.Module, example_input: Any) -> Any:
     """Run ``model`` on an example input (floating inputs as float32, on the model's device); return its output."""
     args, kwargs, _ = split_example(example_input)
-    device = next(model.parameters()).device
+    device = model_device(model)
     return model(*[as_float32(a).to(device) for a in args], **{k: as_float32(v).to(device) for k, v in kwargs.items()})
 
 

@@ -56,10 +56,14 @@ def hands_over_to_weight_only(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def weight_only_driver(
-    weight_bits: Any, embeddings: Any, group_size: Any, symmetric: Any, include: Any, exclude: Any
+    weight_bits: Any, activations: Any, embeddings: Any, group_size: Any, symmetric: Any, include: Any, exclude: Any
 ) -> GroupQATDriver | None:
     """The driver when QAT's arguments ask for group-wise weights (``weight_bits=4``), else ``None``."""
-    settings = weight_only_settings(weight_bits, None, embeddings, group_size, "rtn", symmetric, include, exclude)
+    if weight_bits != 4:
+        return None
+    settings = weight_only_settings(
+        weight_bits, activations, embeddings, group_size, "rtn", symmetric, include, exclude
+    )
     return GroupQATDriver(settings) if settings is not None else None
 
 
@@ -105,8 +109,8 @@ class GroupQATDriver:
             name = "QuantizationAwareTraining"
             dry_run_weight_only(pl_module, self.settings, example, name, deployable=group_qat_to_deployable)
         rank_zero_info(
-            f"QuantizationAwareTraining ({stage}): {len(layers)} layers train with "
-            f"{describe_weight_only_settings(self.settings)} weights; activations and other layers stay float"
+            f"QuantizationAwareTraining ({stage}): {len(layers)} layers train quantized "
+            f"({describe_weight_only_settings(self.settings)}); other layers stay float"
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -178,7 +182,7 @@ class GroupQATDriver:
         if saved is None:
             raise ValueError(
                 "The checkpoint's QuantizationAwareTraining state holds int8 quantizers; this callback trains "
-                f"{describe_weight_only_settings(self.settings)} weights. Set weight_bits to the checkpoint's to "
+                f"{describe_weight_only_settings(self.settings)}. Set weight_bits to the checkpoint's to "
                 "continue"
             )
         mine = self.state_dict()["weight_only"]
@@ -201,4 +205,4 @@ class GroupQATDriver:
 
 def describe_weight_only_settings(settings: WeightOnlySettings) -> str:
     """``"int4 groups of 32, symmetric"``."""
-    return describe_format(settings.bits, settings.group_size, settings.symmetric)
+    return describe_format(settings.bits, settings.group_size, settings.symmetric, settings.activations)

@@ -1,10 +1,11 @@
-"""Quantization-aware training for group-wise weights (int4 W4A16): train the weights the runtime will round.
+"""Quantization-aware training for group-wise weights (int4 W4A16 or 8da4w): train what the runtime will round.
 
 :func:`prepare_group_qat_` makes every selected Linear and transposed Linear (GPT-2's ``Conv1D``) multiply with its
 weight rounded group-wise to the integers of :mod:`groupwise`, recomputed from the current weights at every forward
-(round to nearest, the scale from each group's extreme value), with the straight-through gradient. Parameters keep
-their identity and names and no buffer is added, so optimizers, checkpoints and LoRA adapters that wrap the
-layers keep working, and a weights-only checkpoint loads into the plain model.
+(round to nearest, the scale from each group's extreme value), with the straight-through gradient; with
+``activations="dynamic"`` its inputs are rounded to int8 per token and group too (:mod:`block_activations`).
+Parameters keep their identity and names and no buffer is added, so optimizers, checkpoints and LoRA adapters that
+wrap the layers keep working, and a weights-only checkpoint loads into the plain model.
 
 :func:`group_qat_to_deployable` then makes the deployable copy: the same rounding of the trained weights, stored as
 ``MatMulNBits`` integers. It computes exactly what the prepared model computes in evaluation (contract 9/14).
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_accel._core.modules import is_transposed_linear, module_copy
 from lightning_accel._core.views import register_float_view
+from lightning_accel.quantization.block_activations import fake_quantize_activation_blocks
 from lightning_accel.quantization.groupwise import (
     dequantize_groups,
     group_qparams,
@@ -58,7 +60,7 @@ def group_round(weight: Tensor, bits: int = 4, group_size: int = 32, symmetric: 
 class _GroupQAT:
     """Forward of a group-wise fake-quantized layer; mixed into a subclass of the layer's own class."""
 
-    _group_settings: tuple[int, int, bool]
+    _group_settings: tuple[int, int, bool, str]  # bits, group size, symmetric, activations
     _transposed: bool
 
     #: Whether the rounding is on; the QAT callback keeps it off before ``start_step`` (the float phase).
@@ -67,7 +69,9 @@ class _GroupQAT:
     def forward(self, x: Tensor) -> Tensor:
         if not self._group_active:
             return super().forward(x)
-        bits, size, symmetric = self._group_settings
+        bits, size, symmetric, activations = self._group_settings
+        if activations == "dynamic":  # 8da4w: the inputs rounded per token and group, as the kernel will
+            x = fake_quantize_activation_blocks(x, size)
         if self._transposed:  # ``x @ W + b`` with ``W`` stored ``[in, out]``: round along the inputs
             weight = group_round(self.weight.T, bits, size, symmetric).T
             shape = (*x.shape[:-1], weight.shape[1])
@@ -111,7 +115,7 @@ def prepare_group_qat_(model: nn.Module, settings: WeightOnlySettings | None = N
         transposed = is_transposed_linear(module)
         if not isinstance(module, _GroupQAT):
             module.__class__ = _group_qat_class(type(module))
-        module._group_settings = (settings.bits, settings.group_size, settings.symmetric)
+        module._group_settings = (settings.bits, settings.group_size, settings.symmetric, settings.activations)
         module._transposed = transposed
     return targets
 
@@ -154,6 +158,8 @@ def group_qat_to_deployable(model: nn.Module) -> nn.Module:
         raise ValueError(
             f"group_qat_to_deployable: the model must hold layers prepared with one setting, found {sorted(settings)}"
         )
-    bits, size, symmetric = settings.pop()
+    bits, size, symmetric, activations = settings.pop()
     plain = strip_group_qat(model)
-    return quantize_weights(plain, bits=bits, group_size=size, symmetric=symmetric, include=list(layers))
+    return quantize_weights(
+        plain, bits=bits, group_size=size, symmetric=symmetric, include=list(layers), activations=activations
+    )

@@ -30,18 +30,9 @@ from lightning_accel.quantization.phases import (
     resolve_qat_steps,
     validate_qat_steps,
 )
-from lightning_accel.quantization.prepare import (
-    activation_quantizers,
-    iter_batch_norms,
-    prepare_qat_,
-    set_qat_phase,
-)
+from lightning_accel.quantization.prepare import activation_quantizers, iter_batch_norms, prepare_qat_, set_qat_phase
 from lightning_accel.quantization.progress import CALIBRATION_BATCHES, end_probe, start_probe
-from lightning_accel.quantization.ranges import (
-    load_quantizer_state_,
-    quantizer_state,
-    update_ranges_over_ranks,
-)
+from lightning_accel.quantization.ranges import load_quantizer_state_, quantizer_state, update_ranges_over_ranks
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
     QAT_STATE_VERSION,
@@ -104,11 +95,13 @@ class QuantizationAwareTraining(DeployingCallback):
             softmax, GELU, an add, LayerNorm or attention consume it, decided by tracing ``example_input_array``;
             ONNX Runtime still runs its int8 kernel), ``"auto"`` (the type rule: float outputs for the Linear layers
             of torch's transformer blocks) or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
-        activations: ``"static"`` (default): per-tensor uint8 ranges, observed and stored. ``"dynamic"``: every
-            Linear quantizes its input at that input's own range at run time (ONNX ``DynamicQuantizeLinear``, the
-            scheme of ONNX Runtime's ``quantize_dynamic``; fused by ONNX Runtime into ``DynamicQuantizeMatMul``),
-            and its output stays float. The scale spans the whole input tensor, so it depends on the batch; the
-            export check runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations.
+        activations: ``None`` (default): ``"static"``, or ``"float"`` with ``weight_bits=4``. ``"static"``: per-tensor
+            uint8 ranges, observed and stored. ``"dynamic"``: every Linear quantizes its input at that input's own
+            range at run time (ONNX ``DynamicQuantizeLinear``, as ONNX Runtime's ``quantize_dynamic``; fused into
+            ``DynamicQuantizeMatMul``), its output stays float; the scale depends on the batch, so the export check
+            runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations. With
+            ``weight_bits=4``, ``"dynamic"`` rounds each token's inputs to int8 per group (8da4w, ``MatMulNBits``
+            ``accuracy_level=4``).
         embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8
             with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
         group_size: With ``weight_bits=4``: inputs per scale (16, 32, 64, 128, 256).
@@ -132,7 +125,7 @@ class QuantizationAwareTraining(DeployingCallback):
         model_input: str | int | list[str] | None = None,
         on_mismatch: str = "warn",
         outputs: Literal["graph", "auto", "all"] = "graph",
-        activations: Literal["static", "dynamic"] = "static",
+        activations: Literal["static", "dynamic", "float"] | None = None,
         embeddings: Literal["float", "int8"] = "float",
         group_size: int = 32,
         symmetric: bool = True,
@@ -146,11 +139,14 @@ class QuantizationAwareTraining(DeployingCallback):
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.export_path = check_export_path(export_path)
         #: With ``weight_bits=4``, the driver every hook hands over to (:mod:`groupwise_callback`), else ``None``.
-        self.weight_only = weight_only_driver(weight_bits, embeddings, group_size, symmetric, include, exclude)
+        self.weight_only = weight_only_driver(
+            weight_bits, activations, embeddings, group_size, symmetric, include, exclude
+        )
         if self.weight_only:
             self.weight_only.configure(start_step, self.export_path, model_input, self.on_mismatch)
         #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
         bits = DEFAULT_WEIGHT_BITS if self.weight_only else weight_bits
+        activations = "static" if self.weight_only or activations is None else activations
         self.settings = Int8Settings(include, exclude, fold_bn, bits, outputs, activations, embeddings)
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step

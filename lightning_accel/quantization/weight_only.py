@@ -4,8 +4,9 @@
 transposed Linear such as GPT-2's ``Conv1D``, found by what it computes) hold group-wise integers in the layout of
 ONNX Runtime's ``MatMulNBits`` (:mod:`groupwise`). The copy computes exactly ``x @ dequantized(W)^T + b``, the
 product the runtime's fp32-accuracy kernel computes (``accuracy_level=1``: the weights are unpacked to float and the
-activations stay float), so what is evaluated is what is deployed (contract 14). The runtime's ``accuracy_level=4``,
-which rounds activations to int8 inside the kernel, is not used: nothing here models those integers.
+activations stay float), so what is evaluated is what is deployed (contract 14). With ``activations="dynamic"``
+(``8da4w``) the layers round their inputs to int8 per token and group exactly as the runtime's ``accuracy_level=4``
+kernel does (:mod:`block_activations`), and the export writes that level; never one whose integers are not modelled.
 
 Methods (named like ORT's ``MatMulNBitsQuantizer`` configs):
 
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -33,91 +33,18 @@ from lightning_accel._core.modules import is_transposed_linear, module_copy, sel
 from lightning_accel._core.validation import validate_int
 from lightning_accel.export.onnx import write_onnx
 from lightning_accel.quantization.gptq import HessianAccumulator, quantize_groups_gptq
+from lightning_accel.quantization.group_linear import WEIGHT_ONLY_ACTIVATIONS, GroupQuantizedLinear
 from lightning_accel.quantization.groupwise import (
     GROUP_BITS_CHOICES,
     GROUP_SIZE_CHOICES,
-    GroupQuantized,
     quantize_groups_rtn,
-    unpack_levels,
 )
 
 WEIGHT_ONLY_METHODS = ("rtn", "gptq")
-#: ``MatMulNBits``' ``accuracy_level`` the export writes: 1, fp32 compute (see the module docstring).
-ACCURACY_LEVEL = 1
 
 
-class _MatMulNBits(torch.autograd.Function):
-    """``x @ W^T`` for group-wise integer weights; exported as one ``com.microsoft::MatMulNBits`` node."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, packed: Tensor, scales: Tensor, zero_points: Tensor | None, layer: Any) -> Tensor:
-        return F.linear(x, layer.dequantized_weight().to(x.dtype))
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, packed: Any, scales: Any, zero_points: Any, layer: Any) -> Any:
-        inputs = [x, packed, scales] + ([] if layer.zero_points is None else [zero_points])
-        output = g.op(
-            "com.microsoft::MatMulNBits",
-            *inputs,
-            K_i=layer.in_features,
-            N_i=layer.out_features,
-            bits_i=layer.bits,
-            block_size_i=layer.group_size,
-            accuracy_level_i=ACCURACY_LEVEL,
-        )
-        sizes = x.type().varyingSizes() if x.type().kind() == "TensorType" else None
-        if sizes is not None:  # the exporter's shape inference does not know the contrib op: say its output shape
-            output.setType(x.type().with_sizes([*sizes[:-1], layer.out_features]))
-        return output
-
-
-class GroupQuantizedLinear(nn.Module):
-    """A Linear whose weight is stored as group-wise integers (``MatMulNBits`` layout); activations stay float.
-
-    Buffers: ``packed`` ``[N, groups, group_size * bits / 8]`` uint8, ``scales`` ``[N, groups]``, ``zero_points``
-    (asymmetric only) ``[N, ceil(groups * bits / 8)]`` uint8; ``bias`` a float parameter. The forward unpacks the
-    integers, so the model computes what the file stores.
-    """
-
-    def __init__(self, quantized: GroupQuantized, bias: Tensor | None) -> None:
-        super().__init__()
-        packed, scales, zero_points = quantized.packed()
-        self.in_features, self.out_features = quantized.in_features, scales.shape[0]
-        self.bits, self.group_size = quantized.bits, quantized.group_size
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zero_points", zero_points)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self._dequantized: Tensor | None = None
-
-    def dequantized_weight(self) -> Tensor:
-        """The float weight ``[N, K]`` the stored integers mean (cached; the buffers are the truth)."""
-        if self._dequantized is None or self._dequantized.device != self.packed.device:
-            groups = self.scales.shape[1]
-            levels = unpack_levels(self.packed, self.bits, self.group_size).reshape(self.out_features, -1)
-            zeros = None
-            if self.zero_points is not None:
-                zeros = unpack_levels(self.zero_points, self.bits, groups)
-            self._dequantized = GroupQuantized(
-                levels, self.scales, zeros, self.bits, self.group_size, self.in_features
-            ).dequantized()
-        return self._dequantized
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ W^T + b`` with ``W`` the stored integers' meaning (one ``MatMulNBits`` node in ONNX)."""
-        y = _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        """The shape and the format, for ``print(model)``."""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, symmetric={self.zero_points is None}"
-        )
-
-
-def validate_weight_only(bits: Any, group_size: Any, method: Any) -> None:
-    """Raise ``ValueError`` naming the argument unless ``bits``, ``group_size`` and ``method`` are supported."""
+def validate_weight_only(bits: Any, group_size: Any, method: Any, activations: Any = "float") -> None:
+    """Raise ``ValueError`` naming the argument unless the bits, group size, method and activations are supported."""
     if bits not in GROUP_BITS_CHOICES:
         raise ValueError(
             f"`weight_bits` for group-wise weights must be one of {list(GROUP_BITS_CHOICES)}, got {bits!r}"
@@ -126,6 +53,16 @@ def validate_weight_only(bits: Any, group_size: Any, method: Any) -> None:
         raise ValueError(f"`group_size` must be one of {list(GROUP_SIZE_CHOICES)}, got {group_size!r}")
     if method not in WEIGHT_ONLY_METHODS:
         raise ValueError(f"`method` must be one of {list(WEIGHT_ONLY_METHODS)}, got {method!r}")
+    if activations not in WEIGHT_ONLY_ACTIVATIONS:
+        raise ValueError(
+            f"`activations` for group-wise weights must be one of {list(WEIGHT_ONLY_ACTIVATIONS)} (float: W4A16; "
+            f"dynamic: int8 per token and group, 8da4w), got {activations!r}"
+        )
+    if activations == "dynamic" and bits != 4:
+        raise ValueError(
+            f"`activations`='dynamic' with group-wise weights needs weight_bits=4 (int4 weights, int8 activations: "
+            f"the kernel modelled), got weight_bits={bits!r}"
+        )
 
 
 def _weight_of(module: nn.Module) -> Tensor:
@@ -195,6 +132,7 @@ def quantize_weights(
     model_input: Any = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    activations: str = "float",
 ) -> nn.Module:
     """A copy of ``model`` with group-wise integer weights (``MatMulNBits`` layout); ``model`` is unchanged.
 
@@ -209,11 +147,13 @@ def quantize_weights(
         model_input: Which part of a batch is the model's input (see ``PostTrainingQuantization``).
         include: Module patterns to quantize (default: every Linear and transposed Linear, the LM head included).
         exclude: Module patterns to keep in float.
+        activations: ``"float"`` (default, W4A16) or ``"dynamic"`` (int4 only: each token's inputs rounded to int8
+            per group inside the kernel, ``8da4w``; exported at ``accuracy_level=4``).
 
     Returns:
         The quantized copy, in eval mode; export it with :func:`export_weight_only_onnx`.
     """
-    validate_weight_only(bits, group_size, method)
+    validate_weight_only(bits, group_size, method, activations)
     calibration_batches = validate_int("calibration_batches", calibration_batches, 1)
     if method == "gptq" and calibration is None:
         raise ValueError("quantize_weights(method='gptq') needs `calibration` batches (e.g. a DataLoader)")
@@ -230,10 +170,11 @@ def quantize_weights(
             quantized = quantize_groups_gptq(weight, hessians[name].hessian, bits, group_size, symmetric)
         else:
             quantized = quantize_groups_rtn(weight, bits, group_size, symmetric)
-        _replace(copy, name, GroupQuantizedLinear(quantized, module.bias).to(module.weight.device))
+        layer = GroupQuantizedLinear(quantized, module.bias, activations)
+        _replace(copy, name, layer.to(module.weight.device))
     rank_zero_info(
-        f"quantize_weights: {len(targets)} layers to {bits}-bit groups of {group_size} ({method}, "
-        f"{'symmetric' if symmetric else 'asymmetric'}); every other layer stays float"
+        f"quantize_weights: {len(targets)} layers to {describe_format(bits, group_size, symmetric, activations)} "
+        f"({method}); every other layer stays float"
     )
     return copy
 
@@ -249,6 +190,7 @@ class WeightOnlySettings:
         method: ``"rtn"`` or ``"gptq"``.
         include: Module patterns to quantize.
         exclude: Module patterns to keep in float.
+        activations: ``"float"`` (W4A16) or ``"dynamic"`` (int8 per token and group, 8da4w).
     """
 
     bits: int = 4
@@ -257,9 +199,10 @@ class WeightOnlySettings:
     method: str = "rtn"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    activations: str = "float"
 
     def __post_init__(self) -> None:
-        validate_weight_only(self.bits, self.group_size, self.method)
+        validate_weight_only(self.bits, self.group_size, self.method, self.activations)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"`symmetric` must be True or False, got {self.symmetric!r}")
         for name in ("include", "exclude"):
@@ -289,18 +232,19 @@ def weight_only_settings(
     """PTQ's weight-only settings when its arguments ask for them (4 bits, or float activations); else ``None``."""
     if weight_bits != 4 and activations != "float":
         return None
-    if activations not in (None, "float"):
+    if activations not in (None, *WEIGHT_ONLY_ACTIVATIONS):
         raise ValueError(
             f"`activations`={activations!r} with weight_bits=4: int4 weights run with float activations "
-            "(activations='float' or None). Dynamic int8 activations with int4 weights (ONNX Runtime's "
-            "accuracy_level=4) are not modelled yet, so they are refused rather than exported unchecked"
+            "('float' or None: W4A16) or int8 activations rounded per token and group inside the kernel ('dynamic': "
+            "8da4w); static int8 ranges belong to the int8 path"
         )
     if embeddings != "float":
         raise ValueError(
             f"`embeddings`={embeddings!r} with weight-only groups: embeddings stay float there (set "
             "embeddings='float'); the int8 embedding tables belong to the int8 activation path"
         )
-    return WeightOnlySettings(weight_bits, group_size, symmetric, method, include, exclude)
+    activations = activations or "float"
+    return WeightOnlySettings(weight_bits, group_size, symmetric, method, include, exclude, activations)
 
 
 def export_weight_only_onnx(
@@ -337,14 +281,16 @@ def export_weight_only_onnx(
     )
 
 
-def describe_format(bits: int, group_size: int, symmetric: bool) -> str:
-    """``"int4 groups of 32, symmetric"``."""
-    return f"int{bits} groups of {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+def describe_format(bits: int, group_size: int, symmetric: bool, activations: str = "float") -> str:
+    """``"int4 groups of 32, symmetric"`` (``"..., int8 activations per token and group"`` for ``8da4w``)."""
+    text = f"int{bits} groups of {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+    return text + (", int8 activations per token and group" if activations == "dynamic" else "")
 
 
 def describe_weight_only(model: nn.Module) -> str:
     """What the model's group-quantized layers store (:func:`describe_format`, one per distinct format)."""
-    kinds = sorted({(m.bits, m.group_size, m.zero_points is None) for m in group_quantized_layers(model).values()})
+    layers = group_quantized_layers(model).values()
+    kinds = sorted({(m.bits, m.group_size, m.zero_points is None, m.activations) for m in layers})
     return "; ".join(describe_format(*kind) for kind in kinds)
 
 
