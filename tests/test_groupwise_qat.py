@@ -181,3 +181,41 @@ def test_qat_8da4w_trains_with_rounded_activations_and_exports_them_at_accuracy_
         torch.testing.assert_close(trained, deployed(x), rtol=0, atol=1e-5)
         layer._group_settings = (*layer._group_settings[:3], "float")
         assert (layer(x) - trained).abs().max() > 1e-3  # rounding the activations really changed the output
+
+
+def test_qat_int4_scores_perplexity_when_the_rounding_starts_and_at_the_end(tmp_path):
+    import math
+
+    from lightning_accel import QuantizationAwareTraining
+    from lightning_accel._core.stage import built_deployment
+    from lightning_accel.quantization.weight_only import quantize_weights
+    from tests.lm_models import TinyCausalLM
+
+    model = TinyCausalLM("llama")
+    qat = QuantizationAwareTraining(weight_bits=4, start_step=2, export_path="lm.onnx")
+    trainer = lm_trainer(tmp_path, [qat], 4, limit_val_batches=1)
+    start_model = {}  # round to nearest of the float weights at the step the rounding starts
+    from lightning import Callback
+
+    class Remember(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2 and not start_model:
+                start_model["rtn"] = quantize_weights(strip_group_qat(pl_module).net, bits=4, group_size=32)
+
+    trainer.callbacks.insert(0, Remember())
+    trainer.fit(model)
+    driver = qat.weight_only
+    assert driver.at_start["metric"] == "perplexity" and driver.at_end["metric"] == "perplexity"
+    batches = [batch["input_ids"] for batch, _ in zip(model.val_dataloader(), range(8), strict=False)]
+    with torch.no_grad():  # round to nearest of the weights at step 2, over the probe's 8 validation batches
+        losses = [_loss(start_model["rtn"], batch).item() * batch[:, 1:].numel() for batch in batches]
+    expected = math.exp(sum(losses) / sum(batch[:, 1:].numel() for batch in batches))
+    assert driver.at_start["value"] == pytest.approx(expected, rel=1e-5)
+    deployed = group_qat_to_deployable(model).eval()
+    with torch.no_grad():  # the end score is the deployable copy of the trained weights, on the same batches
+        losses = [_loss(deployed, batch).item() * batch[:, 1:].numel() for batch in batches]
+    expected = math.exp(sum(losses) / sum(batch[:, 1:].numel() for batch in batches))
+    assert driver.at_end["value"] == pytest.approx(expected, rel=1e-5) != driver.at_start["value"]
+    notes = built_deployment(trainer).notes
+    assert any("int4 perplexity (next token, validation batches)" in note for note in notes), notes
+    assert qat.state_dict()["at_start"] == driver.at_start

@@ -208,14 +208,15 @@ def test_load_quantized_rebuilds_the_int8_model_from_a_checkpoint(tmp_path):
         load_quantized(module_with_example(), tmp_path / "plain.ckpt")
 
 
-def _fit_then_export(tmp_path, common, fit_only=()):
+def _fit_then_export(tmp_path, common, fit_only=(), export_only=()):
     """Train with the command line ``common`` (plus ``fit_only``), then export from its checkpoint: both reports."""
     fit = build_cli(
         ["fit", *common, *fit_only, "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]
     )
     trained = next(c for c in fit.trainer.callbacks if isinstance(c, AccelerationReport)).report
     checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
-    build_cli(["export", *common, f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path / 'export'}"])
+    root = f"--trainer.default_root_dir={tmp_path / 'export'}"
+    build_cli(["export", *common, *export_only, f"--ckpt_path={checkpoint}", root])
     return trained, json.loads(next((tmp_path / "export").rglob("report.json")).read_text())
 
 
@@ -482,3 +483,33 @@ def test_lightning_accel_export_of_a_channel_pruning_and_qat_run_writes_the_slim
     assert {"slim fp32 ONNX", "int8 ONNX"} <= set(exported["sizes"])
     assert exported["sizes"]["int8 ONNX"]["bytes"] == trained["sizes"]["int8 ONNX"]["bytes"]  # slimmed alike
     assert exported["sizes"]["slim fp32 ONNX"]["bytes"] == trained["sizes"]["slim fp32 ONNX"]["bytes"]
+
+
+def test_lightning_accel_export_rebuilds_the_int4_decoder_from_a_qat_checkpoint_and_times_generation(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["lightning-accel"])
+    tiny = ["--model.hidden=32", "--model.layers=1", "--model.heads=4", "--model.kv_heads=2", "--model.ffn=64"]
+    data = ["--data.train_windows=16", "--data.val_windows=8", "--data.batch_size=4"]
+    common = [
+        "--config",
+        "examples/llm/int4.yaml",
+        *tiny,
+        "--model.length=32",
+        "--data.length=32",
+        *data,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=2",
+        "--report.plots=false",
+        "--report.latency=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    trained, exported = _fit_then_export(tmp_path, common, export_only=["--report.generation=true"])
+    assert exported["sizes"]["int4 ONNX"]["bytes"] == trained["sizes"]["int4 ONNX"]["bytes"]
+    scores = exported["quality"]["ORT int4"]
+    assert scores and scores == pytest.approx(trained["quality"]["ORT int4"])  # the same integers, the same scores
+    generation = exported["generation"]
+    assert set(generation["batch 8"]) == {"ORT fp32", "ORT int4"} and generation["prompt_tokens"] == 32
+    assert "generation" not in trained  # the fit's report was told neither latency nor generation

@@ -201,3 +201,23 @@ def test_8da4w_exports_at_accuracy_level_4_and_ort_computes_what_pytorch_evaluat
     # (measured 59.9 dB on the Llama), but far closer to the evaluated model than the activation rounding itself is.
     assert check.snr_db > 50 and check.snr_db > rounded_away + 12, (check, rounded_away)
     assert check.agreement >= 0.99
+
+
+def test_the_report_times_greedy_generation_of_the_fp32_and_int4_decoders_at_batch_1_and_8(tmp_path):
+    from lightning_accel.report.markdown import headline, latency_metrics, to_markdown
+
+    model = TinyCausalLM("llama")
+    ptq = PostTrainingQuantization("lm.int4.onnx", weight_bits=4, calibration_batches=1)
+    report = AccelerationReport(directory="report", latency=False, generation=True)
+    lm_trainer(tmp_path, [ptq, report], 1).fit(model)
+    generation = report.report["generation"]
+    assert generation["prompt_tokens"] == 16 and generation["decode_steps"] == 32  # the validation windows' length
+    for batch in ("batch 1", "batch 8"):
+        assert set(generation[batch]) == {"ORT fp32", "ORT int4"}
+        assert all(entry["tokens_per_s"] > 0 and entry["prefill_ms"] > 0 for entry in generation[batch].values())
+    assert "the same greedy tokens" in generation["checks"]["ORT int4"]
+    assert "| ORT int4, batch 8 |" in to_markdown(report.report)
+    metrics = latency_metrics(report.report)
+    speedup = metrics["report/generation/batch 1/ORT int4/decode_speedup"]
+    ratio = generation["batch 1"]["ORT int4"]["tokens_per_s"] / generation["batch 1"]["ORT fp32"]["tokens_per_s"]
+    assert speedup == pytest.approx(ratio) and headline(report.report)["report/int4_decode_speedup_batch1"] == speedup

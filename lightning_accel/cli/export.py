@@ -68,8 +68,17 @@ class ArtifactTrainer(Trainer):
             datamodule.setup("validate")
             loader = datamodule.val_dataloader()
         max_batches = report_callback.max_batches if report_callback else 20
+        latency = report_callback.latency if report_callback else True
+        generation = report_callback.generation if report_callback else latency
         report = build_report(
-            self, model, directory, latency=True, max_batches=max_batches, loader=loader, contributions=contributions
+            self,
+            model,
+            directory,
+            latency=latency,
+            max_batches=max_batches,
+            loader=loader,
+            contributions=contributions,
+            generation=generation,
         )
         markdown_path = write_report(report, directory)[1]
         print_table(report)

@@ -292,7 +292,6 @@ def build_artifacts(
         example = next((c.example for c in contributions if c.example is not None), None)
     pruned = tuple(name for c in contributions for name in c.pruned_parameters)
     deployment = Deployment(example=example, precision=precision, pruned_parameters=pruned)
-    deployment.notes.extend(note for c in contributions for note in c.notes)
     report = next((c for c in contributions if c.report_directory is not None), None)
     # Every artifact starts from fp32 (bf16-true too).
     deployment.float_model = float_copy(pl_module).eval().cpu().float()
@@ -309,6 +308,8 @@ def build_artifacts(
     )
     for build in BUILDERS:
         build(request)
+    # After the builds: a contribution may note what building its model decided (PTQ's quality budget).
+    deployment.notes.extend(note for c in contributions for note in c.notes)
     deployment.notes.extend(_report_notes(request))
     return deployment
 

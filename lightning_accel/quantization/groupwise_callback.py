@@ -27,8 +27,10 @@ from lightning_accel.quantization.groupwise_qat import (
     group_qat_to_deployable,
     prepare_group_qat_,
     set_group_qat_active,
+    strip_group_qat,
 )
 from lightning_accel.quantization.phases import resolve_qat_steps
+from lightning_accel.quantization.progress import end_probe, start_probe
 from lightning_accel.quantization.settings import QAT_STATE_VERSION, require_example_input
 from lightning_accel.quantization.weight_only import (
     WeightOnlySettings,
@@ -38,7 +40,7 @@ from lightning_accel.quantization.weight_only import (
 )
 
 #: How many leading arguments of a hook the driver takes (the rest, batch and outputs, it does not need).
-_DRIVER_ARGUMENTS = {"setup": 3, "state_dict": 0, "load_state_dict": 1}
+_DRIVER_ARGUMENTS = {"setup": 3, "on_train_batch_start": 3, "state_dict": 0, "load_state_dict": 1}
 
 
 def hands_over_to_weight_only(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,6 +89,11 @@ class GroupQATDriver:
         self._model: LightningModule | None = None
         self._layers: list[Any] = []  # the prepared layers (set at setup)
         self._active: bool | None = None  # the rounding switch last applied to them
+        #: The quantized model's score when the rounding started (round to nearest of those weights) and at the
+        #: end of fit: perplexity for a causal LM (see :mod:`progress`); ``{}`` when it could not be measured.
+        self.at_start: dict[str, Any] | None = None
+        self.at_end: dict[str, Any] | None = None
+        self._probe: Any = None
 
     def configure(self, start_step: int | float, export_path: str | None, model_input: Any, on_mismatch: str) -> None:
         """The callback's validated options: where rounding starts, the export, its input and its check."""
@@ -117,11 +124,27 @@ class GroupQATDriver:
         """Resolve a fractional ``start_step`` against this fit's length."""
         self._start = resolve_qat_steps(trainer.estimated_stepping_batches, self.start_step, None, None)[0]
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Round from ``start_step`` on."""
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Round from ``start_step`` on; when the rounding starts, score round-to-nearest of these weights."""
         active = self._training_steps.current(trainer, pl_module) >= self._start
+        if active and self.at_start is None:
+            self._probe_start(trainer, pl_module, batch)
         self.started = self.started or active
         self._set_active(active)
+
+    def _probe_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        if trainer.is_global_zero:
+            label = f"int{self.settings.bits}"
+            quantize = lambda plain, _: self.settings.quantize(plain)  # noqa: E731 - round to nearest, no data
+            self._probe = start_probe(trainer, pl_module, self.model_input, quantize, [batch], strip_group_qat, label)
+            self.at_start = {"metric": self._probe.metric, "value": self._probe.start} if self._probe else {}
+        # Every rank keeps rank 0's figures: the callback's state must not differ between ranks.
+        self.at_start = trainer.strategy.broadcast(self.at_start, src=0)
+
+    def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score the deployable copy at the end of fit against the start (the stage calls this before any build)."""
+        if trainer.is_global_zero and self._probe is not None and self.started:
+            self.at_end = end_probe(self._probe, group_qat_to_deployable(pl_module).eval()) or self.at_end
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Count the batch; log whether the rounding is on."""
@@ -149,8 +172,10 @@ class GroupQATDriver:
                     f"int{self.settings.bits} model, nothing was written to {path}"
                 )
             return None
+        notes = [f"QAT: {self._probe.describe()}."] if self._probe is not None and self._probe.end is not None else []
         return Contribution(
             owner="QuantizationAwareTraining",
+            notes=notes,
             int8_model=lambda: group_qat_to_deployable(pl_module),
             int8_path=path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
@@ -173,6 +198,7 @@ class GroupQATDriver:
             "weight_only": settings,
             "quantized": self.started,
             "training_batches": self._training_steps.batches,
+            "at_start": self.at_start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,6 +219,7 @@ class GroupQATDriver:
                 f"this callback sets otherwise: set {', '.join(differences)} to continue from it"
             )
         self.started = bool(state.get("quantized", False))
+        self.at_start = state.get("at_start", self.at_start)
         self._training_steps.batches = int(state.get("training_batches", 0))
         self._set_active(self.started)
 

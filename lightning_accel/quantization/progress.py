@@ -1,14 +1,17 @@
-"""Whether QAT made the int8 model better: its quality when QAT starts (PTQ of those weights) and when fit ends.
+"""Whether QAT made the quantized model better: its quality when QAT starts (PTQ of those weights) and at the end.
 
 QAT should never end worse than post-training quantization of the model it started from. When fake quantization
-starts, a copy of the float model is calibrated on the first batches of a new training loader (that is PTQ) and
-scored on a few validation batches; at the end of fit the QAT model is scored on the same batches. The score is
-accuracy where the batches carry class labels, otherwise the cosine of each sample's output to the float model's
+starts, a copy of the float model is quantized (int8: calibrated on the first batches of a new training loader;
+int4: rounded to nearest, what QAT starts from) and scored on a few validation batches; at the end of fit the QAT
+model is scored on the same batches. The score is accuracy where the batches carry class labels; perplexity (the
+exponential of the mean next-token cross-entropy) for a causal language model, whose input is the token ids its
+``[batch, tokens, vocabulary]`` logits predict; otherwise the cosine of each sample's output to the float model's
 at QAT start (for an encoder distilled from its pretrained self, the figure that matters).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,20 +40,57 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output_tensors(output)[0]
 
 
-class QualityProbe:
-    """The scored batches, their float outputs at QAT start, and the two int8 scores."""
+def next_token_ids(inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+    """The token ids a causal LM's logits predict (its input ids), or ``None`` when ``output`` is not such logits."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int) or ids.dim() != 2:
+        return None
+    if output.dim() != 3 or tuple(output.shape[:2]) != tuple(ids.shape) or ids.shape[1] < 2:
+        return None
+    return ids if int(ids.max()) < output.shape[-1] else None
 
-    def __init__(self, batches: list[Any], labels: list[torch.Tensor] | None, float_outputs: list[torch.Tensor]):
+
+def _perplexity(outputs: list[torch.Tensor], token_ids: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for logits, ids in zip(outputs, token_ids, strict=True):
+        predicted, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).cpu()
+        total += torch.nn.functional.cross_entropy(predicted, target, reduction="sum").item()
+        count += target.numel()
+    return math.exp(total / count)
+
+
+class QualityProbe:
+    """The scored batches, their float outputs at QAT start, and the two scores of the quantized model.
+
+    Args:
+        batches: Model inputs to score on.
+        labels: Their class labels, or ``None``.
+        float_outputs: The float model's outputs on them at QAT start.
+        label: The format named in the messages (``"int8"``, ``"int4"``).
+    """
+
+    def __init__(
+        self,
+        batches: list[Any],
+        labels: list[torch.Tensor] | None,
+        float_outputs: list[torch.Tensor],
+        label: str = "int8",
+    ) -> None:
         self.batches = batches
         self.labels = labels
         self.float_outputs = float_outputs
-        self.metric = "accuracy" if labels is not None else "cosine"
+        self.label = label
+        self.token_ids = [next_token_ids(b, o) for b, o in zip(batches, float_outputs, strict=True)]
+        causal = labels is None and all(ids is not None for ids in self.token_ids)
+        self.metric = "accuracy" if labels is not None else "perplexity" if causal else "cosine"
         self.start: float | None = None
         self.end: float | None = None
 
     def score(self, model: nn.Module) -> float:
-        """Accuracy against the labels, or mean cosine to the float outputs at QAT start."""
+        """Accuracy against the labels, perplexity for a causal LM, else mean cosine to the float outputs."""
         outputs = [_first_tensor(run_model(model, inputs)).detach().float().cpu() for inputs in self.batches]
+        if self.metric == "perplexity":
+            return _perplexity(outputs, self.token_ids)
         if self.labels is not None:
             correct = sum(int((o.argmax(-1) == y.cpu()).sum()) for o, y in zip(outputs, self.labels, strict=True))
             return correct / sum(len(y) for y in self.labels)
@@ -61,18 +101,22 @@ class QualityProbe:
         return torch.cat(cosines).mean().item()
 
     def ended_worse(self) -> bool:
-        """Whether the end score is below the start score by more than one sample's worth (accuracy) or 1e-4."""
+        """Whether the end is worse than the start: by over one sample (accuracy), 0.1% (perplexity) or 1e-4."""
         if self.start is None or self.end is None:
             return False
+        if self.metric == "perplexity":
+            return self.end > self.start * 1.001
         samples = sum(len(y) for y in self.labels) if self.labels is not None else 0
         tolerance = 1.0 / samples if samples else 1e-4
         return self.end < self.start - tolerance
 
     def describe(self) -> str:
         """One line with both scores."""
-        what = "accuracy" if self.metric == "accuracy" else "cosine to the float model at QAT start"
+        what = {"accuracy": "accuracy", "perplexity": "perplexity (next token, validation batches)"}.get(
+            self.metric, "cosine to the float model at QAT start"
+        )
         end = "n/a" if self.end is None else f"{self.end:.4f}"
-        return f"int8 {what}: {self.start:.4f} at QAT start (PTQ of those weights), {end} at the end"
+        return f"{self.label} {what}: {self.start:.4f} at QAT start (PTQ of those weights), {end} at the end"
 
 
 @torch.no_grad()
@@ -80,8 +124,10 @@ def probe_at_start(
     trainer: Trainer,
     pl_module: LightningModule,
     model_input: Any,
-    prepare: dict[str, Any],
+    quantize: Callable[[nn.Module, Any], nn.Module],
     training_batches: list[Any],
+    float_view: Callable[[nn.Module], nn.Module] = float_copy,
+    label: str = "int8",
 ) -> QualityProbe | None:
     """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on.
 
@@ -104,16 +150,28 @@ def probe_at_start(
             break
     if not batches:
         return None
-    plain = float_copy(pl_module).eval()
+    plain = float_view(pl_module).eval()
     float_outputs = [_first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
-    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs)
-    ptq = calibrate_(plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare)
-    probe.start = probe.score(ptq.eval())
+    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs, label)
+    probe.start = probe.score(quantize(plain, calibration).eval())
     return probe
 
 
+def int8_ptq(model_input: Any, prepare: dict[str, Any]) -> Callable[[nn.Module, Any], nn.Module]:
+    """PTQ for the probe: calibrate the float copy as QAT prepares it, on the first calibration batches."""
+    return lambda plain, calibration: calibrate_(
+        plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare
+    )
+
+
 def start_probe(
-    trainer: Trainer, pl_module: LightningModule, model_input: Any, prepare: dict[str, Any], batches: list[Any]
+    trainer: Trainer,
+    pl_module: LightningModule,
+    model_input: Any,
+    quantize: Callable[[nn.Module, Any], nn.Module],
+    batches: list[Any],
+    float_view: Callable[[nn.Module], nn.Module] = float_copy,
+    label: str = "int8",
 ) -> QualityProbe | None:
     """:func:`probe_at_start`, leaving every RNG as it was, logged; ``None`` (and a note) when it cannot run.
 
@@ -122,19 +180,20 @@ def start_probe(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
-            probe = probe_at_start(trainer, pl_module, model_input, prepare, batches)
+            probe = probe_at_start(trainer, pl_module, model_input, quantize, batches, float_view, label)
     except Exception as error:
-        rank_zero_info(f"QuantizationAwareTraining: int8 quality at QAT start not measured ({error})")
+        rank_zero_info(f"QuantizationAwareTraining: {label} quality at QAT start not measured ({error})")
         return None
     if probe is not None:
         rank_zero_info(
-            f"QuantizationAwareTraining: int8 {probe.metric} when QAT starts (PTQ of these weights): {probe.start:.4f}"
+            f"QuantizationAwareTraining: {label} {probe.metric} when QAT starts (PTQ of these weights): "
+            f"{probe.start:.4f}"
         )
     return probe
 
 
 def end_probe(probe: QualityProbe, evaluated: nn.Module) -> dict[str, Any] | None:
-    """Score the int8 model as evaluated at the end of fit (once), log it, and warn if QAT ended below PTQ."""
+    """Score the quantized model as evaluated at the end of fit (once), log it, and warn if QAT ended below PTQ."""
     if probe.end is not None:
         return None
     probe.end = probe.score(evaluated)

@@ -16,7 +16,13 @@ from lightning_accel._core.lightning import configure_model_early
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
-from lightning_accel.quantization.calibration import calibrate_, check_batches, classification_batches
+from lightning_accel.quantization.budget import BudgetResult, quantize_within_budget, validate_budget
+from lightning_accel.quantization.calibration import (
+    calibrate_,
+    check_batches,
+    classification_batches,
+    validation_loader,
+)
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
@@ -56,8 +62,9 @@ class PostTrainingQuantization(DeployingCallback):
             output, traced on the first calibration batch), ``"auto"`` (the type rule) or ``"all"``.
         activations: ``None`` (default): ``"float"`` with ``weight_bits=4``, else ``"static"``. ``"float"``: weights
             only, in groups (``MatMulNBits``, 4 or 8 bits), activations and every other layer stay float; the
-            runtime's fp32-accuracy kernel computes exactly what PyTorch evaluates (its int8-activation
-            ``accuracy_level=4`` is not used). ``"static"``: per-tensor uint8 ranges, observed and stored.
+            runtime's fp32-accuracy kernel computes exactly what PyTorch evaluates. With ``weight_bits=4``,
+            ``"dynamic"`` rounds each token's inputs to int8 per group inside the kernel (8da4w, ``accuracy_level=4``,
+            modelled exactly). ``"static"``: per-tensor uint8 ranges, observed and stored.
             ``"dynamic"``: every Linear quantizes its input at that input's own range at run time (ONNX
             ``DynamicQuantizeLinear``, the scheme of ONNX Runtime's ``quantize_dynamic``; fused by ONNX Runtime into
             ``DynamicQuantizeMatMul``),
@@ -69,6 +76,12 @@ class PostTrainingQuantization(DeployingCallback):
         method: Weight-only rounding: ``"rtn"`` (round to nearest) or ``"gptq"`` (data-aware: each layer's error
             on ``calibration_batches`` training batches is compensated column by column, GPTQ).
         symmetric: Weight-only groups without a stored zero point (``True``) or with one per group.
+        max_quality_loss: A quality budget for int8 (``None``: quantize every selected layer). What the model may
+            lose on validation batches: accuracy as a fraction (0.01 = one point) where batches carry labels,
+            perplexity for a causal LM, else one minus the cosine to the float model's outputs. Each layer's
+            quantization is scored alone (one calibration), and the most sensitive layers stay float until the
+            whole model, measured again, is within the budget; the final figure and every layer kept float, with
+            its cost, are logged and put in the report's notes, and a budget missed is a warning.
 
     Example (a decoder to int4 with GPTQ, in YAML: ``ptq: {export_path: lm.int4.onnx, weight_bits: 4, method: gptq}``):
         >>> PostTrainingQuantization("lm.int4.onnx", weight_bits=4, group_size=32, method="gptq")  # doctest: +SKIP
@@ -90,6 +103,7 @@ class PostTrainingQuantization(DeployingCallback):
         group_size: int = 32,
         method: Literal["rtn", "gptq"] = "rtn",
         symmetric: bool = True,
+        max_quality_loss: float | None = None,
     ) -> None:
         if export_path is None:
             raise ValueError("`export_path` must be a path ending in '.onnx', got None")
@@ -113,6 +127,15 @@ class PostTrainingQuantization(DeployingCallback):
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.calibration_batches = calibration_batches
+        self.max_quality_loss = validate_budget(max_quality_loss)
+        if self.max_quality_loss is not None and self.weight_only is not None:
+            raise ValueError(
+                "`max_quality_loss` chooses which layers stay float in int8 (static or dynamic activations); "
+                f"with weight-only groups (weight_bits={weight_bits}) it is not supported yet: leave it None"
+            )
+        #: What the budget decided and measured at the end of fit (``None`` without a budget).
+        self.budget: BudgetResult | None = None
+        self._budget_notes: list[str] = []  # filled when the copy is built, read by the report
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
         self._input_checked = False
@@ -177,6 +200,8 @@ class PostTrainingQuantization(DeployingCallback):
                     calibration_batches=self.calibration_batches,
                     model_input=self.model_input,
                 )
+            if self.max_quality_loss is not None:
+                return self._within_budget(trainer, pl_module)
             return calibrate_(
                 module_copy(pl_module),
                 trainer.train_dataloader,
@@ -187,9 +212,28 @@ class PostTrainingQuantization(DeployingCallback):
 
         return Contribution(
             owner="PostTrainingQuantization",
+            notes=self._budget_notes,
             int8_model=calibrated_copy,
             int8_path=self.resolved_export_path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
             classification=classification_batches(trainer),
             on_mismatch=self.on_mismatch,
         )
+
+    def _within_budget(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        """The calibrated copy whose measured loss meets ``max_quality_loss`` (scored on validation batches)."""
+        validation = validation_loader(trainer)
+        note = ""
+        if validation is None:  # scored on training batches instead: said in the notes, not hidden
+            validation, note = trainer.train_dataloader, " (no validation data: scored on training batches)"
+        model, self.budget = quantize_within_budget(
+            pl_module,
+            trainer.train_dataloader,
+            validation,
+            self.max_quality_loss,
+            model_input=self.model_input,
+            calibration_batches=self.calibration_batches,
+            **self.settings.prepare_arguments(),
+        )
+        self._budget_notes.append(f"PTQ: {self.budget.describe()}{note}.")
+        return model

@@ -31,7 +31,7 @@ from lightning_accel.quantization.phases import (
     validate_qat_steps,
 )
 from lightning_accel.quantization.prepare import activation_quantizers, iter_batch_norms, prepare_qat_, set_qat_phase
-from lightning_accel.quantization.progress import CALIBRATION_BATCHES, end_probe, start_probe
+from lightning_accel.quantization.progress import CALIBRATION_BATCHES, end_probe, int8_ptq, start_probe
 from lightning_accel.quantization.ranges import load_quantizer_state_, quantizer_state, update_ranges_over_ranks
 from lightning_accel.quantization.settings import (
     FULL_RANGE_NOTE,
@@ -298,9 +298,10 @@ class QuantizationAwareTraining(DeployingCallback):
         restored = self._state_restored and self._saved_quantized
         return phase_from_restored_state(self._quantizers, restored, str(trainer.state.fn))
 
+    @hands_over_to_weight_only
     def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the int8 model at the end of fit, against QAT's start (the stage calls this before any build)."""
-        if trainer.is_global_zero and not self.weight_only:
+        if trainer.is_global_zero:
             self._probe_end(pl_module)
 
     @hands_over_to_weight_only
@@ -310,8 +311,8 @@ class QuantizationAwareTraining(DeployingCallback):
 
     def _probe_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
-        prepare = self.settings.prepare_arguments()
-        self._probe = start_probe(trainer, pl_module, self.model_input, prepare, list(self._recent_batches))
+        quantize = int8_ptq(self.model_input, self.settings.prepare_arguments())
+        self._probe = start_probe(trainer, pl_module, self.model_input, quantize, list(self._recent_batches))
         self.int8_at_start = {"metric": self._probe.metric, "value": self._probe.start} if self._probe else {}
 
     def _probe_end(self, pl_module: LightningModule) -> None:

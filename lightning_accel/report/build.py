@@ -18,6 +18,7 @@ from lightning_accel.deploy.stage import build_artifacts, contributions_of
 from lightning_accel.export.check import onnx_feed, onnx_outputs, ort_session
 from lightning_accel.export.sparse import load_sparse_
 from lightning_accel.quantization.calibration import batch_size, validation_loader
+from lightning_accel.report.generation import measure_generation
 from lightning_accel.report.markdown import (
     headline,
     latency_metrics,
@@ -79,6 +80,7 @@ def build_report(
     contributions: Sequence[Any] | None = None,
     deployment: Any = None,
     model_input: str | int | list[str] | None = None,
+    generation: bool | None = None,
 ) -> dict[str, Any]:
     """Measure every artifact of ``pl_module``: sizes, latency and quality. The deploy stage builds them.
 
@@ -94,6 +96,7 @@ def build_report(
             of the trainer's callbacks.
         deployment: Artifacts already built for this fit (the deploy stage's records); then nothing is built here.
         model_input: Which part of a batch is the model's input (see :class:`AccelerationReport`).
+        generation: Time greedy generation of a causal LM (``None``: when ``latency`` is on).
     """
     loader = loader if loader is not None else (validation_loader(trainer) if trainer is not None else None)
     picker = batch_picker(model_input, pl_module)
@@ -105,7 +108,8 @@ def build_report(
         report_part = Contribution(owner="AccelerationReport", report_directory=Path(directory), example=example)
         precision = str(trainer.precision) if trainer is not None else "32-true"
         deployment = build_artifacts(pl_module, [*contributions, report_part], example, precision=precision)
-    return measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker)
+    generation = latency if generation is None else generation
+    return measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker, generation)
 
 
 def measure(
@@ -116,6 +120,7 @@ def measure(
     max_batches: int = 20,
     dense_start: dict[str, float] | None = None,
     pick_input: Any = None,
+    generation: bool = False,
 ) -> dict[str, Any]:
     """The report of a deployment: every artifact listed once, with its size, latency and quality."""
     float_model = deployment.float_model
@@ -150,6 +155,8 @@ def measure(
 
     if latency and example is not None:
         _measure_latency(report, float_model, sessions, example, batch_input)
+    if generation:
+        _measure_generation(report, deployment, batch_input)
 
     if loader is None:
         notes.append("No validation dataloader: quality not measured.")
@@ -180,6 +187,22 @@ QUANTIZED_RUNTIMES = (
     ("int8 ONNX", "ORT int8"),
     ("int4 ONNX", "ORT int4"),
 )
+
+
+def _measure_generation(report: dict[str, Any], deployment: Any, batch_input: Any) -> None:
+    """For a causal LM: greedy generation speed of its decoders (``report["generation"]``), or a note why not."""
+    try:
+        generation = measure_generation(deployment, batch_input)
+    except Exception as error:  # a decoder that does not export is a finding for the notes, not a lost report
+        report["notes"].append(f"Generation speed not measured: {type(error).__name__}: {error}")
+        return
+    if generation is not None:
+        report["generation"] = generation
+        report["notes"].append(
+            "Generation: greedy decoding with the KV cache in ONNX Runtime (one graph, past keys/values in and out); "
+            "prefill is the first call over the prompt, tokens/s counts every sequence of the batch; medians of "
+            "alternating rounds."
+        )
 
 
 def _input_note(what: str, error: Exception) -> str:

@@ -56,6 +56,9 @@ class AccelerationReport(DeployingCallback):
     Args:
         directory: Where to write; relative paths are under the run's log directory (default ``"report"``).
         latency: Measure latency (needs the ``onnx`` extra for the ONNX Runtime rows).
+        generation: For a model holding a Hugging Face causal LM, time greedy generation with the KV cache in ONNX
+            Runtime (fp32 and the int4 decoder, batch 1 and 8: prefill ms, decode tokens/s). ``None`` (default):
+            whenever ``latency`` is on.
         max_batches: Validation batches to score quality on.
         plots: Draw the plots (needs the ``report`` extra: matplotlib).
         model_input: Which part of a validation batch is the model's input, as QAT and PTQ take it: ``None`` (the
@@ -74,11 +77,13 @@ class AccelerationReport(DeployingCallback):
         max_batches: int = 20,
         plots: bool = True,
         model_input: str | int | list[str] | None = None,
+        generation: bool | None = None,
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
             raise TypeError(f"`directory` must be a path (str or os.PathLike), got {directory!r}")
         self.directory = os.fspath(directory)
         self.latency = validate_bool("latency", latency)
+        self.generation = self.latency if generation is None else validate_bool("generation", generation)
         self.max_batches = validate_int("max_batches", max_batches, 1)
         self.plots = validate_bool("plots", plots)
         check_model_input(model_input)
@@ -163,6 +168,7 @@ class AccelerationReport(DeployingCallback):
                 self._dense_start,
                 deployment=deployment,
                 model_input=self.model_input,
+                generation=self.generation,
             )
         except Exception as error:  # the trained model and its checkpoints are safe: never lose a run to the report
             rank_zero_warn(

@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 
 from lightning_accel._core.files import atomic_write_bytes
+from lightning_accel.report.generation import generation_metrics, generation_table
 from lightning_accel.report.measure import LatencySpread, describe_cpu
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables (the same content as report.json)."""
     lines = ["# Acceleration report", "", f"Measured on {describe_cpu(report['cpu'])}.", ""]
-    for table in (_model_table, _size_table, _latency_table, _quality_table):
+    for table in (_model_table, _size_table, _latency_table, generation_table, _quality_table):
         lines += table(report)
     lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -135,6 +136,7 @@ HEADLINE_METRICS = (
     "report/sparse_size_ratio",
     "report/int8_speedup_batch1",
     "report/int8_speedup_validation_batch",
+    "report/int4_decode_speedup_batch1",
     "report/accuracy/dense start",
     "report/accuracy/float weights",
     "report/accuracy/fake-quant (PyTorch)",
@@ -179,7 +181,7 @@ def latency_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         tag = key.replace("report/", "report/latency_ms/", 1)
         metrics.update({f"{tag}/min": spread.minimum, f"{tag}/median": spread.median, f"{tag}/max": spread.maximum})
         metrics[f"{tag}/noisy"] = float(spread.noisy)
-    return metrics
+    return metrics | generation_metrics(report)
 
 
 def headline(report: Mapping[str, Any]) -> dict[str, float]:
@@ -201,6 +203,9 @@ def headline(report: Mapping[str, Any]) -> dict[str, float]:
     for key, spread in speedup_spreads(report).items():
         if not spread.noisy:
             figures[key] = spread.median
+    decode = generation_metrics(report).get("report/generation/batch 1/ORT int4/decode_speedup")
+    if decode is not None:
+        figures["report/int4_decode_speedup_batch1"] = decode
     for name, entry in report.get("quality", {}).items():
         if "accuracy" in entry:
             figures[f"report/accuracy/{name}"] = entry["accuracy"]

@@ -1,0 +1,147 @@
+"""Per-layer sensitivity and the int8 quality budget: the fragile layer is found first and kept float."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning import LightningModule
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_accel import PostTrainingQuantization
+from lightning_accel._core.stage import built_deployment
+from lightning_accel.quantization.budget import quantize_within_budget
+from lightning_accel.quantization.prepare import quantized_modules
+from lightning_accel.quantization.sensitivity import int8_sensitivity
+from tests.helpers import fast_trainer_kwargs
+
+
+@functools.cache
+def _digits(train: bool) -> TensorDataset:
+    digits = load_digits()
+    split = slice(0, 1400) if train else slice(1400, None)
+    x = torch.tensor(digits.data[split], dtype=torch.float32) / 16.0
+    return TensorDataset(x, torch.tensor(digits.target[split]))
+
+
+class FragileMLP(LightningModule):
+    """A digits MLP whose middle layer is fragile in int8: a dead input column with huge weights in every row.
+
+    The column multiplies an input that is always zero (a unit whose ReLU never opens), so the float model does not
+    see it; but it sets every row's int8 scale, and rounds the row's real weights to zero.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(64, 32)
+        self.fragile = nn.Linear(32, 32)
+        self.last = nn.Linear(32, 10)
+        self.example_input_array = torch.zeros(1, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.fragile(torch.relu(self.first(x)))))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(_digits(True), batch_size=100, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(_digits(False), batch_size=100)
+
+    @torch.no_grad()
+    def make_fragile(self) -> FragileMLP:
+        self.first.weight[0] = 0.0
+        self.first.bias[0] = -1.0  # unit 0 never opens
+        self.fragile.weight[:, 0] = 1000.0
+        return self
+
+
+def _trained() -> FragileMLP:
+    torch.manual_seed(0)
+    model = FragileMLP()
+    optimizer = model.configure_optimizers()
+    x, y = _digits(True).tensors
+    for _ in range(150):  # full batch: a second here
+        optimizer.zero_grad()
+        model.training_step((x, y), 0).backward()
+        optimizer.step()
+    return model.make_fragile().eval()
+
+
+def test_sensitivity_finds_the_fragile_layer_first_from_one_calibration():
+    model = _trained()
+    sensitivity, quantized, probe = int8_sensitivity(
+        model, model.train_dataloader(), model.val_dataloader(), progress=False
+    )
+    assert sensitivity.metric == probe.metric == "accuracy" and sensitivity.float_score > 0.9
+    first, *others = sensitivity.costs
+    assert first.name == "fragile" and first.cost > 0.3, sensitivity.describe()
+    assert all(abs(cost.cost) < 0.05 for cost in others), sensitivity.describe()
+    assert set(quantized_modules(quantized)) == {"first", "fragile", "last"}
+    assert "most sensitive: fragile" in sensitivity.describe() and sensitivity.seconds > 0
+
+
+def test_the_budget_keeps_the_fragile_layer_float_and_measures_the_result():
+    model = _trained()
+    quantized, result = quantize_within_budget(
+        model, model.train_dataloader(), model.val_dataloader(), 0.02, progress=False
+    )
+    assert [name for name, _ in result.kept_float] == ["fragile"] and result.met, result.describe()
+    assert set(quantized_modules(quantized)) == {"first", "last"}  # the deployed copy: fragile is plain float
+    assert result.loss <= 0.02 and "kept float: fragile (alone" in result.describe()
+
+
+def test_a_budget_that_cannot_be_met_is_a_warning_with_the_figures():
+    model = _trained()
+    with pytest.warns(UserWarning, match=r"quality budget 0 \(accuracy\) MISSED: float 0\.\d+, int8 0\.\d+"):
+        _, result = quantize_within_budget(
+            model, model.train_dataloader(), model.val_dataloader(), 0.0, include=["fragile"], progress=False
+        )
+    assert not result.met and result.kept_float == []  # one layer: nothing left to keep float
+
+
+def test_the_budget_on_an_encoder_is_a_cosine_to_the_float_model():
+    from transformers import BertConfig, BertModel
+
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+            self.bert = BertModel(config).eval()
+
+        def forward(self, input_ids):
+            return self.bert(input_ids=input_ids).last_hidden_state
+
+    torch.manual_seed(0)
+    model = Hidden().eval()
+    batches = [torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    _, result = quantize_within_budget(model, batches, batches, 0.001, progress=False)
+    assert result.metric == "cosine" and result.float_score == pytest.approx(1.0)
+    assert result.met and 1 - result.final_score <= 0.001, result.describe()
+
+
+def test_ptq_with_a_budget_in_a_trainer_notes_what_it_kept_float(tmp_path):
+    from lightning import Trainer
+
+    model = _trained()
+    ptq = PostTrainingQuantization(str(tmp_path / "m.onnx"), calibration_batches=4, max_quality_loss=0.02)
+    trainer = Trainer(**fast_trainer_kwargs(max_steps=1, default_root_dir=tmp_path), callbacks=[ptq])
+    trainer.fit(model)
+    assert ptq.budget is not None and [name for name, _ in ptq.budget.kept_float] == ["fragile"]
+    notes = built_deployment(trainer).notes
+    assert any("quality budget 0.02 (accuracy) met" in note for note in notes), notes
+    with pytest.raises(ValueError, match=r"max_quality_loss.*got -1"):
+        PostTrainingQuantization("m.onnx", max_quality_loss=-1)
+    with pytest.raises(ValueError, match=r"max_quality_loss.*weight-only"):
+        PostTrainingQuantization("m.onnx", weight_bits=4, max_quality_loss=0.1)
