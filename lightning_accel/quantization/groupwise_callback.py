@@ -30,7 +30,7 @@ from lightning_accel.quantization.groupwise_qat import (
     strip_group_qat,
 )
 from lightning_accel.quantization.phases import resolve_qat_steps
-from lightning_accel.quantization.progress import end_probe, start_probe
+from lightning_accel.quantization.progress import ProbeRecipe, end_probe, start_probe
 from lightning_accel.quantization.settings import QAT_STATE_VERSION, require_example_input
 from lightning_accel.quantization.weight_only import (
     WeightOnlySettings,
@@ -134,9 +134,11 @@ class GroupQATDriver:
 
     def _probe_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         if trainer.is_global_zero:
-            label = f"int{self.settings.bits}"
-            quantize = lambda plain, _: self.settings.quantize(plain)  # noqa: E731 - round to nearest, no data
-            self._probe = start_probe(trainer, pl_module, self.model_input, quantize, [batch], strip_group_qat, label)
+            # Round to nearest of the current weights: what the rounding starts from (no calibration data needed).
+            recipe = ProbeRecipe(
+                lambda plain, _: self.settings.quantize(plain), strip_group_qat, f"int{self.settings.bits}"
+            )
+            self._probe = start_probe(trainer, pl_module, self.model_input, recipe, [batch])
             self.at_start = {"metric": self._probe.metric, "value": self._probe.start} if self._probe else {}
         # Every rank keeps rank 0's figures: the callback's state must not differ between ranks.
         self.at_start = trainer.strategy.broadcast(self.at_start, src=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -119,15 +120,24 @@ class QualityProbe:
         return f"{self.label} {what}: {self.start:.4f} at QAT start (PTQ of those weights), {end} at the end"
 
 
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How the probe makes the model it scores at QAT start.
+
+    Attributes:
+        quantize: ``(float copy, calibration batches) -> quantized copy`` (PTQ of the current weights).
+        float_view: The float copy of the model being trained.
+        label: The format named in the messages (``"int8"``, ``"int4"``).
+    """
+
+    quantize: Callable[[nn.Module, Any], nn.Module]
+    float_view: Callable[[nn.Module], nn.Module] = float_copy
+    label: str = "int8"
+
+
 @torch.no_grad()
 def probe_at_start(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    model_input: Any,
-    quantize: Callable[[nn.Module, Any], nn.Module],
-    training_batches: list[Any],
-    float_view: Callable[[nn.Module], nn.Module] = float_copy,
-    label: str = "int8",
+    trainer: Trainer, pl_module: LightningModule, model_input: Any, recipe: ProbeRecipe, training_batches: list[Any]
 ) -> QualityProbe | None:
     """Score PTQ of the current float weights on a few validation batches; ``None`` without data to score on.
 
@@ -150,28 +160,24 @@ def probe_at_start(
             break
     if not batches:
         return None
-    plain = float_view(pl_module).eval()
+    plain = recipe.float_view(pl_module).eval()
     float_outputs = [_first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
-    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs, label)
-    probe.start = probe.score(quantize(plain, calibration).eval())
+    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs, recipe.label)
+    probe.start = probe.score(recipe.quantize(plain, calibration).eval())
     return probe
 
 
-def int8_ptq(model_input: Any, prepare: dict[str, Any]) -> Callable[[nn.Module, Any], nn.Module]:
+def int8_ptq(model_input: Any, prepare: dict[str, Any]) -> ProbeRecipe:
     """PTQ for the probe: calibrate the float copy as QAT prepares it, on the first calibration batches."""
-    return lambda plain, calibration: calibrate_(
-        plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare
+    return ProbeRecipe(
+        lambda plain, calibration: calibrate_(
+            plain, calibration, CALIBRATION_BATCHES, model_input=model_input, **prepare
+        )
     )
 
 
 def start_probe(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    model_input: Any,
-    quantize: Callable[[nn.Module, Any], nn.Module],
-    batches: list[Any],
-    float_view: Callable[[nn.Module], nn.Module] = float_copy,
-    label: str = "int8",
+    trainer: Trainer, pl_module: LightningModule, model_input: Any, recipe: ProbeRecipe, batches: list[Any]
 ) -> QualityProbe | None:
     """:func:`probe_at_start`, leaving every RNG as it was, logged; ``None`` (and a note) when it cannot run.
 
@@ -180,13 +186,13 @@ def start_probe(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
-            probe = probe_at_start(trainer, pl_module, model_input, quantize, batches, float_view, label)
+            probe = probe_at_start(trainer, pl_module, model_input, recipe, batches)
     except Exception as error:
-        rank_zero_info(f"QuantizationAwareTraining: {label} quality at QAT start not measured ({error})")
+        rank_zero_info(f"QuantizationAwareTraining: {recipe.label} quality at QAT start not measured ({error})")
         return None
     if probe is not None:
         rank_zero_info(
-            f"QuantizationAwareTraining: {label} {probe.metric} when QAT starts (PTQ of these weights): "
+            f"QuantizationAwareTraining: {recipe.label} {probe.metric} when QAT starts (PTQ of these weights): "
             f"{probe.start:.4f}"
         )
     return probe

@@ -311,8 +311,8 @@ class QuantizationAwareTraining(DeployingCallback):
 
     def _probe_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score PTQ of the weights QAT starts from (QAT must not end below it), leaving every RNG as it was."""
-        quantize = int8_ptq(self.model_input, self.settings.prepare_arguments())
-        self._probe = start_probe(trainer, pl_module, self.model_input, quantize, list(self._recent_batches))
+        recipe = int8_ptq(self.model_input, self.settings.prepare_arguments())
+        self._probe = start_probe(trainer, pl_module, self.model_input, recipe, list(self._recent_batches))
         self.int8_at_start = {"metric": self._probe.metric, "value": self._probe.start} if self._probe else {}
 
     def _probe_end(self, pl_module: LightningModule) -> None:
