@@ -40,6 +40,7 @@ class FragileMLP(LightningModule):
         self.fragile = nn.Linear(32, 32)
         self.last = nn.Linear(32, 10)
         self.example_input_array = torch.zeros(1, 64)
+        self.lr = 1e-2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(torch.relu(self.fragile(torch.relu(self.first(x)))))
@@ -51,7 +52,7 @@ class FragileMLP(LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def train_dataloader(self):
         return DataLoader(_digits(True), batch_size=100, shuffle=False)
@@ -145,3 +146,29 @@ def test_ptq_with_a_budget_in_a_trainer_notes_what_it_kept_float(tmp_path):
         PostTrainingQuantization("m.onnx", max_quality_loss=-1)
     with pytest.raises(ValueError, match=r"max_quality_loss.*weight-only"):
         PostTrainingQuantization("m.onnx", weight_bits=4, max_quality_loss=0.1)
+
+
+def test_qat_with_a_budget_puts_the_fragile_trained_layer_back_in_float(tmp_path):
+    import onnx
+    from lightning import Trainer
+
+    from lightning_accel import QuantizationAwareTraining
+
+    model = _trained()
+    model.lr = 1e-5  # the steps observe ranges and barely move the weights: the fragile layer stays what it is
+    qat = QuantizationAwareTraining(export_path=str(tmp_path / "m.onnx"), max_quality_loss=0.02)
+    trainer = Trainer(**fast_trainer_kwargs(max_steps=2, default_root_dir=tmp_path), callbacks=[qat])
+    trainer.fit(model)
+    kept = [name for name, _ in qat.budget.kept_float]
+    # The ranges after the fragile layer were observed on its int8 (broken) outputs, so its float outputs no longer
+    # fit them: measured, the greedy choice keeps the layer reading them float too ("last", +0.61 alone here).
+    assert kept[0] == "fragile" and qat.budget.met, qat.budget.describe()
+    assert set(quantized_modules(model)) == {"first", "fragile", "last"}  # the trained model itself is unchanged
+    deployment = built_deployment(trainer)
+    assert set(quantized_modules(deployment.evaluated_int8)) == {"first", "fragile", "last"} - set(kept)
+    assert any("QAT: quality budget 0.02 (accuracy) met" in note for note in deployment.notes)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    float_products = [n for n in graph.node if n.op_type in ("Gemm", "MatMul") and "fragile" in n.name]
+    assert float_products, [n.name for n in graph.node]  # the fragile layer runs in float in the file
+    with pytest.raises(ValueError, match=r"max_quality_loss.*weight_bits=4"):
+        QuantizationAwareTraining(weight_bits=4, max_quality_loss=0.1)

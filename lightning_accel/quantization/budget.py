@@ -11,6 +11,7 @@ budget that even the float-kept choice cannot meet is a warning with the figures
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +21,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.inputs import batch_picker
-from lightning_accel.quantization.calibration import calibrate_
-from lightning_accel.quantization.prepare import float_copy, quantized_modules
-from lightning_accel.quantization.sensitivity import Sensitivity, cost_of, int8_sensitivity, only_quantized
+from lightning_accel._core.modules import module_copy
+from lightning_accel.quantization.calibration import calibrate_, validation_loader
+from lightning_accel.quantization.convert import as_evaluated
+from lightning_accel.quantization.prepare import float_copy, quantized_modules, unprepare_module_
+from lightning_accel.quantization.progress import QualityProbe
+from lightning_accel.quantization.sensitivity import (
+    SENSITIVITY_BATCHES,
+    Sensitivity,
+    cost_of,
+    int8_sensitivity,
+    layer_costs,
+    only_quantized,
+    scoring_probe,
+)
 
 
 @dataclass
@@ -65,10 +77,33 @@ class BudgetResult:
         )
 
 
-def validate_budget(max_quality_loss: Any) -> float | None:
-    """``None``, or a non-negative finite number: the allowed loss (``ValueError`` naming the argument)."""
+def strip_layers_(model: nn.Module, names: list[str]) -> None:
+    """Keep the named fake-quantized layers of ``model`` in float, in place (with their folded BatchNorm and ReLU).
+
+    Everything else stays prepared; a later ``to_deployable`` exports the named layers as plain float layers.
+    """
+    layers = quantized_modules(model)
+    for name in names:
+        layer = layers[name]
+        bn = layer.folded_bn
+        for part in (layer, bn, getattr(layer, "relu_after", None), getattr(bn, "relu_after", None)):
+            if part is not None:
+                unprepare_module_(part)
+        object.__setattr__(layer, "relu_after", None)
+
+
+def validate_budget(max_quality_loss: Any, weight_only: bool = False) -> float | None:
+    """``None``, or a non-negative finite number: the allowed loss (``ValueError`` naming the argument).
+
+    ``weight_only``: the callback quantizes weight-only groups (int4), for which no budget is supported yet.
+    """
     if max_quality_loss is None:
         return None
+    if weight_only:
+        raise ValueError(
+            "`max_quality_loss` chooses which layers stay float in int8 (static or dynamic activations); with "
+            "weight-only groups (weight_bits=4) it is not supported yet: leave it None"
+        )
     if isinstance(max_quality_loss, bool) or not isinstance(max_quality_loss, int | float):
         raise ValueError(f"`max_quality_loss` must be a number >= 0 or None, got {max_quality_loss!r}")
     value = float(max_quality_loss)
@@ -107,17 +142,7 @@ def quantize_within_budget(
     sensitivity, quantized, probe = int8_sensitivity(
         model, calibration, validation, model_input, calibration_batches, progress, **prepare
     )
-    names = list(quantized_modules(quantized))
-    kept: list[tuple[str, float]] = []
-    score = probe.score(quantized)
-    for layer in sensitivity.costs:
-        # Keep at least one layer quantized: an all-float "int8" model is no answer (the budget is then missed).
-        if cost_of(probe.metric, sensitivity.float_score, score) <= max_quality_loss or len(kept) == len(names) - 1:
-            break
-        kept.append((layer.name, layer.cost))
-        still_quantized = [name for name in names if name not in {k for k, _ in kept}]
-        with only_quantized(quantized, still_quantized):
-            score = probe.score(quantized)
+    kept = keep_float_until_within(quantized, probe, sensitivity, max_quality_loss)
     exclude = [*(prepare.pop("exclude", None) or []), *(name for name, _ in kept)]
     picker = model_input if callable(model_input) else batch_picker(model_input, model)
     plain = float_copy(model).eval()
@@ -129,6 +154,58 @@ def quantize_within_budget(
         rank_zero_info(f"PostTrainingQuantization: {result.describe()}")
     else:
         rank_zero_warn(f"PostTrainingQuantization: {result.describe()}")
+    return final, result
+
+
+def keep_float_until_within(
+    quantized: nn.Module, probe: QualityProbe, sensitivity: Sensitivity, max_quality_loss: float
+) -> list[tuple[str, float]]:
+    """The layers to keep float, most sensitive first, until the whole model scores within the budget.
+
+    Every step is measured on ``quantized`` (the other layers quantized), never summed from the single costs. At
+    least one layer stays quantized: an all-float "int8" model is no answer (the budget is then missed).
+    """
+    names = list(quantized_modules(quantized))
+    kept: list[tuple[str, float]] = []
+    score = probe.score(quantized)
+    for layer in sensitivity.costs:
+        if cost_of(probe.metric, sensitivity.float_score, score) <= max_quality_loss or len(kept) == len(names) - 1:
+            break
+        kept.append((layer.name, layer.cost))
+        still_quantized = [name for name in names if name not in {k for k, _ in kept}]
+        with only_quantized(quantized, still_quantized):
+            score = probe.score(quantized)
+    return kept
+
+
+@torch.no_grad()
+def trained_within_budget(
+    model: nn.Module, trainer: Any, max_quality_loss: float | None, model_input: Any, notes: list[str]
+) -> tuple[nn.Module, BudgetResult | None]:
+    """For a QAT-trained model: a copy with its most sensitive layers back in float until within the budget.
+
+    The trained weights stay as trained (a layer kept float runs its QAT weights in float); the sensitivity is
+    measured on the model as evaluated (on the trainer's validation batches, else training batches), and the
+    returned copy is scored again. The result's line is appended to ``notes``. Without a budget: ``model``.
+    """
+    if max_quality_loss is None:
+        return model, None
+    validation = validation_loader(trainer) or trainer.train_dataloader
+    started = time.perf_counter()
+    batches = [batch for _, batch in zip(range(SENSITIVITY_BATCHES), validation, strict=False)]
+    probe = scoring_probe(model, batches, model_input)
+    reference = probe.score(float_copy(model).eval())
+    evaluated = as_evaluated(model)
+    costs = layer_costs(evaluated, probe, reference)
+    sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
+    kept = keep_float_until_within(evaluated, probe, sensitivity, max_quality_loss)
+    final = module_copy(model)
+    strip_layers_(final, [name for name, _ in kept])
+    result = BudgetResult(
+        max_quality_loss, probe.metric, reference, probe.score(as_evaluated(final)), kept, sensitivity
+    )
+    (rank_zero_info if result.met else rank_zero_warn)(f"QuantizationAwareTraining: {result.describe()}")
+    notes.append(f"QAT: {result.describe()}.")
     return final, result
 
 

@@ -365,27 +365,31 @@ def iter_batch_norms(model: nn.Module) -> Iterator[nn.Module]:
 def float_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every fake-quantized module turned back into its plain class.
 
-    The copy computes what the float model computes (no quantizers, no folding hooks) and exports as ordinary fp32;
-    ``model`` is not changed. For a model that was never prepared this is a plain deep copy.
+    It computes what the float model computes and exports as fp32; ``model`` is not changed (never prepared: a copy).
     """
     for module in quantized_modules(model).values():
         module._fold_check = None  # a pending non-leaf tensor cannot be deep-copied
     plain = module_copy(model)
     for module in plain.modules():
-        if isinstance(module, _Quantized):
-            module.__class__ = plain_class(module)
-            for child in ("input_quant", "weight_quant", "output_quant"):
-                module._modules.pop(child, None)
-        elif isinstance(module, QuantizedEmbedding):
-            module.__class__ = nn.Embedding
-            module._modules.pop("weight_quant", None)
-        elif isinstance(module, BATCH_NORMS) and "output_quant" in module._modules:
-            module._modules.pop("output_quant")
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key, hook in list(hooks.items()):
-                if hook in (_quantize_bn_output, _check_bn_input, _quantize_relu_output, _check_relu_input):
-                    del hooks[key]
+        unprepare_module_(module)
     return plain
+
+
+def unprepare_module_(module: nn.Module) -> None:
+    """Turn one module back to what it was before :func:`prepare_qat_`: plain class, no quantizer, no hook."""
+    if isinstance(module, _Quantized):
+        module.__class__ = plain_class(module)
+        for child in ("input_quant", "weight_quant", "output_quant"):
+            module._modules.pop(child, None)
+    elif isinstance(module, QuantizedEmbedding):
+        module.__class__ = nn.Embedding
+        module._modules.pop("weight_quant", None)
+    elif isinstance(module, BATCH_NORMS) and "output_quant" in module._modules:
+        module._modules.pop("output_quant")
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key, hook in list(hooks.items()):
+            if hook in (_quantize_bn_output, _check_bn_input, _quantize_relu_output, _check_relu_input):
+                del hooks[key]
 
 
 def _float_view(model: nn.Module) -> nn.Module | None:

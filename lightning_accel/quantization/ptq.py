@@ -127,12 +127,7 @@ class PostTrainingQuantization(DeployingCallback):
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.calibration_batches = calibration_batches
-        self.max_quality_loss = validate_budget(max_quality_loss)
-        if self.max_quality_loss is not None and self.weight_only is not None:
-            raise ValueError(
-                "`max_quality_loss` chooses which layers stay float in int8 (static or dynamic activations); "
-                f"with weight-only groups (weight_bits={weight_bits}) it is not supported yet: leave it None"
-            )
+        self.max_quality_loss = validate_budget(max_quality_loss, weight_only=self.weight_only is not None)
         #: What the budget decided and measured at the end of fit (``None`` without a budget).
         self.budget: BudgetResult | None = None
         self._budget_notes: list[str] = []  # filled when the copy is built, read by the report

@@ -16,6 +16,7 @@ from lightning_accel._core.lightning import TrainingSteps, configure_model_early
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import check_state_version, validate_bool
+from lightning_accel.quantization.budget import BudgetResult, trained_within_budget, validate_budget
 from lightning_accel.quantization.calibration import check_batches, classification_batches
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.coverage import log_qat_metrics, selection_summary
@@ -57,25 +58,19 @@ class QuantizationAwareTraining(DeployingCallback):
     checkpoint restore, DDP and optimizers); parameters keep their names and identity and the model's ``forward``
     is untouched. Activation ranges are reduced over DDP ranks every step, so all ranks quantize alike, and
     batches with NaN/inf activations never enter them. Fit never converts the model: with ``export_path`` a
-    converted copy is exported at the end of fit and checked in ONNX Runtime.
-
-    ``validate``/``test``/``predict`` score the model as it will be deployed: during fit by the current step's
-    phase, otherwise by the restored quantizer state (``ckpt_path=...``), in any process.
-
-    QAT fine-tunes: start it from a trained float model (a checkpoint, or a ``start_step`` after float training).
-    From random weights the clipped ranges slow learning down.
+    converted copy is exported at the end of fit and checked in ONNX Runtime. ``validate``/``test``/``predict``
+    score the model as deployed: in fit by the step's phase, otherwise by the restored quantizer state. QAT
+    fine-tunes: start it from a trained float model (a checkpoint, or a ``start_step`` after float training).
 
     Args:
-        include: Glob patterns over module names to quantize; ``None`` selects every ``nn.Linear`` and
-            ``nn.Conv1d/2d/3d`` (exact types; subclasses keep their own forward and are skipped).
+        include: Glob patterns over module names to quantize; ``None`` selects every Linear, transposed Linear
+            (GPT-2's ``Conv1D``) and ``nn.Conv1d/2d/3d`` (a subclass with its own forward is skipped).
         exclude: Glob patterns over module names to keep in float.
         start_step: Where fake quantization starts; before it the model trains in float. An optimizer step (int) or
             a fraction of the fit's training steps (float in (0, 1], e.g. 0.6), as Lightning's
             ``val_check_interval``.
-        freeze_observers_step: Step or fraction from which activation ranges and weight scales stay fixed.
-            ``None``: never.
-        freeze_bn_step: Step or fraction from which every BatchNorm keeps its running statistics (eval mode).
-            ``None``: never.
+        freeze_observers_step: Step or fraction from which ranges and weight scales stay fixed (``None``: never).
+        freeze_bn_step: Step or fraction from which BatchNorms keep their running statistics (``None``: never).
         fold_bn: Train and export a conv that is directly followed by a BatchNorm with the BatchNorm folded into its
             weight, so that the int8 weights the runtime sees are the ones that were trained.
         export_path: Where rank 0 writes the int8 ONNX model at the end of fit (needs the module's
@@ -96,16 +91,16 @@ class QuantizationAwareTraining(DeployingCallback):
             ONNX Runtime still runs its int8 kernel), ``"auto"`` (the type rule: float outputs for the Linear layers
             of torch's transformer blocks) or ``"all"``. See :func:`~lightning_accel.quantization.prepare.prepare_qat_`.
         activations: ``None`` (default): ``"static"``, or ``"float"`` with ``weight_bits=4``. ``"static"``: per-tensor
-            uint8 ranges, observed and stored. ``"dynamic"``: every Linear quantizes its input at that input's own
-            range at run time (ONNX ``DynamicQuantizeLinear``, as ONNX Runtime's ``quantize_dynamic``; fused into
-            ``DynamicQuantizeMatMul``), its output stays float; the scale depends on the batch, so the export check
-            runs the same batches in PyTorch and ONNX Runtime. Convs keep static activations. With
-            ``weight_bits=4``, ``"dynamic"`` rounds each token's inputs to int8 per group (8da4w, ``MatMulNBits``
-            ``accuracy_level=4``).
+            uint8 ranges, observed and stored. ``"dynamic"``: every Linear quantizes its input at its own range at
+            run time (``DynamicQuantizeLinear``, as ORT's ``quantize_dynamic``), its output stays float; convs keep
+            static ranges. With ``weight_bits=4``, ``"dynamic"`` rounds each token's inputs to int8 per group (8da4w,
+            ``MatMulNBits`` ``accuracy_level=4``).
         embeddings: ``"float"`` (default) or ``"int8"``: every ``nn.Embedding`` not excluded is stored in int8
             with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
         group_size: With ``weight_bits=4``: inputs per scale (16, 32, 64, 128, 256).
         symmetric: With ``weight_bits=4``: no stored zero point (``True``) or one per group.
+        max_quality_loss: A quality budget for int8, as ``PostTrainingQuantization``'s: at the end of fit the most
+            sensitive trained layers go back to float until the measured loss is within it (said in the notes).
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -129,6 +124,7 @@ class QuantizationAwareTraining(DeployingCallback):
         embeddings: Literal["float", "int8"] = "float",
         group_size: int = 32,
         symmetric: bool = True,
+        max_quality_loss: float | None = None,
     ) -> None:
         start_step, freeze_observers_step, freeze_bn_step = validate_qat_steps(
             start_step, freeze_observers_step, freeze_bn_step
@@ -148,6 +144,8 @@ class QuantizationAwareTraining(DeployingCallback):
         bits = DEFAULT_WEIGHT_BITS if self.weight_only else weight_bits
         activations = "static" if self.weight_only or activations is None else activations
         self.settings = Int8Settings(include, exclude, fold_bn, bits, outputs, activations, embeddings)
+        self.max_quality_loss = validate_budget(max_quality_loss, weight_only=self.weight_only is not None)
+        self.budget: BudgetResult | None = None  #: what the budget kept float, and the measured figures
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step
         self.freeze_bn_step = freeze_bn_step
@@ -341,7 +339,7 @@ class QuantizationAwareTraining(DeployingCallback):
         return Contribution(
             owner="QuantizationAwareTraining",
             notes=notes,
-            int8_model=lambda: pl_module,
+            int8_model=lambda: self._within_budget(trainer, pl_module, notes),
             int8_path=path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
             classification=classification_batches(trainer),
@@ -383,6 +381,10 @@ class QuantizationAwareTraining(DeployingCallback):
             self._pending_state = state
 
     # --- helpers ------------------------------------------------------------------------------------------------
+
+    def _within_budget(self, trainer: Trainer, pl_module: LightningModule, notes: list[str]) -> nn.Module:
+        model, self.budget = trained_within_budget(pl_module, trainer, self.max_quality_loss, self.model_input, notes)
+        return model
 
     def _load_into_model(self, state: dict[str, Any]) -> None:
         load_quantizer_state_(self._model, state)

@@ -140,14 +140,18 @@ def int8_sensitivity(
     reference = probe.score(plain)
     picker = model_input if callable(model_input) else batch_picker(model_input, model)
     quantized = calibrate_(plain, calibration, calibration_batches, model_input=picker, **prepare).eval()
-    names = list(quantized_modules(quantized))
+    costs = layer_costs(quantized, probe, reference, progress)
+    return Sensitivity(probe.metric, reference, costs, time.perf_counter() - started), quantized, probe
+
+
+def layer_costs(quantized: nn.Module, probe: QualityProbe, reference: float, progress: bool = True) -> list[LayerCost]:
+    """Each quantized layer of ``quantized`` scored alone (the others float), most costly first."""
     costs = []
-    for name in _progress(names, progress, "int8 sensitivity"):
+    for name in _progress(list(quantized_modules(quantized)), progress, "int8 sensitivity"):
         with only_quantized(quantized, [name]):
             score = probe.score(quantized)
         costs.append(LayerCost(name, score, cost_of(probe.metric, reference, score)))
-    costs.sort(key=lambda c: c.cost, reverse=True)
-    return Sensitivity(probe.metric, reference, costs, time.perf_counter() - started), quantized, probe
+    return sorted(costs, key=lambda c: c.cost, reverse=True)
 
 
 def _progress(items: list[str], show: bool, description: str) -> Iterable[str]:
