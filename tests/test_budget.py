@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -135,13 +136,20 @@ def test_the_budget_on_an_encoder_is_a_cosine_to_the_float_model():
 def test_ptq_with_a_budget_in_a_trainer_notes_what_it_kept_float(tmp_path):
     from lightning import Trainer
 
+    from lightning_accel import AccelerationReport
+    from lightning_accel.report.markdown import to_markdown
+
     model = _trained()
     ptq = PostTrainingQuantization(str(tmp_path / "m.onnx"), calibration_batches=4, max_quality_loss=0.02)
-    trainer = Trainer(**fast_trainer_kwargs(max_steps=1, default_root_dir=tmp_path), callbacks=[ptq])
+    report = AccelerationReport(directory=tmp_path / "report", latency=False, plots=False)
+    trainer = Trainer(**fast_trainer_kwargs(max_steps=1, default_root_dir=tmp_path), callbacks=[ptq, report])
     trainer.fit(model)
     assert ptq.budget is not None and [name for name, _ in ptq.budget.kept_float] == ["fragile"]
     notes = built_deployment(trainer).notes
     assert any("quality budget 0.02 (accuracy) met" in note for note in notes), notes
+    budget = report.report["quality_budget"]["PostTrainingQuantization"]
+    assert budget["met"] and budget["layers"][0]["name"] == "fragile" and budget["layers"][0]["kept_float"]
+    assert re.search(r"\| fragile \| \+0\.\d{4} \| yes \|", to_markdown(report.report))
     with pytest.raises(ValueError, match=r"max_quality_loss.*got -1"):
         PostTrainingQuantization("m.onnx", max_quality_loss=-1)
     with pytest.raises(ValueError, match=r"max_quality_loss.*weight-only"):

@@ -67,6 +67,21 @@ class BudgetResult:
         """Whether the measured loss is within the budget."""
         return self.loss <= self.budget
 
+    def as_dict(self, limit: int = 20) -> dict[str, Any]:
+        """Plain values for ``report.json``: the figures, and the ``limit`` most sensitive layers with their costs."""
+        kept = {name for name, _ in self.kept_float}
+        costs = self.sensitivity.costs[:limit] if self.sensitivity is not None else []
+        return {
+            "budget": self.budget,
+            "metric": self.metric,
+            "float": self.float_score,
+            "final": self.final_score,
+            "loss": self.loss,
+            "met": self.met,
+            "sensitivity_seconds": self.sensitivity.seconds if self.sensitivity is not None else None,
+            "layers": [{"name": c.name, "cost": c.cost, "kept_float": c.name in kept} for c in costs],
+        }
+
     def describe(self) -> str:
         """One line: the budget, the measured figures and every layer kept float with its cost."""
         kept = ", ".join(f"{name} (alone {cost:+.4f})" for name, cost in self.kept_float) or "none"

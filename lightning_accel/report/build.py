@@ -109,7 +109,11 @@ def build_report(
         precision = str(trainer.precision) if trainer is not None else "32-true"
         deployment = build_artifacts(pl_module, [*contributions, report_part], example, precision=precision)
     generation = latency if generation is None else generation
-    return measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker, generation)
+    report = measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker, generation)
+    budgets = [c for c in (trainer.callbacks if trainer is not None else []) if getattr(c, "budget", None)]
+    if budgets:  # what a quality budget (max_quality_loss) measured and kept float while the artifacts were built
+        report["quality_budget"] = {type(c).__name__: c.budget.as_dict() for c in budgets}
+    return report
 
 
 def measure(

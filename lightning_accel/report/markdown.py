@@ -17,7 +17,7 @@ from lightning_accel.report.measure import LatencySpread, describe_cpu
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables (the same content as report.json)."""
     lines = ["# Acceleration report", "", f"Measured on {describe_cpu(report['cpu'])}.", ""]
-    for table in (_model_table, _size_table, _latency_table, generation_table, _quality_table):
+    for table in (_model_table, _size_table, _latency_table, generation_table, _quality_table, _budget_table):
         lines += table(report)
     lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -96,6 +96,27 @@ def _quality_table(report: Mapping[str, Any]) -> list[str]:
         snr = f"{entry['snr_db']:.1f}" if "snr_db" in entry else ""
         rows.append(f"| {name} | {accuracy} | {agreement} | {snr} |")
     return [*rows, ""]
+
+
+def _budget_table(report: Mapping[str, Any]) -> list[str]:
+    """What a quality budget measured: the figures, and each layer's cost alone with whether it was kept float."""
+    lines: list[str] = []
+    for owner, budget in report.get("quality_budget", {}).items():
+        verdict = "met" if budget["met"] else "**missed**"
+        lines += [
+            f"{owner}: quality budget {budget['budget']:g} ({budget['metric']}) {verdict}: float "
+            f"{budget['float']:.4f}, deployed {budget['final']:.4f} (loss {budget['loss']:+.4f}); each layer "
+            f"quantized alone, measured in {budget['sensitivity_seconds']:.1f} s:",
+            "",
+            f"| layer | {budget['metric']} cost, quantized alone | kept float |",
+            "| --- | --- | --- |",
+            *(
+                f"| {layer['name']} | {layer['cost']:+.4f} | {'yes' if layer['kept_float'] else ''} |"
+                for layer in budget["layers"]
+            ),
+            "",
+        ]
+    return lines
 
 
 def size_ratio(base: int | None, size: int) -> str:
