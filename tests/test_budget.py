@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_accel import PostTrainingQuantization
 from lightning_accel._core.stage import built_deployment
-from lightning_accel.quantization.budget import quantize_within_budget
+from lightning_accel.quantization.budget import quantize_within_budget, weight_only_within_budget
 from lightning_accel.quantization.prepare import quantized_modules
 from lightning_accel.quantization.sensitivity import int8_sensitivity
 from tests.helpers import fast_trainer_kwargs
@@ -152,8 +152,8 @@ def test_ptq_with_a_budget_in_a_trainer_notes_what_it_kept_float(tmp_path):
     assert re.search(r"\| fragile \| \+0\.\d{4} \| yes \|", to_markdown(report.report))
     with pytest.raises(ValueError, match=r"max_quality_loss.*got -1"):
         PostTrainingQuantization("m.onnx", max_quality_loss=-1)
-    with pytest.raises(ValueError, match=r"max_quality_loss.*weight-only"):
-        PostTrainingQuantization("m.onnx", weight_bits=4, max_quality_loss=0.1)
+    with pytest.raises(ValueError, match=r"max_quality_loss.*got nan"):
+        PostTrainingQuantization("m.onnx", max_quality_loss=float("nan"))
 
 
 def test_qat_with_a_budget_puts_the_fragile_trained_layer_back_in_float(tmp_path):
@@ -180,3 +180,17 @@ def test_qat_with_a_budget_puts_the_fragile_trained_layer_back_in_float(tmp_path
     assert float_products, [n.name for n in graph.node]  # the fragile layer runs in float in the file
     with pytest.raises(ValueError, match=r"max_quality_loss.*weight_bits=4"):
         QuantizationAwareTraining(weight_bits=4, max_quality_loss=0.1)
+
+
+def test_int4_weights_within_a_budget_keep_the_fragile_layer_float():
+    from lightning_accel.quantization.weight_only import WeightOnlySettings, group_quantized_layers
+
+    model = _trained()
+    settings = WeightOnlySettings(bits=4, group_size=16)
+    quantized, result = weight_only_within_budget(
+        model, settings, model.train_dataloader(), model.val_dataloader(), 0.03, progress=False
+    )
+    assert result.sensitivity.costs[0].name == "fragile" and result.sensitivity.costs[0].cost > 0.1
+    assert result.kept_float[0][0] == "fragile" and result.met, result.describe()
+    assert "fragile" not in group_quantized_layers(quantized) and "first" in group_quantized_layers(quantized)
+    assert ", int4 " in result.describe()

@@ -11,6 +11,7 @@ budget that even the float-kept choice cannot meet is a warning with the figures
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,13 +29,16 @@ from lightning_accel.quantization.prepare import float_copy, quantized_modules, 
 from lightning_accel.quantization.progress import QualityProbe
 from lightning_accel.quantization.sensitivity import (
     SENSITIVITY_BATCHES,
+    LayerCost,
     Sensitivity,
     cost_of,
     int8_sensitivity,
     layer_costs,
     only_quantized,
+    progress_bar,
     scoring_probe,
 )
+from lightning_accel.quantization.weight_only import WeightOnlySettings, group_quantized_layers
 
 
 @dataclass
@@ -48,6 +52,7 @@ class BudgetResult:
         final_score: The deployed model's score (calibrated without the kept layers).
         kept_float: The layers kept float, most sensitive first, each with its cost when quantized alone.
         sensitivity: Every layer's cost.
+        label: The format quantized to (``"int8"``, ``"int4"``).
     """
 
     budget: float
@@ -56,6 +61,7 @@ class BudgetResult:
     final_score: float
     kept_float: list[tuple[str, float]] = field(default_factory=list)
     sensitivity: Sensitivity | None = None
+    label: str = "int8"
 
     @property
     def loss(self) -> float:
@@ -87,7 +93,7 @@ class BudgetResult:
         kept = ", ".join(f"{name} (alone {cost:+.4f})" for name, cost in self.kept_float) or "none"
         verdict = "met" if self.met else "MISSED"
         return (
-            f"quality budget {self.budget:g} ({self.metric}) {verdict}: float {self.float_score:.4f}, int8 "
+            f"quality budget {self.budget:g} ({self.metric}) {verdict}: float {self.float_score:.4f}, {self.label} "
             f"{self.final_score:.4f} (loss {self.loss:+.4f}); kept float: {kept}"
         )
 
@@ -222,6 +228,62 @@ def trained_within_budget(
     (rank_zero_info if result.met else rank_zero_warn)(f"QuantizationAwareTraining: {result.describe()}")
     notes.append(f"QAT: {result.describe()}.")
     return final, result
+
+
+@torch.no_grad()
+def weight_only_within_budget(
+    model: nn.Module,
+    settings: WeightOnlySettings,
+    calibration: Iterable[Any] | None,
+    validation: Iterable[Any],
+    max_quality_loss: float,
+    model_input: Any = None,
+    calibration_batches: int = 8,
+    progress: bool = True,
+) -> tuple[nn.Module, BudgetResult]:
+    """The group-quantized (int4) copy of ``model`` with its most sensitive layers kept float until within budget.
+
+    Each layer's cost is measured with only that layer in int4 (swapped into a float copy); then, from the whole
+    int4 model, the most costly layers go back to float, scoring after each. The final copy is quantized afresh
+    without them and scored once more.
+    """
+    started = time.perf_counter()
+    batches = [batch for _, batch in zip(range(SENSITIVITY_BATCHES), validation, strict=False)]
+    probe = scoring_probe(model, batches, model_input)
+    plain = module_copy(model).eval()
+    reference = probe.score(plain)
+    calibration = list(_first(calibration, calibration_batches)) if calibration is not None else None
+    options = {"calibration_batches": calibration_batches, "model_input": model_input}
+    quantized = settings.quantize(model, calibration, **options)
+    layers = group_quantized_layers(quantized)
+    costs = []
+    for name in progress_bar(list(layers), progress, f"int{settings.bits} sensitivity"):
+        original = plain.get_submodule(name)
+        _swap(plain, name, layers[name])
+        score = probe.score(plain)
+        _swap(plain, name, original)
+        costs.append(LayerCost(name, score, cost_of(probe.metric, reference, score)))
+    costs.sort(key=lambda c: c.cost, reverse=True)
+    sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
+    kept: list[tuple[str, float]] = []
+    score = probe.score(quantized)
+    for layer in costs:
+        if cost_of(probe.metric, reference, score) <= max_quality_loss or len(kept) == len(costs) - 1:
+            break
+        kept.append((layer.name, layer.cost))
+        _swap(quantized, layer.name, module_copy(model.get_submodule(layer.name)).eval())
+        score = probe.score(quantized)
+    exclude = (*(settings.exclude or ()), *(name for name, _ in kept))
+    final = dataclasses.replace(settings, exclude=exclude or None).quantize(model, calibration, **options)
+    label = f"int{settings.bits}"
+    result = BudgetResult(max_quality_loss, probe.metric, reference, probe.score(final), kept, sensitivity, label)
+    (rank_zero_info if result.met else rank_zero_warn)(f"PostTrainingQuantization: {result.describe()}")
+    return final, result
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _first(batches: Iterable[Any], count: int) -> Iterable[Any]:

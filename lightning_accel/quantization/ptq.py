@@ -16,7 +16,12 @@ from lightning_accel._core.lightning import configure_model_early
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
-from lightning_accel.quantization.budget import BudgetResult, quantize_within_budget, validate_budget
+from lightning_accel.quantization.budget import (
+    BudgetResult,
+    quantize_within_budget,
+    validate_budget,
+    weight_only_within_budget,
+)
 from lightning_accel.quantization.calibration import (
     calibrate_,
     check_batches,
@@ -76,8 +81,8 @@ class PostTrainingQuantization(DeployingCallback):
         method: Weight-only rounding: ``"rtn"`` (round to nearest) or ``"gptq"`` (data-aware: each layer's error
             on ``calibration_batches`` training batches is compensated column by column, GPTQ).
         symmetric: Weight-only groups without a stored zero point (``True``) or with one per group.
-        max_quality_loss: A quality budget for int8 (``None``: quantize every selected layer). What the model may
-            lose on validation batches: accuracy as a fraction (0.01 = one point) where batches carry labels,
+        max_quality_loss: A quality budget, int8 or int4 (``None``: quantize every selected layer). What the model
+            may lose on validation batches: accuracy as a fraction (0.01 = one point) where batches carry labels,
             perplexity for a causal LM, else one minus the cosine to the float model's outputs. Each layer's
             quantization is scored alone (one calibration), and the most sensitive layers stay float until the
             whole model, measured again, is within the budget; the final figure and every layer kept float, with
@@ -127,7 +132,7 @@ class PostTrainingQuantization(DeployingCallback):
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.calibration_batches = calibration_batches
-        self.max_quality_loss = validate_budget(max_quality_loss, weight_only=self.weight_only is not None)
+        self.max_quality_loss = validate_budget(max_quality_loss)
         #: What the budget decided and measured at the end of fit (``None`` without a budget).
         self.budget: BudgetResult | None = None
         self._budget_notes: list[str] = []  # filled when the copy is built, read by the report
@@ -188,6 +193,8 @@ class PostTrainingQuantization(DeployingCallback):
             return None
 
         def calibrated_copy() -> nn.Module:
+            if self.max_quality_loss is not None:
+                return self._within_budget(trainer, pl_module)
             if self.weight_only is not None:
                 return self.weight_only.quantize(
                     pl_module,
@@ -195,8 +202,6 @@ class PostTrainingQuantization(DeployingCallback):
                     calibration_batches=self.calibration_batches,
                     model_input=self.model_input,
                 )
-            if self.max_quality_loss is not None:
-                return self._within_budget(trainer, pl_module)
             return calibrate_(
                 module_copy(pl_module),
                 trainer.train_dataloader,
@@ -221,14 +226,19 @@ class PostTrainingQuantization(DeployingCallback):
         note = ""
         if validation is None:  # scored on training batches instead: said in the notes, not hidden
             validation, note = trainer.train_dataloader, " (no validation data: scored on training batches)"
-        model, self.budget = quantize_within_budget(
-            pl_module,
-            trainer.train_dataloader,
-            validation,
-            self.max_quality_loss,
-            model_input=self.model_input,
-            calibration_batches=self.calibration_batches,
-            **self.settings.prepare_arguments(),
-        )
+        options = {"model_input": self.model_input, "calibration_batches": self.calibration_batches}
+        if self.weight_only is not None:  # int4 groups: the most sensitive layers stay float
+            model, self.budget = weight_only_within_budget(
+                pl_module, self.weight_only, trainer.train_dataloader, validation, self.max_quality_loss, **options
+            )
+        else:
+            model, self.budget = quantize_within_budget(
+                pl_module,
+                trainer.train_dataloader,
+                validation,
+                self.max_quality_loss,
+                **options,
+                **self.settings.prepare_arguments(),
+            )
         self._budget_notes.append(f"PTQ: {self.budget.describe()}{note}.")
         return model

@@ -147,14 +147,15 @@ def int8_sensitivity(
 def layer_costs(quantized: nn.Module, probe: QualityProbe, reference: float, progress: bool = True) -> list[LayerCost]:
     """Each quantized layer of ``quantized`` scored alone (the others float), most costly first."""
     costs = []
-    for name in _progress(list(quantized_modules(quantized)), progress, "int8 sensitivity"):
+    for name in progress_bar(list(quantized_modules(quantized)), progress, "int8 sensitivity"):
         with only_quantized(quantized, [name]):
             score = probe.score(quantized)
         costs.append(LayerCost(name, score, cost_of(probe.metric, reference, score)))
     return sorted(costs, key=lambda c: c.cost, reverse=True)
 
 
-def _progress(items: list[str], show: bool, description: str) -> Iterable[str]:
+def progress_bar(items: list[str], show: bool, description: str) -> Iterable[str]:
+    """``items`` with a progress bar over them (tqdm, a Lightning dependency) when ``show``."""
     if not show:
         return items
     from tqdm.auto import tqdm  # a Lightning dependency
