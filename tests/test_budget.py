@@ -194,3 +194,19 @@ def test_int4_weights_within_a_budget_keep_the_fragile_layer_float():
     assert result.kept_float[0][0] == "fragile" and result.met, result.describe()
     assert "fragile" not in group_quantized_layers(quantized) and "first" in group_quantized_layers(quantized)
     assert ", int4 " in result.describe()
+
+
+def test_a_conv_goes_back_to_float_with_its_folded_batchnorm_and_the_export_still_matches(tmp_path):
+    from lightning_accel import calibrate_, export_onnx
+    from lightning_accel.quantization.budget import strip_layers_
+    from tests.helpers import module_with_example
+
+    torch.manual_seed(0)
+    model = module_with_example().eval()
+    calibrate_(model, [torch.rand(8, 1, 8, 8) for _ in range(2)], model_input=lambda b: b)
+    assert model.net.conv.folded_bn is model.net.bn  # the BatchNorm is folded into the conv while prepared
+    strip_layers_(model, ["net.conv"])
+    assert set(quantized_modules(model)) == {"net.fc1", "net.fc2"}
+    assert "output_quant" not in dict(model.net.bn.named_children()) and not model.net.bn._forward_hooks
+    checks = [torch.rand(8, 1, 8, 8)]
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8), check_inputs=checks, on_mismatch="raise")
