@@ -36,6 +36,7 @@ ORDER = (
     "together",
     "scaling",
     "minilm",
+    "minilm_bits",
 )
 HERE = Path(__file__).parent
 
