@@ -31,9 +31,12 @@ from lightning_accel.quantization import (
     export_onnx,
     export_weight_only_onnx,
     group_qat_to_deployable,
+    int8_sensitivity,
     load_quantized,
     prepare_group_qat_,
     quantize_weights,
+    quantize_within_budget,
+    weight_only_within_budget,
 )
 from lightning_accel.report import AccelerationReport, build_report, count_macs
 
@@ -72,16 +75,19 @@ __all__ = [
     "export_weight_only_onnx",
     "find_channel_groups",
     "group_qat_to_deployable",
+    "int8_sensitivity",
     "load_quantized",
     "load_sparse",
     "load_sparse_",
     "mask_sparsity",
     "prepare_group_qat_",
     "quantize_weights",
+    "quantize_within_budget",
     "save_half",
     "save_sparse",
     "slim",
     "sparsity_at",
     "tensor_sparsity",
     "wanda_masks",
+    "weight_only_within_budget",
 ]

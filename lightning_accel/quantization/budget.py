@@ -1,4 +1,4 @@
-"""Int8 within a quality budget: the most sensitive layers stay float until the measured loss is within it.
+"""Quantization within a quality budget: the most sensitive layers stay float until the measured loss is within it.
 
 ``max_quality_loss`` is what the user may lose, in the score's own unit (:mod:`sensitivity`): accuracy points as a
 fraction (0.01 = one point) where batches carry labels, perplexity for a causal LM, and for other models one minus
@@ -7,6 +7,9 @@ scored; while its loss exceeds the budget, the layer whose quantization alone co
 model is scored again (sensitivities do not add up, so every step is measured, never estimated). The final model is
 calibrated afresh without the kept layers and measured once more: that figure is the promise (contract 15). A
 budget that even the float-kept choice cannot meet is a warning with the figures, never silence.
+
+Three entry points: :func:`quantize_within_budget` (int8 PTQ), :func:`trained_within_budget` (int8 QAT, at the end
+of fit: the trained layers go back to float) and :func:`weight_only_within_budget` (int4 groups, PTQ).
 """
 
 from __future__ import annotations
