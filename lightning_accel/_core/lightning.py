@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 
 def configure_model_early(trainer: Trainer, pl_module: LightningModule) -> None:
@@ -63,3 +67,29 @@ def refuse_weight_averaging(trainer: Trainer, owner: str, keeps: str) -> None:
             f"the averaged model in at the end of fit, which loses {keeps}. Remove StochasticWeightAveraging from "
             "the callbacks, or average in a separate fine-tuning run without this callback."
         )
+
+
+def first_loader(loaders: Any) -> Iterable | None:
+    """The first of a Trainer's or data module's loaders (they may be a list), if it is iterable."""
+    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+    return loader if isinstance(loader, Iterable) else None
+
+
+def datamodule_loader(trainer: Trainer, hook: str) -> Iterable | None:
+    """A new loader from the data module's ``hook`` (its own iterator and workers), or ``None`` without one."""
+    datamodule = trainer.datamodule
+    if datamodule is None or not is_overridden(hook, datamodule):
+        return None
+    try:
+        return first_loader(getattr(datamodule, hook)())
+    except (NotImplementedError, AttributeError):  # a data module that declines to give these batches
+        return None
+
+
+def validation_loader(trainer: Trainer) -> Iterable | None:
+    """The first validation loader: the Trainer's once loaded, else a new one from the data module, else ``None``.
+
+    Safe to iterate during training (the validation loop holds no iterator between its runs); never the training
+    loader, whose iterator the fit loop is consuming.
+    """
+    return first_loader(trainer.val_dataloaders) or datamodule_loader(trainer, "val_dataloader")

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_accel._core.files import atomic_target
 from lightning_accel._core.modules import module_copy
+from lightning_accel._core.outputs import named_outputs, output_tensors
 from lightning_accel._core.validation import ON_MISMATCH_CHOICES, validate_int
 from lightning_accel.export.check import (
     MIN_AGREEMENT,
@@ -26,8 +27,6 @@ from lightning_accel.export.check import (
     ExportCheck,
     as_float32,
     check_onnx,
-    named_outputs,
-    output_tensors,
     run_float32,
     split_example,
 )

@@ -25,8 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._core.inputs import batch_picker
+from lightning_accel._core.lightning import validation_loader
 from lightning_accel._core.modules import module_copy
-from lightning_accel.quantization.calibration import calibrate_, validation_loader
+from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.prepare import float_copy, quantized_modules, unprepare_module_
 from lightning_accel.quantization.progress import QualityProbe

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_accel._core.inputs import (
@@ -23,6 +22,7 @@ from lightning_accel._core.inputs import (
     example_input,
     run_model,
 )
+from lightning_accel._core.lightning import datamodule_loader, first_loader
 from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.dynamic import DEFAULT_ACTIVATIONS
 from lightning_accel.quantization.embeddings import DEFAULT_EMBEDDINGS
@@ -206,36 +206,10 @@ def calibrate_(
     return model
 
 
-def _first_loader(loaders: Any) -> Iterable | None:
-    """The first of a Trainer's or data module's loaders (they may be a list), if it is iterable."""
-    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-    return loader if isinstance(loader, Iterable) else None
-
-
-def _datamodule_loader(trainer: Trainer, hook: str) -> Iterable | None:
-    """A new loader from the data module's ``hook`` (its own iterator and workers), or ``None`` without one."""
-    datamodule = trainer.datamodule
-    if datamodule is None or not is_overridden(hook, datamodule):
-        return None
-    try:
-        return _first_loader(getattr(datamodule, hook)())
-    except (NotImplementedError, AttributeError):  # a data module that declines to give these batches
-        return None
-
-
 def evaluation_loaders(trainer: Trainer) -> list[Iterable]:
     """The first validation dataloader, then the training one: where the checks take their batches from."""
-    found = [_first_loader(trainer.val_dataloaders), _first_loader(trainer.train_dataloader)]
+    found = [first_loader(trainer.val_dataloaders), first_loader(trainer.train_dataloader)]
     return [loader for loader in found if loader is not None]
-
-
-def validation_loader(trainer: Trainer) -> Iterable | None:
-    """The first validation loader: the Trainer's once loaded, else a new one from the data module, else ``None``.
-
-    Safe to iterate during training (the validation loop holds no iterator between its runs); never the training
-    loader, whose iterator the fit loop is consuming.
-    """
-    return _first_loader(trainer.val_dataloaders) or _datamodule_loader(trainer, "val_dataloader")
 
 
 def fresh_train_loader(trainer: Trainer) -> Iterable | None:
@@ -243,7 +217,7 @@ def fresh_train_loader(trainer: Trainer) -> Iterable | None:
 
     Never ``trainer.train_dataloader``: mid-fit, iterating that again resets the iterator the fit loop consumes.
     """
-    return _datamodule_loader(trainer, "train_dataloader")
+    return datamodule_loader(trainer, "train_dataloader")
 
 
 def first_batch(trainer: Trainer) -> Any:

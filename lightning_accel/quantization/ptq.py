@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.inputs import batch_picker, example_input, run_model
-from lightning_accel._core.lightning import configure_model_early
+from lightning_accel._core.lightning import configure_model_early, validation_loader
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
@@ -26,7 +26,6 @@ from lightning_accel.quantization.calibration import (
     calibrate_,
     check_batches,
     classification_batches,
-    validation_loader,
 )
 from lightning_accel.quantization.fake_quant import DEFAULT_WEIGHT_BITS
 from lightning_accel.quantization.settings import (

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_accel._core.inputs import batch_labels, batch_picker, run_model
-from lightning_accel.export.check import output_tensors
+from lightning_accel._core.outputs import output_tensors
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant

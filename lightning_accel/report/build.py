@@ -12,12 +12,13 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_accel._core.inputs import batch_picker, run_model
+from lightning_accel._core.lightning import validation_loader
 from lightning_accel._core.logging import add_hyperparameters, log_text
 from lightning_accel._core.stage import Contribution
 from lightning_accel.deploy.stage import build_artifacts, contributions_of
 from lightning_accel.export.check import onnx_feed, onnx_outputs, ort_session
 from lightning_accel.export.sparse import load_sparse_
-from lightning_accel.quantization.calibration import batch_size, validation_loader
+from lightning_accel.quantization.calibration import batch_size
 from lightning_accel.report.generation import measure_generation
 from lightning_accel.report.markdown import (
     headline,

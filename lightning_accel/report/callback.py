@@ -11,11 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.inputs import batch_picker
+from lightning_accel._core.lightning import validation_loader
 from lightning_accel._core.logging import add_hyperparameters
 from lightning_accel._core.stage import Contribution, DeployingCallback, built_deployment
 from lightning_accel._core.validation import validate_bool, validate_int
 from lightning_accel.pruning import MagnitudePruning, tensor_sparsity
-from lightning_accel.quantization.calibration import validation_loader
 from lightning_accel.quantization.prepare import activation_quantizers, float_copy, is_prepared
 from lightning_accel.quantization.settings import check_model_input
 from lightning_accel.report.build import (
