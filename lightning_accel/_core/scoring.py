@@ -101,3 +101,8 @@ class QualityProbe:
         )
         end = "n/a" if self.end is None else f"{self.end:.4f}"
         return f"{self.label} {what}: {self.start:.4f} at QAT start (PTQ of those weights), {end} at the end"
+
+
+def cost_of(metric: str, reference: float, score: float) -> float:
+    """How much worse ``score`` is than ``reference`` (positive: worse): a rise for perplexity, else a drop."""
+    return score - reference if metric == "perplexity" else reference - score

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -24,6 +25,7 @@ from lightning_accel._core.validation import (
     validate_step,
 )
 from lightning_accel.pruning.export import validate_slim_export_path
+from lightning_accel.pruning.fractions import measured_fractions, validate_channel_fractions
 from lightning_accel.pruning.groups import ChannelGroups
 from lightning_accel.pruning.importance import TaylorImportance
 from lightning_accel.pruning.masks import apply_masks_, full_tensor, local_part, local_tensor
@@ -55,12 +57,10 @@ _STATE_VERSION = 1
 class MagnitudePruning(DeployingCallback):
     """Prune the smallest-magnitude weights on a schedule until an exact fraction of them is zero.
 
-    The sparsity at each step is absolute (never compounding), masks are recomputed every ``every_n_steps``
-    optimizer steps, and pruned weights are zeroed after every optimizer step (a post-step hook on each optimizer),
-    so they are exactly zero whatever momentum or Adam state would do, and untouched by steps the GradScaler skips.
-    Parameters keep their names: checkpoints load into the plain model. The masks and schedule position are saved
-    in checkpoints, so a resumed run continues the same schedule. Under DDP, rank 0 computes the masks and
-    broadcasts them.
+    The sparsity at each step is absolute (never compounding), masks are recomputed every ``every_n_steps`` steps,
+    and pruned weights are zeroed after every optimizer step (a post-step hook), so they stay exactly zero whatever
+    momentum, Adam or a skipped GradScaler step would do. Parameters keep their names; masks and schedule position
+    are saved in checkpoints (a resumed run continues the schedule); under DDP rank 0 computes and broadcasts.
 
     Args:
         target_sparsity: Final fraction of zeros among the selected weights, in [0, 1). For an ``"N:M"`` pattern it
@@ -74,35 +74,31 @@ class MagnitudePruning(DeployingCallback):
             quarter of training for fine-tuning at the final sparsity. ``None`` means the same.
         every_n_steps: Recompute the masks every this many optimizer steps between ``start_step`` and ``end_step``.
         pattern: ``"unstructured"`` (single elements), ``"channels"`` (whole coupled channel groups, see below), or
-            ``"N:M"`` such as ``"2:4"`` (N nonzeros in every M consecutive input weights, the layout sparse tensor
-            cores accelerate). ``"channels"`` traces the model once at setup (torch-pruning's dependency graph, on
-            ``example_input_array``) to find the channels that must go together: a conv's BatchNorm, the next
-            layers' input channels, every branch of a residual add or concat, depthwise convs, the Linear after a
-            flatten; attention heads (a head's Q/K/V rows and the output projection's columns) are groups too. Each
-            group loses ``target_sparsity`` of its channels (at most all but one), the least important first, and
-            every tensor slice of a pruned channel is zeroed, so :func:`~lightning_accel.pruning.slim` can remove
-            them from an exported copy. The model's output layer and groups touching other layers (LayerNorm,
-            embeddings) stay dense; the setup log names them and why.
-        scope: For unstructured pruning, ``"lamp"`` (default) ranks all selected weights together by a
-            scale-aware score (LAMP: each weight against the weights of its own layer at least as large), so layers
-            whose weights are small by initialisation are not emptied first; ``"global"`` ranks them by magnitude
-            alone (Lightning's ``ModelPruning``); ``"layer"`` prunes the same fraction of each (the method card has
-            the measurements). Structured patterns always work per layer.
-        include: Patterns naming modules whose Linear/Conv weights are pruned (``"encoder.*"``, ``"head"``), or
-            parameters (``"*.in_proj_weight"``). ``None`` selects the weight of every ``nn.Linear`` and
-            ``nn.Conv1d/2d/3d``, and no bias or normalisation parameter.
+            ``"N:M"`` such as ``"2:4"`` (N nonzeros in every M consecutive input weights, for sparse tensor cores).
+            ``"channels"`` traces the model once at setup (on ``example_input_array``) for the channels that go
+            together (a conv's BatchNorm, the next layers' inputs, residual and concat branches, depthwise convs);
+            attention heads (a head's Q/K/V rows and the output projection's columns) are groups too. Each
+            group loses ``target_sparsity`` of its channels (at most all but one; see ``channel_fractions``), the
+            least important first, every slice of a pruned channel zeroed, so :func:`~lightning_accel.pruning.slim`
+            can remove them. The output layer and groups touching other layers stay dense (the setup log says why).
+        scope: For unstructured pruning, ``"lamp"`` (default) ranks all selected weights together by a scale-aware
+            score (LAMP), so layers whose weights are small by initialisation are not emptied first; ``"global"``
+            by magnitude alone (Lightning's ``ModelPruning``); ``"layer"`` the same fraction of each.
+        include: Patterns naming modules whose Linear/Conv weights are pruned (``"encoder.*"``), or parameters
+            (``"*.in_proj_weight"``). ``None``: every Linear and Conv weight, no bias or normalisation parameter.
         exclude: Patterns naming modules or parameters to leave dense (e.g. ``["classifier"]``).
         log_per_layer: Also log ``sparsity/layer/<name>`` for each selected parameter.
-        export_path: With ``pattern="channels"``: at the end of fit, write the physically smaller model there (rank
-            0): ``.onnx`` for fp32 ONNX, ``.pt2`` for a ``torch.export`` program. A relative path goes under the
-            run's log directory. Int8 exports of ``QuantizationAwareTraining``/``PostTrainingQuantization`` in the
-            same Trainer are slimmed too.
+        export_path: With ``pattern="channels"``: at the end of fit rank 0 writes the physically smaller model there
+            (``.onnx``: fp32 ONNX, ``.pt2``: ``torch.export``; relative: under the log directory). Int8 exports of
+            QAT/PTQ in the same Trainer are slimmed too.
         importance: With ``pattern="channels"``, how channels and heads are ranked: ``"taylor"`` (the default,
-            ``None``, for channels): first-order Taylor, ``|w * dL/dw|`` summed over the group's slices and over the
-            optimizer steps since the masks were last computed; or ``"magnitude"``: summed squared weights of the
-            group's slices. A recompute before any step was taken ranks by magnitude (Taylor was chosen by
-            measurement: see the method card). Other patterns rank by magnitude, or by ``"wanda"``: ``|w| x ||x||``
+            ``None``, for channels): first-order Taylor, ``|w * dL/dw|`` summed over the group's slices and the
+            steps since the last masks (before any step: magnitude); or ``"magnitude"``: summed squared weights of
+            the group's slices. Other patterns rank by magnitude, or by ``"wanda"``: ``|w| x ||x||``
             per output row or N:M group, input norms from the batches since the last masks (Linear weights only).
+        channel_fractions: With ``pattern="channels"``: ``"uniform"`` (default) or ``"sensitivity"``: each group's
+            removal is scored alone on validation batches when the first masks are due, and costly groups lose
+            less, cheap ones more, the same channels overall (saved in checkpoints, identical on every rank).
 
     Example:
         >>> from lightning import Trainer
@@ -124,23 +120,24 @@ class MagnitudePruning(DeployingCallback):
         log_per_layer: bool = False,
         export_path: str | None = None,
         importance: Literal["magnitude", "taylor", "wanda"] | None = None,
+        channel_fractions: Literal["uniform", "sensitivity"] = "uniform",
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
-        every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
         self.pattern = check_pattern_options(pattern, scope, target_sparsity)
         self.target_sparsity = float(target_sparsity)
         self.schedule = schedule
         self.initial_sparsity = float(initial_sparsity)
         self.start_step = validate_step("start_step", start_step)
         self.end_step = validate_step("end_step", end_step, allow_none=True)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = validate_int("every_n_steps", every_n_steps, 1)
         self.scope = scope
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
-        log_per_layer = validate_bool("log_per_layer", log_per_layer)
-        self.log_per_layer = log_per_layer
+        self.log_per_layer = validate_bool("log_per_layer", log_per_layer)
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
         self.importance = check_importance(importance, self.pattern.kind, pattern)
+        self.channel_fractions = validate_channel_fractions(channel_fractions, self.pattern.kind)
+        self._fractions: list[float] | None = None  # each group's multiplier of the target (measured once)
         self._scorer: TaylorImportance | WandaImportance | None = None  # Taylor or Wanda sums between masks
         self._scorer_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None
@@ -280,8 +277,11 @@ class MagnitudePruning(DeployingCallback):
         # Sharded parameters (FSDP) are ranked over their full tensors: every rank takes part in gathering them.
         weights = {name: full_tensor(p) for name, p in self._params.items()}
         scores = self._scorer.take(pl_module, batch) if self._scorer is not None else None  # every rank restarts
+        if self.channel_fractions == "sensitivity" and self._fractions is None:  # measured once, by rank 0
+            self._fractions = decide_on_rank_zero(trainer, measured_fractions(self, trainer, pl_module, batch))
         if trainer.is_global_zero:
-            masks = next_masks(weights, target, self._groups, self.pattern_string, self.scope, self._masks, scores)
+            groups = self._groups if self._groups is None else replace(self._groups, fractions=self._fractions)
+            masks = next_masks(weights, target, groups, self.pattern_string, self.scope, self._masks, scores)
             if trainer.world_size > 1:  # broadcast pickles the masks: send them from host memory
                 masks = {name: mask.cpu() for name, mask in masks.items()}
         self._set_masks(decide_on_rank_zero(trainer, masks), target)
@@ -344,6 +344,7 @@ class MagnitudePruning(DeployingCallback):
             "last_step": self._last_step,
             "training_batches": self._training_steps.batches,
             "importance_scores": self._scorer.state_dict() if self._scorer is not None else {},
+            "channel_fractions": self._fractions,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -357,6 +358,7 @@ class MagnitudePruning(DeployingCallback):
         self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._training_steps.batches = int(state_dict.get("training_batches", 0))
+        self._fractions = state_dict.get("channel_fractions")
         self._scorer_state = dict(state_dict.get("importance_scores") or state_dict.get("taylor") or {}) or None
         if self._scorer is not None and self._scorer_state is not None:
             self._scorer.load_state_dict(self._scorer_state)

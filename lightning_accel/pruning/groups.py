@@ -75,6 +75,8 @@ class ChannelGroups:
 
     groups: list[ChannelGroup] = field(default_factory=list)
     left_dense: dict[str, str] = field(default_factory=dict)
+    #: Each group's multiplier of the sparsity (non-uniform pruning), in the order of ``groups``; ``None``: 1.
+    fractions: list[float] | None = None
 
     def parameter_names(self) -> list[str]:
         """Names of every parameter the groups zero (weights, biases, BatchNorm affine), each once."""
@@ -153,6 +155,7 @@ def group_masks(
     sparsity: float,
     previous: Mapping[str, Tensor] | None = None,
     scores: Sequence[Tensor] | None = None,
+    fractions: Sequence[float] | None = None,
 ) -> dict[str, Tensor]:
     """Keep-masks that remove ``round(sparsity * channels)`` channels of every group, the least important first.
 
@@ -171,17 +174,21 @@ def group_masks(
         previous: Earlier masks by name; channels they removed stay removed.
         scores: One importance tensor per group (``channels`` values each), in the order of ``groups.groups``;
             ``None``: magnitude.
+        fractions: One multiplier of ``sparsity`` per group (non-uniform pruning: a group removes
+            ``round(sparsity * fraction * channels)``), in the order of ``groups.groups``; ``None``: 1 for every group.
 
     Returns:
         Bool keep-masks by parameter name, shaped like the parameters.
     """
     masks = {name: torch.ones_like(parameters[name], dtype=torch.bool) for name in groups.parameter_names()}
+    fractions = fractions if fractions is not None else groups.fractions
     for index, group in enumerate(groups.groups):
         importance = _channel_scores(group, parameters) if scores is None else scores[index].double().clone()
         if previous:
             importance[~kept_channels(group, previous)] = -1.0
         # One channel always stays: an emptied layer (or attention without heads) would silently cut the model.
-        count = min(round(sparsity * group.channels), group.channels - 1)
+        share = sparsity * (fractions[index] if fractions is not None else 1.0)
+        count = min(round(share * group.channels), group.channels - 1)
         if count <= 0:
             continue
         pruned = torch.zeros(group.channels, dtype=torch.bool)

@@ -27,6 +27,7 @@ from torch import nn
 from lightning_accel._core.inputs import batch_picker
 from lightning_accel._core.lightning import validation_loader
 from lightning_accel._core.modules import module_copy
+from lightning_accel._core.scoring import cost_of
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.prepare import float_copy, quantized_modules, unprepare_module_
@@ -35,7 +36,6 @@ from lightning_accel.quantization.sensitivity import (
     SENSITIVITY_BATCHES,
     LayerCost,
     Sensitivity,
-    cost_of,
     int8_sensitivity,
     layer_costs,
     only_quantized,

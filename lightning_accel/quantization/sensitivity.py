@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_accel._core.inputs import batch_labels, batch_picker, run_model
 from lightning_accel._core.outputs import output_tensors
+from lightning_accel._core.scoring import cost_of
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
@@ -67,11 +68,6 @@ class Sensitivity:
             f"int8 sensitivity ({self.metric}, float {self.float_score:.4f}) of {len(self.costs)} layers in "
             f"{self.seconds:.2f} s; most sensitive: {top}"
         )
-
-
-def cost_of(metric: str, reference: float, score: float) -> float:
-    """How much worse ``score`` is than ``reference`` (positive: worse): a rise for perplexity, else a drop."""
-    return score - reference if metric == "perplexity" else reference - score
 
 
 def _quantizers_of(module: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,119 @@
+"""Non-uniform channel pruning: each group's share of the target from its measured sensitivity.
+
+With ``channel_fractions="sensitivity"``, when the first channel masks are due, every channel group (a layer's
+output channels, an attention's heads, an FFN's units) in turn loses the target share of its channels alone (by
+magnitude), and the model is scored on up to 8 validation batches (:mod:`lightning_accel._core.scoring`: accuracy,
+perplexity or cosine to the unpruned outputs). A group's fraction then scales the schedule's sparsity for that
+group: more is taken from groups whose removal cost little, less from costly ones, and the channels removed
+overall stay what a uniform fraction removes. Rank 0 measures, every rank receives the fractions, and they are part
+of the callback's state, so a resumed fit and every DDP rank prune alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_accel._core.inputs import batch_labels, batch_picker, run_model
+from lightning_accel._core.lightning import validation_loader
+from lightning_accel._core.scoring import QualityProbe, cost_of, first_tensor
+from lightning_accel.pruning.groups import ChannelGroups, group_masks
+
+CHANNEL_FRACTIONS = ("uniform", "sensitivity")
+#: Validation batches each group's removal is scored on.
+SCORED_BATCHES = 8
+#: Bounds of a group's multiplier: every group gives something, none more than twice its uniform share.
+MIN_FRACTION, MAX_FRACTION = 0.25, 2.0
+
+
+def validate_channel_fractions(value: Any, pattern_kind: str) -> str:
+    """``"uniform"`` or ``"sensitivity"`` (channels only); ``ValueError`` naming the argument otherwise."""
+    if value not in CHANNEL_FRACTIONS:
+        raise ValueError(f"`channel_fractions` must be one of {list(CHANNEL_FRACTIONS)}, got {value!r}")
+    if value == "sensitivity" and pattern_kind != "channels":
+        raise ValueError(
+            f"`channel_fractions`='sensitivity' shares the target between channel groups: it needs "
+            f"pattern='channels', got a {pattern_kind!r} pattern"
+        )
+    return value
+
+
+def fractions_from_costs(costs: Sequence[float], channels: Sequence[int], sparsity: float) -> list[float]:
+    """Multipliers of ``sparsity`` per group: inversely to each group's cost, the same channels removed overall.
+
+    Each weight is ``1 / (cost + typical cost)`` (negative costs count as 0), so a group as costly as the typical
+    one keeps about its uniform share; the multipliers are clipped to [0.25, 2] (and below ``0.95 / sparsity``, so
+    that no group is emptied) and rescaled until the channel-weighted mean is 1.
+    """
+    clean = [max(float(c), 0.0) for c in costs]
+    typical = sum(clean) / len(clean) + 1e-9
+    weights = [1.0 / (c + typical) for c in clean]
+    ceiling = min(MAX_FRACTION, 0.95 / max(sparsity, 1e-9))
+    total = float(sum(channels))
+    fractions = [w * total / sum(w_ * n for w_, n in zip(weights, channels, strict=True)) for w in weights]
+    for _ in range(50):  # clip, then rescale the free groups so that the channels removed stay the same
+        fractions = [min(max(f, MIN_FRACTION), ceiling) for f in fractions]
+        removed = sum(f * n for f, n in zip(fractions, channels, strict=True))
+        free = [i for i, f in enumerate(fractions) if MIN_FRACTION < f < ceiling]
+        if abs(removed - total) < 1e-6 * total or not free:
+            break
+        free_channels = sum(fractions[i] * channels[i] for i in free)
+        scale = (free_channels + total - removed) / free_channels
+        fractions = [f * scale if i in free else f for i, f in enumerate(fractions)]
+    return fractions
+
+
+def measured_fractions(callback: Any, trainer: Trainer, pl_module: LightningModule, batch: Any) -> list[float] | None:
+    """For ``MagnitudePruning``: rank 0 measures the fractions at the callback's target; other ranks ``None``."""
+    if not trainer.is_global_zero:
+        return None
+    return measure_fractions(trainer, pl_module, callback._groups, callback.target_sparsity, batch, None)
+
+
+@torch.no_grad()
+def measure_fractions(
+    trainer: Trainer, pl_module: LightningModule, groups: ChannelGroups, sparsity: float, batch: Any, model_input: Any
+) -> list[float]:
+    """Score each group's removal alone on validation batches (else this training batch) and share ``sparsity``."""
+    started = time.perf_counter()
+    loader = validation_loader(trainer)
+    batches = [b for _, b in zip(range(SCORED_BATCHES), loader, strict=False)] if loader is not None else [batch]
+    pick = batch_picker(model_input, pl_module)
+    inputs, labels = [pick(b) for b in batches], [batch_labels(b) for b in batches]
+    was_training = pl_module.training
+    pl_module.eval()
+    outputs = [first_tensor(run_model(pl_module, x)).detach().float().cpu() for x in inputs]
+    probe = QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs, "pruned")
+    reference = probe.score(pl_module)
+    parameters = dict(pl_module.named_parameters())
+    costs = [_cost_alone(pl_module, parameters, group, sparsity, probe, reference) for group in groups.groups]
+    pl_module.train(was_training)
+    fractions = fractions_from_costs(costs, [g.channels for g in groups.groups], sparsity)
+    shown = ", ".join(
+        f"{g.root} {f:.2f}x (cost {c:+.4f})" for g, f, c in zip(groups.groups, fractions, costs, strict=True)
+    )
+    rank_zero_info(
+        f"MagnitudePruning: channel fractions from each group's measured {probe.metric} cost at {sparsity:.0%} alone "
+        f"({time.perf_counter() - started:.2f} s): {shown}"
+    )
+    return fractions
+
+
+def _cost_alone(
+    model: nn.Module, parameters: dict, group: Any, sparsity: float, probe: QualityProbe, reference: float
+) -> float:
+    """The score lost when only ``group`` loses ``sparsity`` of its channels (by magnitude); weights restored."""
+    masks = group_masks({n: p.detach() for n, p in parameters.items()}, ChannelGroups([group]), sparsity)
+    saved = {name: parameters[name].detach().clone() for name in masks}
+    for name, mask in masks.items():
+        parameters[name].mul_(mask.to(parameters[name].dtype))
+    score = probe.score(model)
+    for name, value in saved.items():
+        parameters[name].copy_(value)
+    return cost_of(probe.metric, reference, score)

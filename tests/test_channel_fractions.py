@@ -1,0 +1,78 @@
+"""Non-uniform channel pruning: each group's share of the target from its measured sensitivity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_accel import MagnitudePruning
+from lightning_accel.pruning.fractions import fractions_from_costs
+from tests.helpers import SaveRankState, fast_trainer_kwargs
+
+
+def test_fractions_take_more_from_cheap_groups_and_the_same_channels_overall():
+    costs, channels = [0.5, 0.01, 0.0, 0.05], [16, 16, 32, 8]
+    fractions = fractions_from_costs(costs, channels, 0.3)
+    assert sum(f * n for f, n in zip(fractions, channels, strict=True)) == pytest.approx(sum(channels))
+    assert fractions[0] == min(fractions) and fractions[0] >= 0.25  # the costly group loses least, never nothing
+    assert fractions[2] > fractions[1] > fractions[3] > fractions[0]  # ordered by cost
+    assert max(fractions) <= 2.0
+    assert fractions_from_costs([0.1, 0.1], [8, 8], 0.5) == pytest.approx([1.0, 1.0])  # equal costs: uniform
+    with pytest.raises(ValueError, match=r"channel_fractions.*'sometimes'"):
+        MagnitudePruning(0.5, pattern="channels", channel_fractions="sometimes")
+    with pytest.raises(ValueError, match=r"channel_fractions`='sensitivity'.*pattern='channels'"):
+        MagnitudePruning(0.5, channel_fractions="sensitivity")
+
+
+def _pruning():
+    return MagnitudePruning(
+        0.5, pattern="channels", exclude=["last"], every_n_steps=2, end_step=6, channel_fractions="sensitivity"
+    )
+
+
+def _digits_mlp():
+    from tests.test_budget import _trained
+
+    model = _trained()  # a digits MLP trained to ~0.90: its two hidden layers matter unequally
+    model.lr = 1e-3
+    return model
+
+
+def test_sensitivity_fractions_prune_groups_unevenly_and_resume_with_the_same_fractions(tmp_path, monkeypatch):
+    import lightning_accel.pruning.fractions as fractions_module
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    first = _pruning()
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=2, enable_checkpointing=True), callbacks=[first, checkpoints])
+    trainer.fit(_digits_mlp())
+    groups = first._groups.groups
+    assert first._fractions is not None and len(first._fractions) == len(groups) >= 2
+    assert len(set(round(f, 6) for f in first._fractions)) > 1  # measured, not uniform
+    channels = [g.channels for g in groups]
+    assert sum(f * n for f, n in zip(first._fractions, channels, strict=True)) == pytest.approx(sum(channels))
+    assert first.state_dict()["channel_fractions"] == first._fractions
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a resumed fit must reuse the saved fractions")
+
+    monkeypatch.setattr(fractions_module, "measure_fractions", measured_again)
+    second = _pruning()
+    resumed = Trainer(**fast_trainer_kwargs(max_epochs=2), callbacks=[second])
+    resumed.fit(_digits_mlp(), ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert second._fractions == first._fractions
+    assert all(torch.equal(first._masks[k].cpu(), second._masks[k].cpu()) for k in first._masks)
+
+
+def test_ddp_ranks_keep_rank_zeros_fractions(tmp_path):
+    trainer = Trainer(
+        **fast_trainer_kwargs(max_epochs=1, strategy="ddp_spawn", devices=2),
+        callbacks=[_pruning(), SaveRankState(tmp_path)],
+    )
+    trainer.fit(_digits_mlp())
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    fractions = {k: v for k, v in rank0.items() if "/channel_fractions/" in k}
+    assert fractions and all(rank1[k] == v for k, v in fractions.items())
+    masks = {k for k in rank0 if "/masks/" in k}
+    assert masks and all(torch.equal(rank0[k], rank1[k]) for k in masks)
