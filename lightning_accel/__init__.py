@@ -24,6 +24,7 @@ from lightning_accel.pruning import (
     wanda_masks,
 )
 from lightning_accel.quantization import (
+    BudgetData,
     PostTrainingQuantization,
     QuantizationAwareTraining,
     as_evaluated,
@@ -46,6 +47,7 @@ __all__ = [
     "AccelCLI",
     "AccelerationReport",
     "Artifact",
+    "BudgetData",
     "ChannelGroups",
     "Contribution",
     "Deployment",

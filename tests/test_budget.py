@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_accel import PostTrainingQuantization
 from lightning_accel._core.stage import built_deployment
-from lightning_accel.quantization.budget import quantize_within_budget, weight_only_within_budget
+from lightning_accel.quantization.budget import BudgetData, quantize_within_budget, weight_only_within_budget
 from lightning_accel.quantization.prepare import quantized_modules
 from lightning_accel.quantization.sensitivity import int8_sensitivity
 from tests.helpers import fast_trainer_kwargs
@@ -187,9 +187,8 @@ def test_int4_weights_within_a_budget_keep_the_fragile_layer_float():
 
     model = _trained()
     settings = WeightOnlySettings(bits=4, group_size=16)
-    quantized, result = weight_only_within_budget(
-        model, settings, model.train_dataloader(), model.val_dataloader(), 0.03, progress=False
-    )
+    data = BudgetData(model.train_dataloader(), model.val_dataloader(), progress=False)
+    quantized, result = weight_only_within_budget(model, settings, data, 0.03)
     assert result.sensitivity.costs[0].name == "fragile" and result.sensitivity.costs[0].cost > 0.1
     assert result.kept_float[0][0] == "fragile" and result.met, result.describe()
     assert "fragile" not in group_quantized_layers(quantized) and "first" in group_quantized_layers(quantized)

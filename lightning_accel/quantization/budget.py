@@ -234,16 +234,28 @@ def trained_within_budget(
     return final, result
 
 
+@dataclass(frozen=True)
+class BudgetData:
+    """The batches a budget measures with.
+
+    Attributes:
+        calibration: Batches to calibrate on (``None``: a data-free method such as round to nearest).
+        validation: Batches to score on (the first 8).
+        model_input: Which part of a batch is the model's input.
+        calibration_batches: How many calibration batches.
+        progress: Show a progress bar over the per-layer probes.
+    """
+
+    calibration: Iterable[Any] | None
+    validation: Iterable[Any]
+    model_input: Any = None
+    calibration_batches: int = 8
+    progress: bool = True
+
+
 @torch.no_grad()
 def weight_only_within_budget(
-    model: nn.Module,
-    settings: WeightOnlySettings,
-    calibration: Iterable[Any] | None,
-    validation: Iterable[Any],
-    max_quality_loss: float,
-    model_input: Any = None,
-    calibration_batches: int = 8,
-    progress: bool = True,
+    model: nn.Module, settings: WeightOnlySettings, data: BudgetData, max_quality_loss: float
 ) -> tuple[nn.Module, BudgetResult]:
     """The group-quantized (int4) copy of ``model`` with its most sensitive layers kept float until within budget.
 
@@ -251,6 +263,8 @@ def weight_only_within_budget(
     int4 model, the most costly layers go back to float, scoring after each. The final copy is quantized afresh
     without them and scored once more.
     """
+    calibration, validation, model_input = data.calibration, data.validation, data.model_input
+    calibration_batches, progress = data.calibration_batches, data.progress
     started = time.perf_counter()
     batches = [batch for _, batch in zip(range(SENSITIVITY_BATCHES), validation, strict=False)]
     probe = scoring_probe(model, batches, model_input)

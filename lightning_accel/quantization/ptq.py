@@ -17,6 +17,7 @@ from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
 from lightning_accel.quantization.budget import (
+    BudgetData,
     BudgetResult,
     quantize_within_budget,
     validate_budget,
@@ -227,9 +228,8 @@ class PostTrainingQuantization(DeployingCallback):
             validation, note = trainer.train_dataloader, " (no validation data: scored on training batches)"
         options = {"model_input": self.model_input, "calibration_batches": self.calibration_batches}
         if self.weight_only is not None:  # int4 groups: the most sensitive layers stay float
-            model, self.budget = weight_only_within_budget(
-                pl_module, self.weight_only, trainer.train_dataloader, validation, self.max_quality_loss, **options
-            )
+            data = BudgetData(trainer.train_dataloader, validation, **options)
+            model, self.budget = weight_only_within_budget(pl_module, self.weight_only, data, self.max_quality_loss)
         else:
             model, self.budget = quantize_within_budget(
                 pl_module,
