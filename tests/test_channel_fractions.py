@@ -76,3 +76,26 @@ def test_ddp_ranks_keep_rank_zeros_fractions(tmp_path):
     assert fractions and all(rank1[k] == v for k, v in fractions.items())
     masks = {k for k in rank0 if "/masks/" in k}
     assert masks and all(torch.equal(rank0[k], rank1[k]) for k in masks)
+
+
+def test_a_pruning_budget_is_measured_dense_against_pruned_and_a_missed_one_warns(tmp_path):
+    from lightning_accel._core.stage import built_deployment
+
+    met = MagnitudePruning(
+        0.25, pattern="channels", exclude=["last"], every_n_steps=2, end_step=4, max_quality_loss=1.0
+    )
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1, default_root_dir=tmp_path), callbacks=[met])
+    trainer.fit(_digits_mlp())
+    result = met.quality.result
+    assert result["metric"] == "accuracy" and result["met"] and result["dense"] > 0.85
+    assert result["loss"] == pytest.approx(result["dense"] - result["pruned"])
+    assert any("Pruning: quality budget 1 (accuracy) met" in note for note in built_deployment(trainer).notes)
+
+    strict = MagnitudePruning(
+        0.9, pattern="channels", exclude=["last"], every_n_steps=2, end_step=4, max_quality_loss=0
+    )
+    trainer = Trainer(**fast_trainer_kwargs(max_epochs=1, default_root_dir=tmp_path), callbacks=[strict])
+    with pytest.warns(UserWarning, match=r"quality budget 0 \(accuracy\) MISSED: dense 0\.\d{4}, pruned 0\.\d{4}"):
+        trainer.fit(_digits_mlp())
+    with pytest.raises(ValueError, match=r"max_quality_loss.*got -0.5"):
+        MagnitudePruning(0.5, pattern="channels", max_quality_loss=-0.5)

@@ -18,7 +18,6 @@ from lightning_accel._core.lightning import TrainingSteps, configure_model_early
 from lightning_accel._core.logging import add_hyperparameters, log_text, selection_tag
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import (
-    check_state_version,
     validate_bool,
     validate_int,
     validate_patterns,
@@ -29,6 +28,7 @@ from lightning_accel.pruning.fractions import measured_fractions, validate_chann
 from lightning_accel.pruning.groups import ChannelGroups
 from lightning_accel.pruning.importance import TaylorImportance
 from lightning_accel.pruning.masks import apply_masks_, full_tensor, local_part, local_tensor
+from lightning_accel.pruning.quality import PruningBudget
 from lightning_accel.pruning.schedule import resolve_schedule_steps, sparsity_at, validate_schedule
 from lightning_accel.pruning.selection import (
     best_checkpoint_below_target,
@@ -36,7 +36,6 @@ from lightning_accel.pruning.selection import (
     check_masks_fit,
     check_n_m_fits,
     check_pattern_options,
-    check_state_pattern,
     next_masks,
     plan_channel_groups,
     report_final_sparsity,
@@ -45,6 +44,7 @@ from lightning_accel.pruning.selection import (
     warn_when_restored_above_target,
 )
 from lightning_accel.pruning.slim import dry_run_slim_export
+from lightning_accel.pruning.state import pruning_state, restore_pruning_state
 from lightning_accel.pruning.wanda import WandaImportance
 
 #: Without ``end_step``, the schedule reaches its target at this fraction of the fit's optimizer steps, leaving
@@ -99,6 +99,8 @@ class MagnitudePruning(DeployingCallback):
         channel_fractions: With ``pattern="channels"``: ``"uniform"`` (default) or ``"sensitivity"``: each group's
             removal is scored alone on validation batches when the first masks are due, and costly groups lose
             less, cheap ones more, the same channels overall (saved in checkpoints, identical on every rank).
+        max_quality_loss: What pruning may cost (accuracy as a fraction, perplexity, or 1 - cosine to the dense
+            outputs), measured on validation batches at the first masks and at the end; a loss above it warns.
 
     Example:
         >>> from lightning import Trainer
@@ -121,6 +123,7 @@ class MagnitudePruning(DeployingCallback):
         export_path: str | None = None,
         importance: Literal["magnitude", "taylor", "wanda"] | None = None,
         channel_fractions: Literal["uniform", "sensitivity"] = "uniform",
+        max_quality_loss: float | None = None,
     ) -> None:
         validate_schedule(schedule, target_sparsity, initial_sparsity, start_step, end_step, allow_fractions=True)
         self.pattern = check_pattern_options(pattern, scope, target_sparsity)
@@ -138,6 +141,7 @@ class MagnitudePruning(DeployingCallback):
         self.importance = check_importance(importance, self.pattern.kind, pattern)
         self.channel_fractions = validate_channel_fractions(channel_fractions, self.pattern.kind)
         self._fractions: list[float] | None = None  # each group's multiplier of the target (measured once)
+        self.quality = PruningBudget(max_quality_loss)  #: the dense and the pruned score against the budget
         self._scorer: TaylorImportance | WandaImportance | None = None  # Taylor or Wanda sums between masks
         self._scorer_state: dict[str, Any] | None = None  # restored before setup made the groups
         self.resolved_export_path: str | None = None
@@ -277,6 +281,7 @@ class MagnitudePruning(DeployingCallback):
         # Sharded parameters (FSDP) are ranked over their full tensors: every rank takes part in gathering them.
         weights = {name: full_tensor(p) for name, p in self._params.items()}
         scores = self._scorer.take(pl_module, batch) if self._scorer is not None else None  # every rank restarts
+        self.quality.start(trainer, pl_module, batch)  # with a budget: the dense model's score, before any mask
         if self.channel_fractions == "sensitivity" and self._fractions is None:  # measured once, by rank 0
             self._fractions = decide_on_rank_zero(trainer, measured_fractions(self, trainer, pl_module, batch))
         if trainer.is_global_zero:
@@ -325,8 +330,16 @@ class MagnitudePruning(DeployingCallback):
             rank_zero_warn(f"MagnitudePruning: fast_dev_run, so the slim export to {path} is skipped")
             path = None
         return Contribution(
-            owner="MagnitudePruning", channel_groups=self._groups, slim_path=path, pruned_parameters=tuple(self._params)
+            owner="MagnitudePruning",
+            notes=self.quality.notes,
+            channel_groups=self._groups,
+            slim_path=path,
+            pruned_parameters=tuple(self._params),
         )
+
+    def before_deploy(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``max_quality_loss``: score the pruned model against the dense one (before any artifact)."""
+        self.quality.end(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Remove the optimizer hooks so that a later fit starts clean."""
@@ -336,32 +349,11 @@ class MagnitudePruning(DeployingCallback):
 
     def state_dict(self) -> dict[str, Any]:
         """Masks (bool tensors on CPU), the sparsity they were computed for, and the schedule position."""
-        return {
-            "version": _STATE_VERSION,
-            "pattern": self.pattern_string,
-            "masks": {name: mask.cpu() for name, mask in (self._masks or {}).items()},
-            "mask_sparsity": self._mask_sparsity,
-            "last_step": self._last_step,
-            "training_batches": self._training_steps.batches,
-            "importance_scores": self._scorer.state_dict() if self._scorer is not None else {},
-            "channel_fractions": self._fractions,
-        }
+        return pruning_state(self, _STATE_VERSION)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the masks and schedule position; refuse masks from another pattern, model or format."""
-        check_state_version("MagnitudePruning", state_dict, _STATE_VERSION)
-        check_state_pattern(state_dict, self.pattern_string)
-        masks = state_dict.get("masks") or None
-        if masks is not None and self._params:
-            check_masks_fit(masks, self._params)
-        self._masks = masks
-        self._mask_sparsity = float(state_dict.get("mask_sparsity", 0.0))
-        self._last_step = int(state_dict.get("last_step", -1))
-        self._training_steps.batches = int(state_dict.get("training_batches", 0))
-        self._fractions = state_dict.get("channel_fractions")
-        self._scorer_state = dict(state_dict.get("importance_scores") or state_dict.get("taylor") or {}) or None
-        if self._scorer is not None and self._scorer_state is not None:
-            self._scorer.load_state_dict(self._scorer_state)
+        restore_pruning_state(self, state_dict, _STATE_VERSION)
 
     @property
     def pattern_string(self) -> str:

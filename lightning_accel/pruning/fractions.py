@@ -82,14 +82,8 @@ def measure_fractions(
 ) -> list[float]:
     """Score each group's removal alone on validation batches (else this training batch) and share ``sparsity``."""
     started = time.perf_counter()
-    loader = validation_loader(trainer)
-    batches = [b for _, b in zip(range(SCORED_BATCHES), loader, strict=False)] if loader is not None else [batch]
-    pick = batch_picker(model_input, pl_module)
-    inputs, labels = [pick(b) for b in batches], [batch_labels(b) for b in batches]
     was_training = pl_module.training
-    pl_module.eval()
-    outputs = [first_tensor(run_model(pl_module, x)).detach().float().cpu() for x in inputs]
-    probe = QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs, "pruned")
+    probe = scoring_probe(trainer, pl_module, batch, model_input)
     reference = probe.score(pl_module)
     parameters = dict(pl_module.named_parameters())
     costs = [_cost_alone(pl_module, parameters, group, sparsity, probe, reference) for group in groups.groups]
@@ -103,6 +97,18 @@ def measure_fractions(
         f"({time.perf_counter() - started:.2f} s): {shown}"
     )
     return fractions
+
+
+@torch.no_grad()
+def scoring_probe(trainer: Trainer, pl_module: LightningModule, batch: Any, model_input: Any = None) -> QualityProbe:
+    """A probe on up to 8 validation batches (else ``batch``), against the model's outputs now (eval mode)."""
+    loader = validation_loader(trainer)
+    batches = [b for _, b in zip(range(SCORED_BATCHES), loader, strict=False)] if loader is not None else [batch]
+    pick = batch_picker(model_input, pl_module)
+    inputs, labels = [pick(b) for b in batches], [batch_labels(b) for b in batches]
+    pl_module.eval()
+    outputs = [first_tensor(run_model(pl_module, x)).detach().float().cpu() for x in inputs]
+    return QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs, "pruned")
 
 
 def _cost_alone(
