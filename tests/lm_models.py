@@ -8,9 +8,31 @@ from torch.utils.data import DataLoader
 
 from examples.llm.model import Logits
 
-__all__ = ["Logits", "TinyCausalLM", "lm_trainer", "tiny_gpt2", "tiny_llama", "token_batches"]
+__all__ = ["TINY_LLM_EXAMPLE", "Logits", "TinyCausalLM", "lm_trainer", "tiny_gpt2", "tiny_llama", "token_batches"]
 
 VOCAB, LENGTH = 96, 16
+
+#: `examples/llm/int4.yaml` reduced for the test suite: a 1-layer decoder of 32 units, 4 steps, no plots or timing.
+TINY_LLM_EXAMPLE = [
+    "--config",
+    "examples/llm/int4.yaml",
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=4",
+    "--trainer.limit_val_batches=2",
+    "--model.hidden=32",
+    "--model.layers=1",
+    "--model.heads=4",
+    "--model.kv_heads=2",
+    "--model.ffn=64",
+    "--model.length=32",
+    "--data.length=32",
+    "--data.train_windows=16",
+    "--data.val_windows=8",
+    "--data.batch_size=4",
+    "--report.plots=false",
+    "--report.latency=false",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def tiny_llama():

@@ -288,32 +288,10 @@ def test_llm_example_trains_int4_qat_with_distillation_and_exports_matmulnbits_f
     import onnx
 
     from lightning_accel import AccelerationReport, QuantizationAwareTraining
+    from tests.lm_models import TINY_LLM_EXAMPLE
 
     monkeypatch.chdir(ROOT)
-    cli = build_cli(
-        [
-            "fit",
-            "--config",
-            "examples/llm/int4.yaml",
-            "--trainer.max_steps=4",
-            "--trainer.val_check_interval=4",
-            "--trainer.limit_val_batches=2",
-            "--model.hidden=32",
-            "--model.layers=1",
-            "--model.heads=4",
-            "--model.kv_heads=2",
-            "--model.ffn=64",
-            "--model.length=32",
-            "--data.length=32",
-            "--data.train_windows=16",
-            "--data.val_windows=8",
-            "--data.batch_size=4",
-            "--report.plots=false",
-            "--report.latency=false",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
-    )
+    cli = build_cli(["fit", *TINY_LLM_EXAMPLE, f"--trainer.default_root_dir={tmp_path}"])
     callbacks = {type(c): c for c in cli.trainer.callbacks}
     assert cli.trainer.logged_metrics["distill/loss"] >= 0
     assert callbacks[QuantizationAwareTraining].state_dict()["quantized"] is True

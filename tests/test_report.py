@@ -490,23 +490,9 @@ def test_lightning_accel_export_rebuilds_the_int4_decoder_from_a_qat_checkpoint_
 ):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["lightning-accel"])
-    tiny = ["--model.hidden=32", "--model.layers=1", "--model.heads=4", "--model.kv_heads=2", "--model.ffn=64"]
-    data = ["--data.train_windows=16", "--data.val_windows=8", "--data.batch_size=4"]
-    common = [
-        "--config",
-        "examples/llm/int4.yaml",
-        *tiny,
-        "--model.length=32",
-        "--data.length=32",
-        *data,
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=4",
-        "--trainer.limit_val_batches=2",
-        "--report.plots=false",
-        "--report.latency=false",
-        "--trainer.enable_progress_bar=false",
-    ]
-    trained, exported = _fit_then_export(tmp_path, common, export_only=["--report.generation=true"])
+    from tests.lm_models import TINY_LLM_EXAMPLE
+
+    trained, exported = _fit_then_export(tmp_path, TINY_LLM_EXAMPLE, export_only=["--report.generation=true"])
     assert exported["sizes"]["int4 ONNX"]["bytes"] == trained["sizes"]["int4 ONNX"]["bytes"]
     scores = exported["quality"]["ORT int4"]
     assert scores and scores == pytest.approx(trained["quality"]["ORT int4"])  # the same integers, the same scores

@@ -10,12 +10,13 @@ the reference outputs (the float model's).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_accel._core.inputs import run_model
+from lightning_accel._core.inputs import batch_labels, run_model
 from lightning_accel._core.outputs import output_tensors
 
 
@@ -106,3 +107,17 @@ class QualityProbe:
 def cost_of(metric: str, reference: float, score: float) -> float:
     """How much worse ``score`` is than ``reference`` (positive: worse): a rise for perplexity, else a drop."""
     return score - reference if metric == "perplexity" else reference - score
+
+
+@torch.no_grad()
+def probe_on(
+    reference: nn.Module, batches: Sequence[Any], pick: Callable[[Any], Any], label: str = "int8"
+) -> QualityProbe:
+    """A probe on ``batches`` against ``reference``'s outputs now (``reference`` runs in the mode it is in).
+
+    ``pick`` takes the model input out of a batch; the labels are the batches' own, where every batch carries them.
+    """
+    inputs = [pick(batch) for batch in batches]
+    labels = [batch_labels(batch) for batch in batches]
+    outputs = [first_tensor(run_model(reference, x)).detach().float().cpu() for x in inputs]
+    return QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs, label)

@@ -126,3 +126,12 @@ def check_state_version(owner: str, state: dict[str, Any], version: int) -> None
             f"pre-release of lightning_accel; this release reads version {version}. Train again, or load only the "
             "weights (`model.load_state_dict(torch.load(path)['state_dict'])`)"
         )
+
+
+def validate_quality_budget(value: object) -> float | None:
+    """``max_quality_loss``: ``None``, or a finite number >= 0 (``ValueError`` naming the argument otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`max_quality_loss` must be a finite number >= 0 or None, got {value!r}")
+    return float(value)

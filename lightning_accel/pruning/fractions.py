@@ -20,9 +20,9 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_accel._core.inputs import batch_labels, batch_picker, run_model
+from lightning_accel._core.inputs import batch_picker
 from lightning_accel._core.lightning import validation_loader
-from lightning_accel._core.scoring import QualityProbe, cost_of, first_tensor
+from lightning_accel._core.scoring import QualityProbe, cost_of, probe_on
 from lightning_accel.pruning.groups import ChannelGroups, group_masks
 
 CHANNEL_FRACTIONS = ("uniform", "sensitivity")
@@ -104,11 +104,8 @@ def scoring_probe(trainer: Trainer, pl_module: LightningModule, batch: Any, mode
     """A probe on up to 8 validation batches (else ``batch``), against the model's outputs now (eval mode)."""
     loader = validation_loader(trainer)
     batches = [b for _, b in zip(range(SCORED_BATCHES), loader, strict=False)] if loader is not None else [batch]
-    pick = batch_picker(model_input, pl_module)
-    inputs, labels = [pick(b) for b in batches], [batch_labels(b) for b in batches]
     pl_module.eval()
-    outputs = [first_tensor(run_model(pl_module, x)).detach().float().cpu() for x in inputs]
-    return QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs, "pruned")
+    return probe_on(pl_module, batches, batch_picker(model_input, pl_module), "pruned")
 
 
 def _cost_alone(

@@ -10,7 +10,6 @@ report's notes, and a loss above the budget is a warning with the figures (contr
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,16 +17,8 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.scoring import QualityProbe, cost_of
+from lightning_accel._core.validation import validate_quality_budget
 from lightning_accel.pruning.fractions import scoring_probe
-
-
-def validate_pruning_budget(value: Any) -> float | None:
-    """``None`` or a finite number >= 0 (``ValueError`` naming ``max_quality_loss`` otherwise)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`max_quality_loss` must be a finite number >= 0 or None, got {value!r}")
-    return float(value)
 
 
 class PruningBudget:
@@ -38,7 +29,7 @@ class PruningBudget:
     """
 
     def __init__(self, max_quality_loss: Any) -> None:
-        self.max_quality_loss = validate_pruning_budget(max_quality_loss)
+        self.max_quality_loss = validate_quality_budget(max_quality_loss)
         self.probe: QualityProbe | None = None
         self.dense: float | None = None
         #: Notes for the report (the measured line), filled at the end of fit.

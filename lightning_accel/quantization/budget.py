@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning_accel._core.inputs import batch_picker
 from lightning_accel._core.lightning import validation_loader
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.scoring import cost_of
+from lightning_accel._core.validation import validate_quality_budget
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.convert import as_evaluated
 from lightning_accel.quantization.prepare import float_copy, quantized_modules, unprepare_module_
@@ -129,12 +130,7 @@ def validate_budget(max_quality_loss: Any, weight_only: bool = False) -> float |
             "`max_quality_loss` chooses which layers stay float in int8 (static or dynamic activations); with "
             "weight-only groups (weight_bits=4) it is not supported yet: leave it None"
         )
-    if isinstance(max_quality_loss, bool) or not isinstance(max_quality_loss, int | float):
-        raise ValueError(f"`max_quality_loss` must be a number >= 0 or None, got {max_quality_loss!r}")
-    value = float(max_quality_loss)
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"`max_quality_loss` must be a finite number >= 0, got {max_quality_loss!r}")
-    return value
+    return validate_quality_budget(max_quality_loss)
 
 
 @torch.no_grad()
@@ -167,9 +163,9 @@ def quantize_within_budget(
     sensitivity, quantized, probe = int8_sensitivity(
         model, calibration, validation, model_input, calibration_batches, progress, **prepare
     )
-    kept = keep_float_until_within(quantized, probe, sensitivity, max_quality_loss)
+    kept = _keep_fake_quant_layers_float(quantized, probe, sensitivity, max_quality_loss)
     exclude = [*(prepare.pop("exclude", None) or []), *(name for name, _ in kept)]
-    picker = model_input if callable(model_input) else batch_picker(model_input, model)
+    picker = batch_picker(model_input, model)
     plain = float_copy(model).eval()
     final = calibrate_(plain, calibration, calibration_batches, model_input=picker, exclude=exclude or None, **prepare)
     result = BudgetResult(
@@ -183,24 +179,40 @@ def quantize_within_budget(
 
 
 def keep_float_until_within(
-    quantized: nn.Module, probe: QualityProbe, sensitivity: Sensitivity, max_quality_loss: float
+    sensitivity: Sensitivity, max_quality_loss: float, score: Callable[[], float], keep_float: Callable[[str], None]
 ) -> list[tuple[str, float]]:
     """The layers to keep float, most sensitive first, until the whole model scores within the budget.
 
-    Every step is measured on ``quantized`` (the other layers quantized), never summed from the single costs. At
-    least one layer stays quantized: an all-float "int8" model is no answer (the budget is then missed).
+    ``score()`` scores the model as it stands and ``keep_float(name)`` puts one more layer back in float: every step
+    is measured, never summed from the single costs. At least one layer stays quantized: an all-float model is no
+    answer (the budget is then missed).
     """
-    names = list(quantized_modules(quantized))
     kept: list[tuple[str, float]] = []
-    score = probe.score(quantized)
+    current = score()
     for layer in sensitivity.costs:
-        if cost_of(probe.metric, sensitivity.float_score, score) <= max_quality_loss or len(kept) == len(names) - 1:
+        loss = cost_of(sensitivity.metric, sensitivity.float_score, current)
+        if loss <= max_quality_loss or len(kept) == len(sensitivity.costs) - 1:
             break
         kept.append((layer.name, layer.cost))
-        still_quantized = [name for name in names if name not in {k for k, _ in kept}]
-        with only_quantized(quantized, still_quantized):
-            score = probe.score(quantized)
+        keep_float(layer.name)
+        current = score()
     return kept
+
+
+def _keep_fake_quant_layers_float(
+    quantized: nn.Module, probe: QualityProbe, sensitivity: Sensitivity, max_quality_loss: float
+) -> list[tuple[str, float]]:
+    """:func:`keep_float_until_within` on a fake-quantized model: a kept layer's quantizers are switched off."""
+    names = list(quantized_modules(quantized))
+    floats: set[str] = set()
+
+    def score() -> float:
+        if not floats:
+            return probe.score(quantized)
+        with only_quantized(quantized, [name for name in names if name not in floats]):
+            return probe.score(quantized)
+
+    return keep_float_until_within(sensitivity, max_quality_loss, score, floats.add)
 
 
 @torch.no_grad()
@@ -223,7 +235,7 @@ def trained_within_budget(
     evaluated = as_evaluated(model)
     costs = layer_costs(evaluated, probe, reference)
     sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
-    kept = keep_float_until_within(evaluated, probe, sensitivity, max_quality_loss)
+    kept = _keep_fake_quant_layers_float(evaluated, probe, sensitivity, max_quality_loss)
     final = module_copy(model)
     strip_layers_(final, [name for name, _ in kept])
     result = BudgetResult(
@@ -283,14 +295,11 @@ def weight_only_within_budget(
         costs.append(LayerCost(name, score, cost_of(probe.metric, reference, score)))
     costs.sort(key=lambda c: c.cost, reverse=True)
     sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
-    kept: list[tuple[str, float]] = []
-    score = probe.score(quantized)
-    for layer in costs:
-        if cost_of(probe.metric, reference, score) <= max_quality_loss or len(kept) == len(costs) - 1:
-            break
-        kept.append((layer.name, layer.cost))
-        _swap(quantized, layer.name, module_copy(model.get_submodule(layer.name)).eval())
-        score = probe.score(quantized)
+
+    def keep_float(name: str) -> None:
+        _swap(quantized, name, module_copy(model.get_submodule(name)).eval())
+
+    kept = keep_float_until_within(sensitivity, max_quality_loss, lambda: probe.score(quantized), keep_float)
     exclude = (*(settings.exclude or ()), *(name for name, _ in kept))
     final = dataclasses.replace(settings, exclude=exclude or None).quantize(model, calibration, **options)
     label = f"int{settings.bits}"

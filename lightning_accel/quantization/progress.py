@@ -20,14 +20,12 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._core.inputs import batch_labels
 from lightning_accel._core.lightning import validation_loader
-from lightning_accel._core.scoring import QualityProbe, first_tensor
+from lightning_accel._core.scoring import QualityProbe, probe_on
 from lightning_accel.quantization.calibration import (
     batch_picker,
     calibrate_,
     fresh_train_loader,
-    run_model,
 )
 from lightning_accel.quantization.prepare import float_copy
 
@@ -66,19 +64,13 @@ def probe_at_start(
     if not training_batches:
         return None
     calibration = fresh_train_loader(trainer) or training_batches
-    picker: Callable[[Any], Any] = batch_picker(model_input, pl_module)
-    batches, labels = [], []
     loader = validation_loader(trainer)
-    for batch in loader if loader is not None else training_batches:
-        batches.append(picker(batch))
-        labels.append(batch_labels(batch))
-        if len(batches) >= QUALITY_BATCHES:
-            break
+    source = loader if loader is not None else training_batches
+    batches = [batch for _, batch in zip(range(QUALITY_BATCHES), source, strict=False)]
     if not batches:
         return None
     plain = recipe.float_view(pl_module).eval()
-    float_outputs = [first_tensor(run_model(plain, inputs)).detach().float().cpu() for inputs in batches]
-    probe = QualityProbe(batches, labels if all(y is not None for y in labels) else None, float_outputs, recipe.label)
+    probe = probe_on(plain, batches, batch_picker(model_input, pl_module), recipe.label)
     probe.start = probe.score(recipe.quantize(plain, calibration).eval())
     return probe
 

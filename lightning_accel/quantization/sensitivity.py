@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel._core.inputs import batch_labels, batch_picker, run_model
-from lightning_accel._core.outputs import output_tensors
-from lightning_accel._core.scoring import cost_of
+from lightning_accel._core.inputs import batch_picker
+from lightning_accel._core.scoring import cost_of, probe_on
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.dynamic import DynamicActivationFakeQuant
 from lightning_accel.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
@@ -93,13 +92,7 @@ def only_quantized(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
 
 def scoring_probe(model: nn.Module, batches: Sequence[Any], model_input: Any = None) -> QualityProbe:
     """A probe scoring on ``batches`` against ``model``'s float outputs (accuracy, perplexity or cosine)."""
-    picker = batch_picker(model_input, model)
-    inputs = [picker(batch) for batch in batches]
-    labels = [batch_labels(batch) for batch in batches]
-    plain = float_copy(model).eval()
-    with torch.no_grad():
-        outputs = [output_tensors(run_model(plain, x))[0].detach().float().cpu() for x in inputs]
-    return QualityProbe(inputs, labels if all(y is not None for y in labels) else None, outputs)
+    return probe_on(float_copy(model).eval(), batches, batch_picker(model_input, model))
 
 
 @torch.no_grad()
@@ -134,7 +127,7 @@ def int8_sensitivity(
     probe = scoring_probe(model, batches, model_input)
     plain = float_copy(model).eval()
     reference = probe.score(plain)
-    picker = model_input if callable(model_input) else batch_picker(model_input, model)
+    picker = batch_picker(model_input, model)
     quantized = calibrate_(plain, calibration, calibration_batches, model_input=picker, **prepare).eval()
     costs = layer_costs(quantized, probe, reference, progress)
     return Sensitivity(probe.metric, reference, costs, time.perf_counter() - started), quantized, probe
