@@ -37,6 +37,7 @@ ORDER = (
     "scaling",
     "minilm",
     "minilm_bits",
+    "minilm_slim",
 )
 HERE = Path(__file__).parent
 

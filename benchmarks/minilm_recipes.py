@@ -8,6 +8,9 @@ Lightning Trainer with the callbacks as a user adds them; the files are the ones
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,92 @@ SLIM_SPARSITY = 0.3
 SLIM_SETTINGS = {"sparsity": SLIM_SPARSITY, "lr": 1e-4, "distill_layers": True}
 
 
+@dataclass(frozen=True)
+class SlimRecipe:
+    """The slim recipe that aims at quality (issue 29): every knob the earlier recipe lacked.
+
+    Attributes:
+        sparsity: The share of all heads and FFN units removed (``MagnitudePruning``'s target).
+        channel_fractions: ``"sensitivity"``: each layer's heads and units give in inverse proportion to what their
+            removal alone costs; ``"uniform"``: the same share everywhere.
+        corpus: ``DocstringTexts``' corpus: ``"all"`` (every docstring paragraph) or ``"first"``.
+        batch: Texts per step.
+        epochs: Passes over the corpus.
+        lr: AdamW learning rate.
+        prune_until: Pruning reaches its target at this fraction of the steps (gradually, every 8 steps).
+        qat_from: QAT starts at this fraction of the steps (the float slim model recovers in between).
+        train_texts: Use only the first this many training texts (``None``: the whole corpus).
+    """
+
+    sparsity: float = 0.3
+    channel_fractions: str = "sensitivity"
+    corpus: str = "all"
+    batch: int = 16
+    epochs: int = 3
+    lr: float = 1e-4
+    prune_until: float = 0.4
+    qat_from: float = 0.7
+    train_texts: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name of the settings."""
+        return "_".join(f"{v}" for v in asdict(self).values())
+
+
+def train_slim(recipe: SlimRecipe, directory: Path) -> tuple[Path, dict[str, Any]]:
+    """Fit ``recipe``: slimming with every encoder layer distilled, then QAT; return the int8 file and figures.
+
+    When ``directory`` already holds this recipe's int8 file and figures (a benchmark run interrupted after
+    training), they are reused rather than trained again; the timing is always measured anew, side by side.
+    """
+    path = directory / f"slim_{recipe.key}.int8.onnx"
+    saved = path.with_suffix(".json")
+    if path.exists() and saved.exists():
+        return path, json.loads(saved.read_text())
+    seed_everything(0, workers=True)
+    module, data = (
+        SentenceEncoder(lr=recipe.lr),
+        DocstringTexts(batch_size=recipe.batch, corpus=recipe.corpus, train_texts=recipe.train_texts),
+    )
+    data.setup("fit")
+    steps = recipe.epochs * len(data.train_dataloader())
+    pruning = MagnitudePruning(
+        recipe.sparsity,
+        pattern="channels",
+        end_step=int(steps * recipe.prune_until),
+        every_n_steps=8,
+        channel_fractions=recipe.channel_fractions,
+    )
+    qat = QuantizationAwareTraining(
+        start_step=int(steps * recipe.qat_from), activations="dynamic", embeddings="int8", export_path=path
+    )
+    layers = [f"model.encoder.layer.{i}" for i in range(6)]
+    callbacks = [pruning, Distillation(loss="cosine", modules=layers), qat]
+    started = time.perf_counter()
+    trainer = quiet_trainer(max_epochs=recipe.epochs, callbacks=callbacks, limit_val_batches=1.0)
+    trainer.fit(module, datamodule=data)
+    figures = {
+        "steps": steps,
+        "train_texts": len(data.train_dataloader().dataset),
+        "train_minutes": (time.perf_counter() - started) / 60,
+        "fractions": _fractions_by_group(pruning),
+        "int8_at_start": qat.int8_at_start,
+        "int8_at_end": qat.int8_at_end,
+    }
+    figures["nonzero_parameters"] = sum(int(p.count_nonzero()) for p in module.parameters())
+    saved.write_text(json.dumps(figures, default=str))
+    return path, figures
+
+
+def _fractions_by_group(pruning: MagnitudePruning) -> dict[str, float] | None:
+    """Each channel group's multiplier of the target, by the group's module name (``None`` when uniform)."""
+    fractions = pruning._fractions  # benchmark-only peek: the callback logs them but keeps no public copy
+    if fractions is None:
+        return None
+    return {group.root: round(f, 3) for group, f in zip(pruning._groups.groups, fractions, strict=True)}
+
+
 def train_recipe(
     name: str,
     directory: Path,
@@ -43,7 +132,7 @@ def train_recipe(
     attention's heads, and how they are ranked); ``distill_layers`` also matches every encoder layer's output.
     """
     seed_everything(0, workers=True)
-    module, data = SentenceEncoder(lr=lr), DocstringTexts(batch_size=BATCH)
+    module, data = SentenceEncoder(lr=lr), DocstringTexts(batch_size=BATCH, corpus="first")
     data.setup("fit")
     steps = epochs * len(data.train_dataloader())
     path = directory / f"{name}_{importance}_{sparsity}_{epochs}_{lr}_{distill_layers}.int8.onnx"

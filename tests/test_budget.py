@@ -209,3 +209,61 @@ def test_a_conv_goes_back_to_float_with_its_folded_batchnorm_and_the_export_stil
     assert "output_quant" not in dict(model.net.bn.named_children()) and not model.net.bn._forward_hooks
     checks = [torch.rand(8, 1, 8, 8)]
     export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8), check_inputs=checks, on_mismatch="raise")
+
+
+class FragileCNN(FragileMLP):
+    """A digits CNN whose second conv is fragile in int8 the same way: huge weights on an input channel never open."""
+
+    def __init__(self) -> None:
+        LightningModule.__init__(self)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.fragile = nn.Conv2d(8, 16, 3, padding=1)
+        self.last = nn.Linear(16 * 16, 10)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+        self.lr = 1e-2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.fragile(torch.relu(self.conv1(x.reshape(-1, 1, 8, 8)))))
+        return self.last(nn.functional.avg_pool2d(features, 2).flatten(1))
+
+    @torch.no_grad()
+    def make_fragile(self) -> FragileCNN:
+        self.conv1.weight[0] = 0.0
+        self.conv1.bias[0] = -1.0  # channel 0 never opens
+        self.fragile.weight[:, 0] = 1000.0
+        return self
+
+
+@functools.cache
+def _trained_cnn_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = FragileCNN()
+    optimizer = model.configure_optimizers()
+    x, y = _digits(True).tensors
+    for _ in range(120):  # full batch: a few seconds
+        optimizer.zero_grad()
+        model.training_step((x, y), 0).backward()
+        optimizer.step()
+    return model.make_fragile().state_dict()
+
+
+def _trained_cnn() -> FragileCNN:
+    model = FragileCNN()
+    model.load_state_dict(_trained_cnn_state())
+    return model.eval()
+
+
+def test_a_cnn_budget_keeps_the_fragile_conv_float_and_an_unmeetable_one_warns():
+    model = _trained_cnn()
+    quantized, result = quantize_within_budget(
+        model, model.train_dataloader(), model.val_dataloader(), 0.02, progress=False
+    )
+    assert result.metric == "accuracy" and result.float_score > 0.8, result.describe()
+    assert result.sensitivity.costs[0].name == "fragile" and result.sensitivity.costs[0].cost > 0.3
+    assert [name for name, _ in result.kept_float] == ["fragile"] and result.met, result.describe()
+    assert set(quantized_modules(quantized)) == {"conv1", "last"}
+    with pytest.warns(UserWarning, match=r"quality budget 0 \(accuracy\) MISSED: float 0\.\d+, int8 0\.\d+"):
+        _, missed = quantize_within_budget(
+            _trained_cnn(), model.train_dataloader(), model.val_dataloader(), 0.0, include=["fragile"], progress=False
+        )
+    assert not missed.met and missed.loss > 0.3

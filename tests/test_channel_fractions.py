@@ -8,7 +8,8 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_accel import MagnitudePruning
-from lightning_accel.pruning.fractions import fractions_from_costs
+from lightning_accel.pruning.fractions import fractions_from_costs, shared_by_kind
+from lightning_accel.pruning.groups import ChannelGroup, ChannelGroups
 from tests.helpers import SaveRankState, fast_trainer_kwargs
 
 
@@ -24,6 +25,18 @@ def test_fractions_take_more_from_cheap_groups_and_the_same_channels_overall():
         MagnitudePruning(0.5, pattern="channels", channel_fractions="sometimes")
     with pytest.raises(ValueError, match=r"channel_fractions`='sensitivity'.*pattern='channels'"):
         MagnitudePruning(0.5, channel_fractions="sensitivity")
+
+
+def test_heads_and_channels_share_the_target_apart():
+    """Twelve heads beside 1536 FFN units would hardly weigh in one balance: each kind keeps its own total."""
+    groups = ChannelGroups(
+        [ChannelGroup(f"ffn{i}", 1536, ()) for i in range(2)]
+        + [ChannelGroup(f"attn{i}", 12, (), kind="heads") for i in range(2)]
+    )
+    fractions = shared_by_kind(groups, [0.03, 0.01, 0.005, 0.08], 0.3)
+    assert fractions[0] * 1536 + fractions[1] * 1536 == pytest.approx(2 * 1536)  # the same units overall
+    assert fractions[2] * 12 + fractions[3] * 12 == pytest.approx(2 * 12)  # and the same heads overall
+    assert fractions[1] > 1 > fractions[0] and fractions[2] > 1 > fractions[3]
 
 
 def _pruning():

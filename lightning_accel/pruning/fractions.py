@@ -69,6 +69,24 @@ def fractions_from_costs(costs: Sequence[float], channels: Sequence[int], sparsi
     return fractions
 
 
+def shared_by_kind(groups: ChannelGroups, costs: Sequence[float], sparsity: float) -> list[float]:
+    """:func:`fractions_from_costs` within each kind: channels share among channel groups, heads among heads.
+
+    A head spans as many parameters as an FFN's hundreds of units, so counted together the few heads would
+    hardly weigh in the balance and could all go; within each kind the same heads and the same channels are
+    removed overall as with uniform fractions.
+    """
+    fractions = [1.0] * len(groups.groups)
+    for kind in sorted({group.kind for group in groups.groups}):
+        members = [i for i, group in enumerate(groups.groups) if group.kind == kind]
+        shared = fractions_from_costs(
+            [costs[i] for i in members], [groups.groups[i].channels for i in members], sparsity
+        )
+        for i, fraction in zip(members, shared, strict=True):
+            fractions[i] = fraction
+    return fractions
+
+
 def measured_fractions(callback: Any, trainer: Trainer, pl_module: LightningModule, batch: Any) -> list[float] | None:
     """For ``MagnitudePruning``: rank 0 measures the fractions at the callback's target; other ranks ``None``."""
     if not trainer.is_global_zero:
@@ -88,7 +106,7 @@ def measure_fractions(
     parameters = dict(pl_module.named_parameters())
     costs = [_cost_alone(pl_module, parameters, group, sparsity, probe, reference) for group in groups.groups]
     pl_module.train(was_training)
-    fractions = fractions_from_costs(costs, [g.channels for g in groups.groups], sparsity)
+    fractions = shared_by_kind(groups, costs, sparsity)
     shown = ", ".join(
         f"{g.root} {f:.2f}x (cost {c:+.4f})" for g, f, c in zip(groups.groups, fractions, costs, strict=True)
     )
