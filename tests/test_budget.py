@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_accel import PostTrainingQuantization
 from lightning_accel._core.stage import built_deployment
-from lightning_accel.quantization.budget import BudgetData, quantize_within_budget, weight_only_within_budget
+from lightning_accel.quantization.budget import quantize_within_budget
+from lightning_accel.quantization.budget_int4 import BudgetData, weight_only_within_budget
 from lightning_accel.quantization.prepare import quantized_modules
 from lightning_accel.quantization.sensitivity import int8_sensitivity
 from tests.helpers import fast_trainer_kwargs
@@ -149,7 +150,7 @@ def test_ptq_with_a_budget_in_a_trainer_notes_what_it_kept_float(tmp_path):
     assert any("quality budget 0.02 (accuracy) met" in note for note in notes), notes
     budget = report.report["quality_budget"]["PostTrainingQuantization"]
     assert budget["met"] and budget["layers"][0]["name"] == "fragile" and budget["layers"][0]["kept_float"]
-    assert re.search(r"\| fragile \| \+0\.\d{4} \| yes \|", to_markdown(report.report))
+    assert re.search(r"\| fragile \| \+0\.\d{4} \| float \|", to_markdown(report.report))
     with pytest.raises(ValueError, match=r"max_quality_loss.*got -1"):
         PostTrainingQuantization("m.onnx", max_quality_loss=-1)
     with pytest.raises(ValueError, match=r"max_quality_loss.*got nan"):
@@ -178,8 +179,31 @@ def test_qat_with_a_budget_puts_the_fragile_trained_layer_back_in_float(tmp_path
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     float_products = [n for n in graph.node if n.op_type in ("Gemm", "MatMul") and "fragile" in n.name]
     assert float_products, [n.name for n in graph.node]  # the fragile layer runs in float in the file
-    with pytest.raises(ValueError, match=r"max_quality_loss.*weight_bits=4"):
-        QuantizationAwareTraining(weight_bits=4, max_quality_loss=0.1)
+
+
+def test_int4_qat_with_a_budget_holds_the_fragile_trained_layer_back_and_exports_what_it_scored(tmp_path):
+    import onnx
+    from lightning import Trainer
+
+    from lightning_accel import AccelerationReport, QuantizationAwareTraining
+    from lightning_accel.quantization.weight_only import group_quantized_layers
+
+    model = _trained()
+    model.lr = 1e-5  # two steps that barely move the weights: the fragile layer stays fragile
+    qat = QuantizationAwareTraining(
+        export_path=str(tmp_path / "m.onnx"), weight_bits=4, group_size=16, max_quality_loss=0.03
+    )
+    report = AccelerationReport(directory=tmp_path / "report", latency=False, plots=False)
+    trainer = Trainer(**fast_trainer_kwargs(max_steps=2, default_root_dir=tmp_path), callbacks=[qat, report])
+    trainer.fit(model)
+    assert qat.budget is not None and qat.budget.label == "int4", qat.budget
+    assert [name for name, _ in qat.budget.kept_float] == ["fragile"] and qat.budget.met, qat.budget.describe()
+    deployment = built_deployment(trainer)
+    assert set(group_quantized_layers(deployment.evaluated_int8)) == {"first", "last"}
+    assert any("QAT: quality budget 0.03 (accuracy) met" in note for note in deployment.notes)
+    assert report.report["quality_budget"]["QuantizationAwareTraining"]["layers"][0]["kept_float"]
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 2, [n.op_type for n in nodes]
 
 
 def test_int4_weights_within_a_budget_keep_the_fragile_layer_float():
@@ -193,6 +217,33 @@ def test_int4_weights_within_a_budget_keep_the_fragile_layer_float():
     assert result.kept_float[0][0] == "fragile" and result.met, result.describe()
     assert "fragile" not in group_quantized_layers(quantized) and "first" in group_quantized_layers(quantized)
     assert ", int4 " in result.describe()
+
+
+def test_int4_layers_step_to_8_bits_before_float_and_the_mixed_file_computes_what_was_scored(tmp_path):
+    """The fragile layer is broken at 8 bits too (its huge column sets the group's scale) and goes float; a tight
+    budget then holds the next layer at 8-bit groups rather than float; what the budget freed goes back to int4."""
+    from lightning_accel.quantization.weight_only import (
+        WeightOnlySettings,
+        export_weight_only_onnx,
+        group_quantized_layers,
+    )
+
+    model = _trained()
+    data = BudgetData(model.train_dataloader(), model.val_dataloader(), progress=False)
+    quantized, result = weight_only_within_budget(model, WeightOnlySettings(bits=4, group_size=32), data, 0.003)
+    assert [name for name, _ in result.kept_float] == ["fragile"] and result.met, result.describe()
+    assert [name for name, _ in result.kept_8bit] == ["first"], result.describe()  # "last" went back to int4
+    bits = {name: layer.bits for name, layer in group_quantized_layers(quantized).items()}
+    assert bits == {"first": 8, "last": 4}
+    assert "held at int8 groups: first (int4 alone +0.0" in result.describe()
+    assert result.as_dict()["layers"][1] == {
+        "name": "first", "cost": result.kept_8bit[0][1], "kept_float": False, "kept_8bit": True
+    }  # fmt: skip
+    x = _digits(False).tensors[0][:64]
+    _, figures = export_weight_only_onnx(quantized, tmp_path / "m.onnx", x[:1], check_inputs=[x], on_mismatch="raise")
+    assert figures.agreement == 1.0 and figures.snr_db > 60, figures
+    _, loose = weight_only_within_budget(model, WeightOnlySettings(bits=4, group_size=32), data, 0.05)
+    assert loose.kept_8bit == [] and [name for name, _ in loose.kept_float] == ["fragile"], loose.describe()
 
 
 def test_a_conv_goes_back_to_float_with_its_folded_batchnorm_and_the_export_still_matches(tmp_path):

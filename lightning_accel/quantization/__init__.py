@@ -1,11 +1,7 @@
 """Int8 and group-wise int4 quantization: prepare (fake quantization), calibrate, convert, export, callbacks."""
 
-from lightning_accel.quantization.budget import (
-    BudgetData,
-    BudgetResult,
-    quantize_within_budget,
-    weight_only_within_budget,
-)
+from lightning_accel.quantization.budget import BudgetResult, quantize_within_budget
+from lightning_accel.quantization.budget_int4 import BudgetData, weight_only_within_budget
 from lightning_accel.quantization.calibration import calibrate_
 from lightning_accel.quantization.convert import as_evaluated, to_deployable
 from lightning_accel.quantization.export import export_onnx, export_onnx_checked

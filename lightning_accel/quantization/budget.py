@@ -9,12 +9,13 @@ calibrated afresh without the kept layers and measured once more: that figure is
 budget that even the float-kept choice cannot meet is a warning with the figures, never silence.
 
 Three entry points: :func:`quantize_within_budget` (int8 PTQ), :func:`trained_within_budget` (int8 QAT, at the end
-of fit: the trained layers go back to float) and :func:`weight_only_within_budget` (int4 groups, PTQ).
+of fit: the trained layers go back to float) and :mod:`budget_int4`'s ``weight_only_within_budget`` (int4 groups,
+PTQ: held back to 8-bit groups first, then float).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,15 +36,12 @@ from lightning_accel.quantization.prepare import float_copy, quantized_modules, 
 from lightning_accel.quantization.progress import QualityProbe
 from lightning_accel.quantization.sensitivity import (
     SENSITIVITY_BATCHES,
-    LayerCost,
     Sensitivity,
     int8_sensitivity,
     layer_costs,
     only_quantized,
-    progress_bar,
     scoring_probe,
 )
-from lightning_accel.quantization.weight_only import WeightOnlySettings, group_quantized_layers
 
 
 @dataclass
@@ -58,6 +56,7 @@ class BudgetResult:
         kept_float: The layers kept float, most sensitive first, each with its cost when quantized alone.
         sensitivity: Every layer's cost.
         label: The format quantized to (``"int8"``, ``"int4"``).
+        kept_8bit: Where 4 bits were asked, the layers held at 8-bit groups instead, with their int4 cost alone.
     """
 
     budget: float
@@ -67,6 +66,7 @@ class BudgetResult:
     kept_float: list[tuple[str, float]] = field(default_factory=list)
     sensitivity: Sensitivity | None = None
     label: str = "int8"
+    kept_8bit: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
@@ -81,6 +81,7 @@ class BudgetResult:
     def as_dict(self, limit: int = 20) -> dict[str, Any]:
         """Plain values for ``report.json``: the figures, and the ``limit`` most sensitive layers with their costs."""
         kept = {name for name, _ in self.kept_float}
+        at_8_bits = {name for name, _ in self.kept_8bit}
         costs = self.sensitivity.costs[:limit] if self.sensitivity is not None else []
         return {
             "budget": self.budget,
@@ -90,16 +91,21 @@ class BudgetResult:
             "loss": self.loss,
             "met": self.met,
             "sensitivity_seconds": self.sensitivity.seconds if self.sensitivity is not None else None,
-            "layers": [{"name": c.name, "cost": c.cost, "kept_float": c.name in kept} for c in costs],
+            "layers": [
+                {"name": c.name, "cost": c.cost, "kept_float": c.name in kept, "kept_8bit": c.name in at_8_bits}
+                for c in costs
+            ],
         }
 
     def describe(self) -> str:
         """One line: the budget, the measured figures and every layer kept float with its cost."""
         kept = ", ".join(f"{name} (alone {cost:+.4f})" for name, cost in self.kept_float) or "none"
         verdict = "met" if self.met else "MISSED"
+        held = ", ".join(f"{name} (int4 alone {cost:+.4f})" for name, cost in self.kept_8bit)
         return (
             f"quality budget {self.budget:g} ({self.metric}) {verdict}: float {self.float_score:.4f}, {self.label} "
-            f"{self.final_score:.4f} (loss {self.loss:+.4f}); kept float: {kept}"
+            f"{self.final_score:.4f} (loss {self.loss:+.4f}); {f'held at int8 groups: {held}; ' if held else ''}"
+            f"kept float: {kept}"
         )
 
 
@@ -118,19 +124,9 @@ def strip_layers_(model: nn.Module, names: list[str]) -> None:
         object.__setattr__(layer, "relu_after", None)
 
 
-def validate_budget(max_quality_loss: Any, weight_only: bool = False) -> float | None:
-    """``None``, or a non-negative finite number: the allowed loss (``ValueError`` naming the argument).
-
-    ``weight_only``: the callback quantizes weight-only groups (int4), for which no budget is supported yet.
-    """
-    if max_quality_loss is None:
-        return None
-    if weight_only:
-        raise ValueError(
-            "`max_quality_loss` chooses which layers stay float in int8 (static or dynamic activations); with "
-            "weight-only groups (weight_bits=4) it is not supported yet: leave it None"
-        )
-    return validate_quality_budget(max_quality_loss)
+def validate_budget(max_quality_loss: Any) -> float | None:
+    """``None``, or a non-negative finite number: the allowed loss (``ValueError`` naming the argument)."""
+    return None if max_quality_loss is None else validate_quality_budget(max_quality_loss)
 
 
 @torch.no_grad()
@@ -159,7 +155,7 @@ def quantize_within_budget(
     Returns:
         The calibrated copy (kept layers excluded) and what was decided and measured.
     """
-    calibration = list(_first(calibration, calibration_batches))
+    calibration = list(itertools.islice(calibration, calibration_batches))
     sensitivity, quantized, probe = int8_sensitivity(
         model, calibration, validation, model_input, calibration_batches, progress, **prepare
     )
@@ -179,19 +175,25 @@ def quantize_within_budget(
 
 
 def keep_float_until_within(
-    sensitivity: Sensitivity, max_quality_loss: float, score: Callable[[], float], keep_float: Callable[[str], None]
+    sensitivity: Sensitivity,
+    max_quality_loss: float,
+    score: Callable[[], float],
+    keep_float: Callable[[str], None],
+    keep_all: bool = False,
 ) -> list[tuple[str, float]]:
     """The layers to keep float, most sensitive first, until the whole model scores within the budget.
 
     ``score()`` scores the model as it stands and ``keep_float(name)`` puts one more layer back in float: every step
     is measured, never summed from the single costs. At least one layer stays quantized: an all-float model is no
-    answer (the budget is then missed).
+    answer (the budget is then missed). ``keep_all``: the step is to a finer format, not float (int4 to 8 bits),
+    and may take every layer.
     """
     kept: list[tuple[str, float]] = []
     current = score()
+    most = len(sensitivity.costs) - (0 if keep_all else 1)
     for layer in sensitivity.costs:
         loss = cost_of(sensitivity.metric, sensitivity.float_score, current)
-        if loss <= max_quality_loss or len(kept) == len(sensitivity.costs) - 1:
+        if loss <= max_quality_loss or len(kept) == most:
             break
         kept.append((layer.name, layer.cost))
         keep_float(layer.name)
@@ -244,77 +246,3 @@ def trained_within_budget(
     (rank_zero_info if result.met else rank_zero_warn)(f"QuantizationAwareTraining: {result.describe()}")
     notes.append(f"QAT: {result.describe()}.")
     return final, result
-
-
-@dataclass(frozen=True)
-class BudgetData:
-    """The batches a budget measures with.
-
-    Attributes:
-        calibration: Batches to calibrate on (``None``: a data-free method such as round to nearest).
-        validation: Batches to score on (the first 8).
-        model_input: Which part of a batch is the model's input.
-        calibration_batches: How many calibration batches.
-        progress: Show a progress bar over the per-layer probes.
-    """
-
-    calibration: Iterable[Any] | None
-    validation: Iterable[Any]
-    model_input: Any = None
-    calibration_batches: int = 8
-    progress: bool = True
-
-
-@torch.no_grad()
-def weight_only_within_budget(
-    model: nn.Module, settings: WeightOnlySettings, data: BudgetData, max_quality_loss: float
-) -> tuple[nn.Module, BudgetResult]:
-    """The group-quantized (int4) copy of ``model`` with its most sensitive layers kept float until within budget.
-
-    Each layer's cost is measured with only that layer in int4 (swapped into a float copy); then, from the whole
-    int4 model, the most costly layers go back to float, scoring after each. The final copy is quantized afresh
-    without them and scored once more.
-    """
-    calibration, validation, model_input = data.calibration, data.validation, data.model_input
-    calibration_batches, progress = data.calibration_batches, data.progress
-    started = time.perf_counter()
-    batches = [batch for _, batch in zip(range(SENSITIVITY_BATCHES), validation, strict=False)]
-    probe = scoring_probe(model, batches, model_input)
-    plain = module_copy(model).eval()
-    reference = probe.score(plain)
-    calibration = list(_first(calibration, calibration_batches)) if calibration is not None else None
-    options = {"calibration_batches": calibration_batches, "model_input": model_input}
-    quantized = settings.quantize(model, calibration, **options)
-    layers = group_quantized_layers(quantized)
-    costs = []
-    for name in progress_bar(list(layers), progress, f"int{settings.bits} sensitivity"):
-        original = plain.get_submodule(name)
-        _swap(plain, name, layers[name])
-        score = probe.score(plain)
-        _swap(plain, name, original)
-        costs.append(LayerCost(name, score, cost_of(probe.metric, reference, score)))
-    costs.sort(key=lambda c: c.cost, reverse=True)
-    sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
-
-    def keep_float(name: str) -> None:
-        _swap(quantized, name, module_copy(model.get_submodule(name)).eval())
-
-    kept = keep_float_until_within(sensitivity, max_quality_loss, lambda: probe.score(quantized), keep_float)
-    exclude = (*(settings.exclude or ()), *(name for name, _ in kept))
-    final = dataclasses.replace(settings, exclude=exclude or None).quantize(model, calibration, **options)
-    label = f"int{settings.bits}"
-    result = BudgetResult(max_quality_loss, probe.metric, reference, probe.score(final), kept, sensitivity, label)
-    (rank_zero_info if result.met else rank_zero_warn)(f"PostTrainingQuantization: {result.describe()}")
-    return final, result
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _first(batches: Iterable[Any], count: int) -> Iterable[Any]:
-    for index, batch in enumerate(batches):
-        if index >= count:
-            return
-        yield batch

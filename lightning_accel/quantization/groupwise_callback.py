@@ -19,11 +19,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._core.files import probe_writable, resolve_artifact_path
 from lightning_accel._core.inputs import batch_picker, example_input
-from lightning_accel._core.lightning import TrainingSteps, configure_model_early
+from lightning_accel._core.lightning import TrainingSteps, configure_model_early, validation_loader
 from lightning_accel._core.stage import Contribution
 from lightning_accel._core.validation import check_state_version
+from lightning_accel.quantization.budget import BudgetResult
+from lightning_accel.quantization.budget_int4 import BudgetData, weight_only_within_budget
 from lightning_accel.quantization.calibration import check_batches
 from lightning_accel.quantization.groupwise_qat import (
+    group_qat_layers,
     group_qat_to_deployable,
     prepare_group_qat_,
     set_group_qat_active,
@@ -94,11 +97,22 @@ class GroupQATDriver:
         self.at_start: dict[str, Any] | None = None
         self.at_end: dict[str, Any] | None = None
         self._probe: Any = None
+        self.max_quality_loss: float | None = None
+        #: What the quality budget held back at the end of fit, with the measured figures.
+        self.budget: BudgetResult | None = None
 
-    def configure(self, start_step: int | float, export_path: str | None, model_input: Any, on_mismatch: str) -> None:
-        """The callback's validated options: where rounding starts, the export, its input and its check."""
+    def configure(
+        self,
+        start_step: int | float,
+        export_path: str | None,
+        model_input: Any,
+        on_mismatch: str,
+        max_quality_loss: float | None = None,
+    ) -> None:
+        """The callback's validated options: where rounding starts, the export, its input, its check, the budget."""
         self.start_step, self.export_path = start_step, export_path
         self.model_input, self.on_mismatch = model_input, on_mismatch
+        self.max_quality_loss = max_quality_loss
         self._start = start_step if isinstance(start_step, int) else None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -178,11 +192,27 @@ class GroupQATDriver:
         return Contribution(
             owner="QuantizationAwareTraining",
             notes=notes,
-            int8_model=lambda: group_qat_to_deployable(pl_module),
+            int8_model=lambda: self._deployable(trainer, pl_module, notes),
             int8_path=path,
             check_inputs=check_batches(trainer, pl_module, batch_picker(self.model_input, pl_module)),
             on_mismatch=self.on_mismatch,
         )
+
+    def _deployable(self, trainer: Trainer, pl_module: LightningModule, notes: list[str]) -> Any:
+        """The trained weights rounded as trained; with a budget, the most sensitive layers held back first.
+
+        The budget scores, on validation batches (else training batches), each trained layer rounded alone, then
+        steps the costliest back to 8-bit groups and float until the whole model is within it (round to nearest
+        of the trained weights: what training rounded to).
+        """
+        if self.max_quality_loss is None:
+            return group_qat_to_deployable(pl_module)
+        trained = dataclasses.replace(self.settings, include=tuple(group_qat_layers(pl_module)), exclude=None)
+        batches = validation_loader(trainer) or trainer.train_dataloader
+        data = BudgetData(None, batches, self.model_input, owner="QuantizationAwareTraining")
+        model, self.budget = weight_only_within_budget(strip_group_qat(pl_module), trained, data, self.max_quality_loss)
+        notes.append(f"QAT: {self.budget.describe()}.")
+        return model
 
     def dry_run_contribution(self, trainer: Trainer, pl_module: LightningModule) -> Contribution | None:
         """The deployable copy of the current weights, for the stage's combined dry run at fit start."""

@@ -16,13 +16,8 @@ from lightning_accel._core.lightning import configure_model_early, validation_lo
 from lightning_accel._core.modules import module_copy
 from lightning_accel._core.stage import Contribution, DeployingCallback
 from lightning_accel._core.validation import validate_int
-from lightning_accel.quantization.budget import (
-    BudgetData,
-    BudgetResult,
-    quantize_within_budget,
-    validate_budget,
-    weight_only_within_budget,
-)
+from lightning_accel.quantization.budget import BudgetResult, quantize_within_budget, validate_budget
+from lightning_accel.quantization.budget_int4 import BudgetData, weight_only_within_budget
 from lightning_accel.quantization.calibration import (
     calibrate_,
     check_batches,

@@ -99,8 +99,8 @@ class QuantizationAwareTraining(DeployingCallback):
             with one scale per row (a 30522 x 384 word table: 46.9 MB fp32, 11.7 MB int8), fake-quantized alike.
         group_size: With ``weight_bits=4``: inputs per scale (16, 32, 64, 128, 256).
         symmetric: With ``weight_bits=4``: no stored zero point (``True``) or one per group.
-        max_quality_loss: A quality budget for int8, as ``PostTrainingQuantization``'s: at the end of fit the most
-            sensitive trained layers go back to float until the measured loss is within it (said in the notes).
+        max_quality_loss: A quality budget, as ``PostTrainingQuantization``'s: at the end of fit the most sensitive
+            trained layers go back to float (int4: first to 8-bit groups) until the measured loss is within it.
 
     Example:
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(export_path="model.int8.onnx")])  # doctest: +SKIP
@@ -126,30 +126,25 @@ class QuantizationAwareTraining(DeployingCallback):
         symmetric: bool = True,
         max_quality_loss: float | None = None,
     ) -> None:
-        start_step, freeze_observers_step, freeze_bn_step = validate_qat_steps(
-            start_step, freeze_observers_step, freeze_bn_step
-        )
-        log_ranges = validate_bool("log_ranges", log_ranges)
+        steps = validate_qat_steps(start_step, freeze_observers_step, freeze_bn_step)
+        self.start_step, self.freeze_observers_step, self.freeze_bn_step = steps
+        self.log_ranges = validate_bool("log_ranges", log_ranges)
         check_model_input(model_input)
         self.model_input = model_input
         self.on_mismatch = check_on_mismatch(on_mismatch)
         self.export_path = check_export_path(export_path)
+        self.max_quality_loss = validate_budget(max_quality_loss)
+        self._budget: BudgetResult | None = None
         #: With ``weight_bits=4``, the driver every hook hands over to (:mod:`groupwise_callback`), else ``None``.
         self.weight_only = weight_only_driver(
             weight_bits, activations, embeddings, group_size, symmetric, include, exclude
         )
         if self.weight_only:
-            self.weight_only.configure(start_step, self.export_path, model_input, self.on_mismatch)
+            self.weight_only.configure(steps[0], self.export_path, model_input, self.on_mismatch, self.max_quality_loss)
         #: The int8 preparation settings, validated once and taken whole by prepare, calibrate and the dry runs.
         bits = DEFAULT_WEIGHT_BITS if self.weight_only else weight_bits
         activations = "static" if self.weight_only or activations is None else activations
         self.settings = Int8Settings(include, exclude, fold_bn, bits, outputs, activations, embeddings)
-        self.max_quality_loss = validate_budget(max_quality_loss, weight_only=self.weight_only is not None)
-        self.budget: BudgetResult | None = None  #: what the budget kept float, and the measured figures
-        self.start_step = start_step
-        self.freeze_observers_step = freeze_observers_step
-        self.freeze_bn_step = freeze_bn_step
-        self.log_ranges = log_ranges
         self.skipped_ranges = 0
         #: Where the export goes: ``export_path``, under the run's log directory when relative (set at setup).
         self.resolved_export_path: str | None = None
@@ -170,13 +165,18 @@ class QuantizationAwareTraining(DeployingCallback):
         self._training_steps = TrainingSteps()
         self._applied: tuple[bool, bool] | None = None  # (fake_quant, observe) last set on the model
         # (start, freeze observers, freeze BatchNorm) as optimizer steps, once fractions are resolved at fit start.
-        self._steps = known_steps((start_step, freeze_observers_step, freeze_bn_step))
+        self._steps = known_steps(steps)
 
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints."""
         settings = self.settings.as_state()
         return self._generate_state_key(include=settings["include"], exclude=settings["exclude"])
+
+    @property
+    def budget(self) -> BudgetResult | None:
+        """What the quality budget held back, with the measured figures (``None`` without one, or before deploy)."""
+        return self.weight_only.budget if self.weight_only else self._budget
 
     def phase_at(self, step: int) -> int:
         """The phase at optimizer step ``step``: float, observing (fake-quant on) or frozen.
@@ -383,7 +383,7 @@ class QuantizationAwareTraining(DeployingCallback):
     # --- helpers ------------------------------------------------------------------------------------------------
 
     def _within_budget(self, trainer: Trainer, pl_module: LightningModule, notes: list[str]) -> nn.Module:
-        model, self.budget = trained_within_budget(pl_module, trainer, self.max_quality_loss, self.model_input, notes)
+        model, self._budget = trained_within_budget(pl_module, trainer, self.max_quality_loss, self.model_input, notes)
         return model
 
     def _load_into_model(self, state: dict[str, Any]) -> None:

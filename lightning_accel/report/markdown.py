@@ -99,7 +99,7 @@ def _quality_table(report: Mapping[str, Any]) -> list[str]:
 
 
 def _budget_table(report: Mapping[str, Any]) -> list[str]:
-    """What a quality budget measured: the figures, and each layer's cost alone with whether it was kept float."""
+    """What a quality budget measured: the figures, and each layer's cost alone with where it was held back to."""
     lines: list[str] = []
     for owner, budget in report.get("quality_budget", {}).items():
         verdict = "met" if budget["met"] else "**missed**"
@@ -108,15 +108,18 @@ def _budget_table(report: Mapping[str, Any]) -> list[str]:
             f"{budget['float']:.4f}, deployed {budget['final']:.4f} (loss {budget['loss']:+.4f}); each layer "
             f"quantized alone, measured in {budget['sensitivity_seconds']:.1f} s:",
             "",
-            f"| layer | {budget['metric']} cost, quantized alone | kept float |",
+            f"| layer | {budget['metric']} cost, quantized alone | held back to |",
             "| --- | --- | --- |",
-            *(
-                f"| {layer['name']} | {layer['cost']:+.4f} | {'yes' if layer['kept_float'] else ''} |"
-                for layer in budget["layers"]
-            ),
+            *(f"| {layer['name']} | {layer['cost']:+.4f} | {_held_back(layer)} |" for layer in budget["layers"]),
             "",
         ]
     return lines
+
+
+def _held_back(layer: Mapping[str, Any]) -> str:
+    if layer["kept_float"]:
+        return "float"
+    return "int8 groups" if layer.get("kept_8bit") else ""
 
 
 def size_ratio(base: int | None, size: int) -> str:
