@@ -56,9 +56,15 @@ def _digits_mlp():
 def test_sensitivity_fractions_prune_groups_unevenly_and_resume_with_the_same_fractions(tmp_path, monkeypatch):
     import lightning_accel.pruning.fractions as fractions_module
 
+    from lightning_accel import AccelerationReport
+    from lightning_accel.report.markdown import to_markdown
+
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
     first = _pruning()
-    trainer = Trainer(**fast_trainer_kwargs(max_epochs=2, enable_checkpointing=True), callbacks=[first, checkpoints])
+    report = AccelerationReport(directory=tmp_path / "report", latency=False, plots=False)
+    trainer = Trainer(
+        **fast_trainer_kwargs(max_epochs=2, enable_checkpointing=True), callbacks=[first, checkpoints, report]
+    )
     trainer.fit(_digits_mlp())
     groups = first._groups.groups
     assert first._fractions is not None and len(first._fractions) == len(groups) >= 2
@@ -66,15 +72,21 @@ def test_sensitivity_fractions_prune_groups_unevenly_and_resume_with_the_same_fr
     channels = [g.channels for g in groups]
     assert sum(f * n for f, n in zip(first._fractions, channels, strict=True)) == pytest.approx(sum(channels))
     assert first.state_dict()["channel_fractions"] == first._fractions
+    measured = report.report["channel_sensitivity"]["MagnitudePruning"]
+    assert measured["metric"] == "accuracy" and measured["sparsity"] == 0.5 and measured["seconds"] > 0
+    assert [row["fraction"] for row in measured["groups"]] == first._fractions
+    costliest = max(measured["groups"], key=lambda row: row["cost"])
+    assert costliest["fraction"] == min(first._fractions)  # the costliest removal gives the least
+    assert f"| {costliest['group']} | channels | {costliest['cost']:+.4f} |" in to_markdown(report.report)
 
     def measured_again(*args, **kwargs):
         raise AssertionError("a resumed fit must reuse the saved fractions")
 
-    monkeypatch.setattr(fractions_module, "measure_fractions", measured_again)
+    monkeypatch.setattr(fractions_module, "channel_sensitivity", measured_again)
     second = _pruning()
     resumed = Trainer(**fast_trainer_kwargs(max_epochs=2), callbacks=[second])
     resumed.fit(_digits_mlp(), ckpt_path=tmp_path / "epoch=0.ckpt")
-    assert second._fractions == first._fractions
+    assert second._fractions == first._fractions and second.channel_sensitivity == first.channel_sensitivity
     assert all(torch.equal(first._masks[k].cpu(), second._masks[k].cpu()) for k in first._masks)
 
 

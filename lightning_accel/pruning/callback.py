@@ -141,6 +141,8 @@ class MagnitudePruning(DeployingCallback):
         self.importance = check_importance(importance, self.pattern.kind, pattern)
         self.channel_fractions = validate_channel_fractions(channel_fractions, self.pattern.kind)
         self._fractions: list[float] | None = None  # each group's multiplier of the target (measured once)
+        #: With ``channel_fractions="sensitivity"``: each group's measured cost and fraction (``channel_sensitivity``).
+        self.channel_sensitivity: dict[str, Any] | None = None
         self.quality = PruningBudget(max_quality_loss)  #: the dense and the pruned score against the budget
         self._scorer: TaylorImportance | WandaImportance | None = None  # Taylor or Wanda sums between masks
         self._scorer_state: dict[str, Any] | None = None  # restored before setup made the groups
@@ -283,7 +285,8 @@ class MagnitudePruning(DeployingCallback):
         scores = self._scorer.take(pl_module, batch) if self._scorer is not None else None  # every rank restarts
         self.quality.start(trainer, pl_module, batch)  # with a budget: the dense model's score, before any mask
         if self.channel_fractions == "sensitivity" and self._fractions is None:  # measured once, by rank 0
-            self._fractions = decide_on_rank_zero(trainer, measured_fractions(self, trainer, pl_module, batch))
+            self.channel_sensitivity = decide_on_rank_zero(trainer, measured_fractions(self, trainer, pl_module, batch))
+            self._fractions = [row["fraction"] for row in self.channel_sensitivity["groups"]]
         if trainer.is_global_zero:
             groups = self._groups if self._groups is None else replace(self._groups, fractions=self._fractions)
             masks = next_masks(weights, target, groups, self.pattern_string, self.scope, self._masks, scores)

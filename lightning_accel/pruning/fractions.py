@@ -87,18 +87,24 @@ def shared_by_kind(groups: ChannelGroups, costs: Sequence[float], sparsity: floa
     return fractions
 
 
-def measured_fractions(callback: Any, trainer: Trainer, pl_module: LightningModule, batch: Any) -> list[float] | None:
-    """For ``MagnitudePruning``: rank 0 measures the fractions at the callback's target; other ranks ``None``."""
+def measured_fractions(callback: Any, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict | None:
+    """For ``MagnitudePruning``: rank 0 measures at its target (:func:`channel_sensitivity`); other ranks ``None``."""
     if not trainer.is_global_zero:
         return None
-    return measure_fractions(trainer, pl_module, callback._groups, callback.target_sparsity, batch, None)
+    return channel_sensitivity(trainer, pl_module, callback._groups, callback.target_sparsity, batch, None)
 
 
 @torch.no_grad()
-def measure_fractions(
+def channel_sensitivity(
     trainer: Trainer, pl_module: LightningModule, groups: ChannelGroups, sparsity: float, batch: Any, model_input: Any
-) -> list[float]:
-    """Score each group's removal alone on validation batches (else this training batch) and share ``sparsity``."""
+) -> dict[str, Any]:
+    """Score each group's removal alone on validation batches (else this training batch) and share ``sparsity``.
+
+    Returns:
+        Plain values (checkpoints and the report keep them): ``metric``, ``sparsity``, ``seconds``, and ``groups``,
+        one row per group in the order of ``groups.groups``: ``group`` (its root module), ``kind``, ``cost`` (the
+        score lost with that group alone at ``sparsity``) and ``fraction`` (its multiplier of the target).
+    """
     started = time.perf_counter()
     was_training = pl_module.training
     probe = scoring_probe(trainer, pl_module, batch, model_input)
@@ -107,14 +113,17 @@ def measure_fractions(
     costs = [_cost_alone(pl_module, parameters, group, sparsity, probe, reference) for group in groups.groups]
     pl_module.train(was_training)
     fractions = shared_by_kind(groups, costs, sparsity)
-    shown = ", ".join(
-        f"{g.root} {f:.2f}x (cost {c:+.4f})" for g, f, c in zip(groups.groups, fractions, costs, strict=True)
-    )
+    rows = [
+        {"group": g.root, "kind": g.kind, "cost": float(c), "fraction": float(f)}
+        for g, f, c in zip(groups.groups, fractions, costs, strict=True)
+    ]
+    seconds = time.perf_counter() - started
+    shown = ", ".join(f"{row['group']} {row['fraction']:.2f}x (cost {row['cost']:+.4f})" for row in rows)
     rank_zero_info(
         f"MagnitudePruning: channel fractions from each group's measured {probe.metric} cost at {sparsity:.0%} alone "
-        f"({time.perf_counter() - started:.2f} s): {shown}"
+        f"({seconds:.2f} s): {shown}"
     )
-    return fractions
+    return {"metric": probe.metric, "sparsity": float(sparsity), "seconds": seconds, "groups": rows}
 
 
 @torch.no_grad()

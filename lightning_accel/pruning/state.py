@@ -19,6 +19,7 @@ def pruning_state(callback: Any, version: int) -> dict[str, Any]:
         "training_batches": callback._training_steps.batches,
         "importance_scores": callback._scorer.state_dict() if callback._scorer is not None else {},
         "channel_fractions": callback._fractions,
+        "channel_sensitivity": callback.channel_sensitivity,
     }
 
 
@@ -34,6 +35,7 @@ def restore_pruning_state(callback: Any, state: dict[str, Any], version: int) ->
     callback._last_step = int(state.get("last_step", -1))
     callback._training_steps.batches = int(state.get("training_batches", 0))
     callback._fractions = state.get("channel_fractions")
+    callback.channel_sensitivity = state.get("channel_sensitivity")
     callback._scorer_state = dict(state.get("importance_scores") or state.get("taylor") or {}) or None
     if callback._scorer is not None and callback._scorer_state is not None:
         callback._scorer.load_state_dict(callback._scorer_state)

@@ -17,7 +17,15 @@ from lightning_accel.report.measure import LatencySpread, describe_cpu
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables (the same content as report.json)."""
     lines = ["# Acceleration report", "", f"Measured on {describe_cpu(report['cpu'])}.", ""]
-    for table in (_model_table, _size_table, _latency_table, generation_table, _quality_table, _budget_table):
+    for table in (
+        _model_table,
+        _size_table,
+        _latency_table,
+        generation_table,
+        _quality_table,
+        _budget_table,
+        _fractions_table,
+    ):
         lines += table(report)
     lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -111,6 +119,25 @@ def _budget_table(report: Mapping[str, Any]) -> list[str]:
             f"| layer | {budget['metric']} cost, quantized alone | held back to |",
             "| --- | --- | --- |",
             *(f"| {layer['name']} | {layer['cost']:+.4f} | {_held_back(layer)} |" for layer in budget["layers"]),
+            "",
+        ]
+    return lines
+
+
+def _fractions_table(report: Mapping[str, Any]) -> list[str]:
+    """Channel pruning's measured sensitivity: each group's cost removed alone, and its share of the target."""
+    lines: list[str] = []
+    for owner, measured in report.get("channel_sensitivity", {}).items():
+        lines += [
+            f"{owner}: each channel group's removal at {measured['sparsity']:.0%} alone, scored by "
+            f"{measured['metric']} in {measured['seconds']:.1f} s, and the multiplier of the target it was given:",
+            "",
+            f"| group | kind | {measured['metric']} cost, removed alone | fraction of the target |",
+            "| --- | --- | --- | --- |",
+            *(
+                f"| {row['group']} | {row['kind']} | {row['cost']:+.4f} | {row['fraction']:.2f}x |"
+                for row in measured["groups"]
+            ),
             "",
         ]
     return lines
