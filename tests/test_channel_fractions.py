@@ -55,7 +55,6 @@ def _digits_mlp():
 
 def test_sensitivity_fractions_prune_groups_unevenly_and_resume_with_the_same_fractions(tmp_path, monkeypatch):
     import lightning_accel.pruning.fractions as fractions_module
-
     from lightning_accel import AccelerationReport
     from lightning_accel.report.markdown import to_markdown
 
