@@ -65,6 +65,18 @@ def _cosine(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]
     return float(cos.mean()), float(cos.min())
 
 
+def time_files(files: dict[str, Path], reference: np.ndarray, feed: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+    """Each file in ONNX Runtime: cosine to ``reference`` on ``feed``, batch 1 and 32 latency (interleaved), bytes."""
+    sessions = {name: ort_session(file, THREADS) for name, file in files.items()}
+    cosine = {name: _cosine(reference, session.run(None, feed)[0]) for name, session in sessions.items()}
+    latency = {}
+    for batch in (1, 32):
+        inputs = {k: np.repeat(v, -(-batch // len(v)), axis=0)[:batch] for k, v in feed.items()}
+        runners = {name: (lambda s=s, i=inputs: s.run(None, i)) for name, s in sessions.items()}
+        latency[batch] = median_latencies(runners, repeats=10 if batch == 1 else 2, rounds=5)
+    return cosine, latency, {name: Path(file).stat().st_size for name, file in files.items()}
+
+
 def run(quick: bool) -> list[Section]:
     if quick:
         return [Section("MiniLM (pretrained)", "Skipped in --quick: run `python -m benchmarks minilm`.\n", {})]
@@ -109,15 +121,7 @@ def run(quick: bool) -> list[Section]:
             target = Path(directory) / f"ort_{len(files)}.onnx"
             quantize_dynamic(str(files["fp32 ORT"]), str(target), weight_type=QuantType.QInt8, **options)
             files[label] = target
-        sessions = {name: ort_session(file, THREADS) for name, file in files.items()}
-        feed = {k: v.numpy() for k, v in scored.items()}
-        ort_cos = {name: _cosine(reference, session.run(None, feed)[0]) for name, session in sessions.items()}
-        latency = {}
-        for batch in (1, 32):
-            inputs = {k: np.repeat(v, -(-batch // len(v)), axis=0)[:batch] for k, v in feed.items()}
-            runners = {name: (lambda s=s, i=inputs: s.run(None, i)) for name, s in sessions.items()}
-            latency[batch] = median_latencies(runners, repeats=10 if batch == 1 else 2, rounds=5)
-        sizes = {name: Path(file).stat().st_size for name, file in files.items()}
+        ort_cos, latency, sizes = time_files(files, reference, {k: v.numpy() for k, v in scored.items()})
 
     lines = [
         f"{len(corpus) - half} scored texts, {half} calibration texts, sequence {SEQUENCE}, {THREADS} threads. "

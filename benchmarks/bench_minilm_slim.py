@@ -18,27 +18,20 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from benchmarks.bench_minilm import time_files
 from benchmarks.common import THREADS, Section, goal
 from benchmarks.minilm_recipes import SlimRecipe, train_slim
 from examples.minilm import SentenceEncoder
 from examples.minilm.data import minilm_path, validation_texts
 from lightning_accel import export_onnx
-from lightning_accel.export.check import ort_session
-from lightning_accel.report.measure import median_latencies
 
 SEQUENCE = 128
 #: The curve: the same recipe at each target (the share of all heads and FFN units removed).
 TARGETS = (0.2, 0.3, 0.4)
 #: The goal of issue 29: at least this speed-up over fp32 ORT at batch 32 with at least this cosine.
 SPEED_GOAL, COSINE_GOAL = 2.5, 0.95
-
-
-def _cosine(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    cos = (reference * candidate).sum(-1) / (np.linalg.norm(candidate, axis=-1) * np.linalg.norm(reference, axis=-1))
-    return float(cos.mean()), float(cos.min())
 
 
 def _label(recipe: SlimRecipe) -> str:
@@ -66,14 +59,7 @@ def run(quick: bool) -> list[Section]:
         example = {k: torch.from_numpy(v[:1]) for k, v in scored.items()}
         files = {"fp32 ORT": export_onnx(encoder, Path(scratch) / "fp32.onnx", example)}
         files.update({label: path for label, (path, _) in trained.items()})
-        sessions = {label: ort_session(file, THREADS) for label, file in files.items()}
-        cosine = {label: _cosine(reference, session.run(None, scored)[0]) for label, session in sessions.items()}
-        latency = {}
-        for batch in (1, 32):
-            inputs = {k: np.repeat(v, -(-batch // len(v)), axis=0)[:batch] for k, v in scored.items()}
-            runners = {label: (lambda s=s, i=inputs: s.run(None, i)) for label, s in sessions.items()}
-            latency[batch] = median_latencies(runners, repeats=10 if batch == 1 else 2, rounds=5)
-        sizes = {label: Path(file).stat().st_size for label, file in files.items()}
+        cosine, latency, sizes = time_files(files, reference, scored)
     return [_section(recipes, trained, cosine, latency, sizes, len(corpus) - len(corpus) // 2)]
 
 

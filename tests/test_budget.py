@@ -70,16 +70,21 @@ class FragileMLP(LightningModule):
         return self
 
 
-def _trained() -> FragileMLP:
+def _fit_full_batch(model: FragileMLP, steps: int) -> FragileMLP:
+    """``steps`` of Adam on every training digit at once, then the fragile weights."""
     torch.manual_seed(0)
-    model = FragileMLP()
     optimizer = model.configure_optimizers()
     x, y = _digits(True).tensors
-    for _ in range(150):  # full batch: a second here
+    for _ in range(steps):
         optimizer.zero_grad()
         model.training_step((x, y), 0).backward()
         optimizer.step()
     return model.make_fragile().eval()
+
+
+def _trained() -> FragileMLP:
+    torch.manual_seed(0)
+    return _fit_full_batch(FragileMLP(), 150)  # a second here
 
 
 def test_sensitivity_finds_the_fragile_layer_first_from_one_calibration():
@@ -288,14 +293,7 @@ class FragileCNN(FragileMLP):
 @functools.cache
 def _trained_cnn_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = FragileCNN()
-    optimizer = model.configure_optimizers()
-    x, y = _digits(True).tensors
-    for _ in range(120):  # full batch: a few seconds
-        optimizer.zero_grad()
-        model.training_step((x, y), 0).backward()
-        optimizer.step()
-    return model.make_fragile().state_dict()
+    return _fit_full_batch(FragileCNN(), 120).state_dict()  # a few seconds
 
 
 def _trained_cnn() -> FragileCNN:
