@@ -278,8 +278,10 @@ def test_minilm_slim_example_builds_heads_and_ffn_pruning_with_layer_distillatio
     callbacks = {type(c): c for c in cli.trainer.callbacks}
     pruning = callbacks[MagnitudePruning]
     assert (pruning.pattern_string, pruning.target_sparsity, pruning.importance) == ("channels", 0.3, "taylor")
+    assert pruning.channel_fractions == "sensitivity" and pruning.end_step == 0.4
     assert callbacks[Distillation].modules == [f"model.encoder.layer.{i}" for i in range(6)]
-    assert callbacks[QuantizationAwareTraining].start_step == 0.6 and cli.model.hparams.lr == 1e-4
+    assert callbacks[QuantizationAwareTraining].start_step == 0.7 and cli.model.hparams.lr == 1e-4
+    assert (cli.datamodule.corpus, cli.datamodule.batch_size, cli.trainer.max_epochs) == ("all", 16, 3)
 
 
 def test_llm_example_trains_int4_qat_with_distillation_and_exports_matmulnbits_from_yaml(tmp_path, monkeypatch):
