@@ -100,21 +100,18 @@ def train_slim(recipe: SlimRecipe, directory: Path) -> tuple[Path, dict[str, Any
         "steps": steps,
         "train_texts": len(data.train_dataloader().dataset),
         "train_minutes": (time.perf_counter() - started) / 60,
-        "fractions": _fractions_by_group(pruning),
+        "fractions": _fractions_by_group(pruning.channel_sensitivity),
         "int8_at_start": qat.int8_at_start,
         "int8_at_end": qat.int8_at_end,
+        "nonzero_parameters": sum(int(p.count_nonzero()) for p in module.parameters()),
     }
-    figures["nonzero_parameters"] = sum(int(p.count_nonzero()) for p in module.parameters())
     saved.write_text(json.dumps(figures, default=str))
     return path, figures
 
 
-def _fractions_by_group(pruning: MagnitudePruning) -> dict[str, float] | None:
+def _fractions_by_group(measured: dict[str, Any] | None) -> dict[str, float] | None:
     """Each channel group's multiplier of the target, by the group's module name (``None`` when uniform)."""
-    fractions = pruning._fractions  # benchmark-only peek: the callback logs them but keeps no public copy
-    if fractions is None:
-        return None
-    return {group.root: round(f, 3) for group, f in zip(pruning._groups.groups, fractions, strict=True)}
+    return {row["group"]: round(row["fraction"], 3) for row in measured["groups"]} if measured else None
 
 
 def train_recipe(

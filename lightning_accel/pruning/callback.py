@@ -140,8 +140,7 @@ class MagnitudePruning(DeployingCallback):
         self.export_path = validate_slim_export_path(export_path, self.pattern.kind)
         self.importance = check_importance(importance, self.pattern.kind, pattern)
         self.channel_fractions = validate_channel_fractions(channel_fractions, self.pattern.kind)
-        self._fractions: list[float] | None = None  # each group's multiplier of the target (measured once)
-        #: With ``channel_fractions="sensitivity"``: each group's measured cost and fraction (``channel_sensitivity``).
+        #: With ``channel_fractions="sensitivity"``: each group's measured cost and fraction (measured once).
         self.channel_sensitivity: dict[str, Any] | None = None
         self.quality = PruningBudget(max_quality_loss)  #: the dense and the pruned score against the budget
         self._scorer: TaylorImportance | WandaImportance | None = None  # Taylor or Wanda sums between masks
@@ -229,6 +228,11 @@ class MagnitudePruning(DeployingCallback):
                 dry_run_slim_export(pl_module, example_input(pl_module), self._groups, self.export_path)
 
     @property
+    def _fractions(self) -> list[float] | None:
+        """Each group's multiplier of the target, in the order of the groups (``None``: uniform, or not measured)."""
+        return [row["fraction"] for row in self.channel_sensitivity["groups"]] if self.channel_sensitivity else None
+
+    @property
     def channel_groups(self) -> ChannelGroups | None:
         """The coupled channel groups that ``pattern="channels"`` prunes (``None`` for other patterns)."""
         return self._groups
@@ -284,9 +288,8 @@ class MagnitudePruning(DeployingCallback):
         weights = {name: full_tensor(p) for name, p in self._params.items()}
         scores = self._scorer.take(pl_module, batch) if self._scorer is not None else None  # every rank restarts
         self.quality.start(trainer, pl_module, batch)  # with a budget: the dense model's score, before any mask
-        if self.channel_fractions == "sensitivity" and self._fractions is None:  # measured once, by rank 0
+        if self.channel_fractions == "sensitivity" and self.channel_sensitivity is None:  # measured once, by rank 0
             self.channel_sensitivity = decide_on_rank_zero(trainer, measured_fractions(self, trainer, pl_module, batch))
-            self._fractions = [row["fraction"] for row in self.channel_sensitivity["groups"]]
         if trainer.is_global_zero:
             groups = self._groups if self._groups is None else replace(self._groups, fractions=self._fractions)
             masks = next_masks(weights, target, groups, self.pattern_string, self.scope, self._masks, scores)

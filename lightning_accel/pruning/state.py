@@ -18,7 +18,7 @@ def pruning_state(callback: Any, version: int) -> dict[str, Any]:
         "last_step": callback._last_step,
         "training_batches": callback._training_steps.batches,
         "importance_scores": callback._scorer.state_dict() if callback._scorer is not None else {},
-        "channel_fractions": callback._fractions,
+        "channel_fractions": callback._fractions,  # derived from channel_sensitivity: readable without it
         "channel_sensitivity": callback.channel_sensitivity,
     }
 
@@ -34,7 +34,6 @@ def restore_pruning_state(callback: Any, state: dict[str, Any], version: int) ->
     callback._mask_sparsity = float(state.get("mask_sparsity", 0.0))
     callback._last_step = int(state.get("last_step", -1))
     callback._training_steps.batches = int(state.get("training_batches", 0))
-    callback._fractions = state.get("channel_fractions")
     callback.channel_sensitivity = state.get("channel_sensitivity")
     callback._scorer_state = dict(state.get("importance_scores") or state.get("taylor") or {}) or None
     if callback._scorer is not None and callback._scorer_state is not None:

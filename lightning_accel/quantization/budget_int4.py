@@ -79,16 +79,16 @@ def weight_only_within_budget(
     costs = []
     for name in progress_bar(list(layers), progress, f"int{settings.bits} sensitivity"):
         original = plain.get_submodule(name)
-        _swap(plain, name, layers[name])
+        plain.set_submodule(name, layers[name])
         alone = probe.score(plain)
-        _swap(plain, name, original)
+        plain.set_submodule(name, original)
         costs.append(LayerCost(name, alone, cost_of(probe.metric, reference, alone)))
     costs.sort(key=lambda c: c.cost, reverse=True)
     sensitivity = Sensitivity(probe.metric, reference, costs, time.perf_counter() - started)
 
     kept_8bit, kept = _step_back(model, quantized, settings, sensitivity, max_quality_loss, probe, calibration, options)
     held = [n for n, _ in kept], [n for n, _ in kept_8bit]
-    final = _requantized(model, settings, calibration, options, *held, all_int4=len(layers) > sum(map(len, held)))
+    final = _requantized(model, settings, calibration, options, *held, any_int4=len(layers) > sum(map(len, held)))
     label = f"int{settings.bits}"
     result = BudgetResult(
         max_quality_loss, probe.metric, reference, probe.score(final), kept, sensitivity, label, kept_8bit
@@ -123,15 +123,15 @@ def _step_back(
     formats["float"] = {name: module_copy(model.get_submodule(name)).eval() for name in int4}
     chosen = dict.fromkeys(int4, "int4")
 
+    def score() -> float:
+        return probe.score(quantized)
+
     def within() -> bool:
         return not _missed(sensitivity, score(), max_quality_loss)
 
     def put(name: str, fmt: str) -> None:
         chosen[name] = fmt
-        _swap(quantized, name, formats[fmt][name])
-
-    def score() -> float:
-        return probe.score(quantized)
+        quantized.set_submodule(name, formats[fmt][name])
 
     for fmt in list(formats)[1:]:  # up the ladder: the most sensitive layers first
         keep_float_until_within(sensitivity, max_quality_loss, score, functools.partial(put, fmt=fmt), fmt != "float")
@@ -158,14 +158,14 @@ def _requantized(
     options: dict[str, Any],
     kept_float: list[str],
     kept_8bit: list[str],
-    all_int4: bool,
+    any_int4: bool,
 ) -> nn.Module:
     """``model`` quantized afresh: the kept layers float, then (if any) the held-back ones at 8-bit groups.
 
-    ``all_int4`` is false when no layer is left in int4 (all held back): the first step is then a float copy.
+    ``any_int4`` is false when no layer is left in int4 (all held back): the first step is then a float copy.
     """
     exclude = (*(settings.exclude or ()), *kept_float, *kept_8bit)
-    if all_int4:
+    if any_int4:
         final = dataclasses.replace(settings, exclude=exclude or None).quantize(model, calibration, **options)
     else:
         final = module_copy(model).eval()
@@ -173,8 +173,3 @@ def _requantized(
         return final
     eight = dataclasses.replace(settings, bits=8, include=tuple(kept_8bit), exclude=None)
     return eight.quantize(final, calibration, **options)
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -111,12 +111,11 @@ def build_report(
         deployment = build_artifacts(pl_module, [*contributions, report_part], example, precision=precision)
     generation = latency if generation is None else generation
     report = measure(deployment, loader, batch_input, latency, max_batches, dense_start, picker, generation)
-    budgets = [c for c in (trainer.callbacks if trainer is not None else []) if getattr(c, "budget", None)]
+    callbacks = trainer.callbacks if trainer is not None else []
+    budgets = [c for c in callbacks if getattr(c, "budget", None)]
     if budgets:  # what a quality budget (max_quality_loss) measured and kept float while the artifacts were built
         report["quality_budget"] = {type(c).__name__: c.budget.as_dict() for c in budgets}
-    measured = [
-        c for c in (trainer.callbacks if trainer is not None else []) if getattr(c, "channel_sensitivity", None)
-    ]
+    measured = [c for c in callbacks if getattr(c, "channel_sensitivity", None)]
     if measured:  # what each channel group's removal alone cost, and the share of the target it was given
         report["channel_sensitivity"] = {type(c).__name__: c.channel_sensitivity for c in measured}
     return report
